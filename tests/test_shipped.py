@@ -1,0 +1,79 @@
+"""Golden input/output tests for every shipped checkpoint, loaded by name as a user would."""
+import json
+
+import pytest
+import torch
+
+import zoo
+from tests.conftest import needs_fmnist
+from zoo.cards import read_golden
+from zoo.registry import resolve_checkpoint
+
+SHIPPED = zoo.list_models(task="cls")
+
+
+def test_the_promised_checkpoints_are_shipped():
+    tags = {n.split(".", 1)[1] for n in SHIPPED}
+    for tag in ("fp32_fmnist", "lsq_w8a8_fmnist", "lsq_w4a4_fmnist", "lsq_w2a2_fmnist",
+                "irnet_w1a1_fmnist", "xnor_w1a1_fmnist"):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_golden_output(name):
+    model = zoo.load(name)
+    x, expected = read_golden(resolve_checkpoint(name))
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert torch.equal(out.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_matches_config(name):
+    d = resolve_checkpoint(name)
+    cfg = json.loads((d / "config.json").read_text())
+    card = (d / "README.md").read_text()
+    assert cfg["train"]["command"] in card
+    assert f"{100 * cfg['metrics']['test_acc']:.2f}%" in card
+    assert cfg["weights"]["bytes"] == (d / "model.safetensors").stat().st_size
+
+
+def _metrics(tag):
+    d = resolve_checkpoint(f"resnet20.{tag}")
+    return json.loads((d / "config.json").read_text())
+
+
+def test_binary_weights_file_is_under_a_tenth_of_float():
+    fp = _metrics("fp32_fmnist")["weights"]["bytes"]
+    for tag in ("irnet_w1a1_fmnist", "xnor_w1a1_fmnist"):
+        assert _metrics(tag)["weights"]["bytes"] * 10 <= fp
+
+
+@needs_fmnist
+@pytest.mark.parametrize("name", SHIPPED)
+def test_accuracy_on_test_images(name):
+    """The first 1,000 test images through the packed model agree with the card's accuracy."""
+    from zoo.tasks.data.images import load_fmnist
+
+    x, y = load_fmnist(split="test")
+    x, y = x[:1000].float() / 255, y[:1000]
+    model = zoo.load(name)
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+    card = _metrics(name.split(".", 1)[1])["metrics"]["test_acc"]
+    assert abs(acc - card) < 0.03, (acc, card)
+
+
+@needs_fmnist
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_full_test_split_reproduces_card(name):
+    from zoo.tasks.cls import evaluate
+    from zoo.tasks.data.images import FashionMNISTData
+
+    dm = FashionMNISTData(batch_size=500)
+    dm.setup()
+    res = evaluate(zoo.load(name), dm.test_dataloader(), progress=False)
+    assert res["acc"] == pytest.approx(_metrics(name.split(".", 1)[1])["metrics"]["test_acc"], abs=1e-4)

@@ -1,0 +1,115 @@
+"""Model cards and golden input/output pairs for release checkpoints.
+
+``python -m zoo.cards DIR [DIR ...]`` (re)writes ``README.md`` of each checkpoint directory from its
+``config.json``; the numbers in a card are the ones the training command measured and stored there.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+GOLDEN = "golden.safetensors"
+
+
+def write_golden(model, x: torch.Tensor, directory: str | Path) -> Path:
+    """Store ``x`` and ``model(x)`` (the packed model's output) next to the checkpoint."""
+    with torch.no_grad():
+        y = model(x)
+    path = Path(directory) / GOLDEN
+    save_file({"input": x.contiguous(), "output": y.contiguous()}, str(path))
+    return path
+
+
+def read_golden(directory: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    t = load_file(str(Path(directory) / GOLDEN))
+    return t["input"], t["output"]
+
+
+def float_reference_bytes(cfg: dict) -> int:
+    """Size of the same architecture's float32 weights saved as safetensors."""
+    from .registry import create_model
+
+    net = create_model(cfg["arch"], **cfg.get("model_args", {}))
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fp32.safetensors"
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(p))
+        return p.stat().st_size
+
+
+def _quant_line(q: dict | None) -> str:
+    if not q:
+        return "none (float32)"
+
+    def spec(s):
+        if not s:
+            return "float"
+        extra = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("type", "bits"))
+        return f"{s['type']} {s['bits']}-bit" + (f" ({extra})" if extra else "")
+
+    line = f"weights {spec(q['weight'])}; activations {spec(q['act'])}"
+    for glob, lq in (q.get("overrides") or {}).items():
+        line += f"; `{glob}`: " + ("float" if not lq else f"weights {spec(lq['weight'])}, activations {spec(lq['act'])}")
+    return line
+
+
+def card_text(directory: str | Path) -> str:
+    directory = Path(directory)
+    cfg = json.loads((directory / "config.json").read_text())
+    name = directory.name
+    train = cfg.get("train", {})
+    m = cfg.get("metrics", {})
+    wbytes = cfg["weights"]["bytes"]
+    fbytes = float_reference_bytes(cfg)
+    acc = m.get("test_acc")
+    lines = [
+        f"# {name}",
+        "",
+        f"Task `{cfg['task']}`, architecture `{cfg['arch']}` with `{json.dumps(cfg.get('model_args', {}))}`.",
+        "",
+        f"- **Quantization:** {_quant_line(cfg.get('quant'))}",
+        f"- **Data:** {train.get('data', '?')} (train 55,000 / validation 5,000 held out of the train split; "
+        f"test: the {m.get('test_images', '?')}-image test split)",
+    ]
+    if acc is not None:
+        lines.append(f"- **Test top-1 (packed model, as loaded by `zoo.load`):** {100 * acc:.2f}% "
+                     f"(training form: {100 * m.get('test_acc_training_form', float('nan')):.2f}%)")
+    lines += [
+        f"- **Weights file:** {wbytes:,} bytes; the same net in float32: {fbytes:,} bytes "
+        f"({fbytes / wbytes:.1f}x smaller)",
+        f"- **Trained on:** {train.get('hardware', '?')}, {train.get('epochs', '?')} epochs, "
+        f"{train.get('global_step', '?')} steps, {train.get('train_seconds', '?')} s; torch {train.get('torch', '?')}; "
+        f"{cfg.get('created', '')}",
+        "",
+        "Reproduce (from the repository root):",
+        "",
+        "```bash",
+        train.get("command", "?"),
+        "```",
+        "",
+        "Use:",
+        "",
+        "```python",
+        "import zoo",
+        f'model = zoo.load("{name}")  # images in [0, 1], N x {cfg["input_contract"]["channels"]} x H x W',
+        "```",
+        "",
+        f"`{GOLDEN}` holds an input batch and the packed model's output; `tests/test_shipped.py` checks it.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(directory: str | Path) -> Path:
+    path = Path(directory) / "README.md"
+    path.write_text(card_text(directory))
+    return path
+
+
+if __name__ == "__main__":
+    for d in sys.argv[1:]:
+        print(write_card(d))

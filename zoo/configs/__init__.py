@@ -1,0 +1,1 @@
+"""Hydra configs shipped inside the package (train.yaml + groups task/ quant/ data/ trainer/)."""

@@ -1,0 +1,2 @@
+"""Architectures no dependency provides. Importing this package registers them."""
+from . import resnet  # noqa: F401

@@ -1,0 +1,180 @@
+"""Inference form: layers that hold packed integer weights and run through ``zoo.kernels``.
+
+``to_packed(model)`` converts every training-form quantized layer in place. The packed layers'
+state dict (uint8 ``qweight`` + float ``w_scale``/``w_zero``/activation parameters) is what
+``zoo.save`` writes to ``model.safetensors``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import dispatch, reference
+from ..kernels.packing import pack, unpack
+from .layers import QuantConv2d, QuantConvTranspose2d, QuantLinear
+
+ACT_KEYS = ("scale", "offset", "zero", "qmin", "qmax")
+
+
+class PackedLayer(nn.Module):
+    ch_axis = 0
+
+    def __init__(self, weight_shape, bits, act_mode, has_bias, act_shift_channels=0):
+        super().__init__()
+        self.weight_shape = tuple(weight_shape)
+        self.bits = int(bits)
+        self.act_mode = act_mode  # "none" | "affine" | "sign"
+        self.backend = "auto"
+        rows, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        nbytes = pack(torch.zeros(1, k, dtype=torch.uint8), self.bits).shape[1]
+        ch = self.weight_shape[self.ch_axis]
+        self.register_buffer("qweight", torch.zeros(rows, nbytes, dtype=torch.uint8))
+        self.register_buffer("w_scale", torch.ones(ch))
+        self.register_buffer("w_zero", torch.zeros(ch))
+        self.register_buffer("bias", torch.zeros(self.out_channels) if has_bias else None)
+        if act_mode == "affine":
+            for key in ACT_KEYS:
+                self.register_buffer("a_" + key, torch.zeros(1))
+        if act_shift_channels:
+            self.register_buffer("a_shift", torch.zeros(act_shift_channels))
+
+    @property
+    def out_channels(self):
+        return self.weight_shape[0]
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_quant(cls, layer, **kwargs):
+        if layer.wq is None:
+            raise ValueError("packed layers need a weight quantizer; layers with float weights stay float")
+        w = layer.weight.detach()
+        q, scale, zero = layer.wq.integer_form(w)
+        act_mode, act = "none", {}
+        if layer.aq is not None:
+            act_mode, act = layer.aq.mode, layer.aq.export()
+        shift = act.get("shift")
+        new = cls(w.shape, layer.wq.bits, act_mode, layer.bias is not None,
+                  act_shift_channels=0 if shift is None else shift.numel(), **kwargs)
+        new.qweight.copy_(pack(q.reshape(q.shape[0], -1), layer.wq.bits))
+        new.w_scale.copy_(scale), new.w_zero.copy_(zero)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias.detach())
+        if act_mode == "affine":
+            for key in ACT_KEYS:
+                getattr(new, "a_" + key).copy_(act[key])
+        if shift is not None:
+            new.a_shift.copy_(shift)
+        return new.to(w.device)
+
+    # ------------------------------------------------------------------ helpers
+    def codes(self) -> torch.Tensor:
+        k = math.prod(self.weight_shape[1:])
+        return unpack(self.qweight, self.bits, k).reshape(self.weight_shape)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return reference.dequantize_weight(self.codes(), self.w_scale, self.w_zero, self.ch_axis)
+
+    def act_params(self) -> dict:
+        if self.act_mode == "affine":
+            return {k: getattr(self, "a_" + k) for k in ACT_KEYS}
+        if self.act_mode == "sign" and hasattr(self, "a_shift"):
+            return {"shift": self.a_shift}
+        return {}
+
+    def _int_inputs(self, x, ch_axis=1):
+        p = self.act_params()
+        v = reference.quantize_act(x, self.act_mode, p, ch_axis)
+        return v, reference.act_scale(self.act_mode, p), reference.act_zero(self.act_mode, p)
+
+    def extra_repr(self):
+        return f"weight={self.weight_shape}, bits={self.bits}, act={self.act_mode}, backend={self.backend}"
+
+
+class PackedConv2d(PackedLayer):
+    def __init__(self, weight_shape, bits, act_mode, has_bias, act_shift_channels=0, stride=1,
+                 padding=0, dilation=1, groups=1, padding_mode="zeros"):
+        super().__init__(weight_shape, bits, act_mode, has_bias, act_shift_channels)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        if padding_mode != "zeros":
+            raise ValueError(f"packed conv supports padding_mode='zeros' only, got {padding_mode!r}")
+
+    @classmethod
+    def from_quant(cls, layer):
+        return super().from_quant(layer, stride=layer.stride, padding=layer.padding,
+                                  dilation=layer.dilation, groups=layer.groups,
+                                  padding_mode=layer.padding_mode)
+
+    def forward(self, x):
+        if self.act_mode == "none":
+            return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
+                            self.dilation, self.groups)
+        v, s_a, z_a = self._int_inputs(x)
+        k = dispatch.resolve(self.backend, x)
+        y = k.conv2d(v, s_a, z_a, self.codes(), self.w_scale, self.w_zero, self.bias, self.stride,
+                     self.padding, self.dilation, self.groups)
+        return y.to(x.dtype)
+
+
+class PackedLinear(PackedLayer):
+    def forward(self, x):
+        if self.act_mode == "none":
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        v, s_a, z_a = self._int_inputs(x, ch_axis=-1)
+        k = dispatch.resolve(self.backend, x)
+        return k.linear(v, s_a, z_a, self.codes(), self.w_scale, self.w_zero, self.bias).to(x.dtype)
+
+
+class PackedConvTranspose2d(PackedLayer):
+    ch_axis = 1
+
+    def __init__(self, weight_shape, bits, act_mode, has_bias, act_shift_channels=0, stride=1,
+                 padding=0, output_padding=0, dilation=1, groups=1):
+        self.groups = groups
+        super().__init__(weight_shape, bits, act_mode, has_bias, act_shift_channels)
+        self.stride, self.padding, self.output_padding, self.dilation = stride, padding, output_padding, dilation
+
+    @property
+    def out_channels(self):
+        return self.weight_shape[1] * self.groups
+
+    @classmethod
+    def from_quant(cls, layer):
+        return super().from_quant(layer, stride=layer.stride, padding=layer.padding,
+                                  output_padding=layer.output_padding, dilation=layer.dilation,
+                                  groups=layer.groups)
+
+    def forward(self, x):
+        if self.act_mode == "none":
+            return F.conv_transpose2d(x, self.dequantized_weight(), self.bias, self.stride,
+                                      self.padding, self.output_padding, self.groups, self.dilation)
+        v, s_a, z_a = self._int_inputs(x)
+        k = dispatch.resolve(self.backend, x)
+        y = k.conv_transpose2d(v, s_a, z_a, self.codes(), self.w_scale, self.w_zero, self.bias,
+                               self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+        return y.to(x.dtype)
+
+
+PACKED_MAP = {QuantConv2d: PackedConv2d, QuantLinear: PackedLinear,
+              QuantConvTranspose2d: PackedConvTranspose2d}
+
+
+def to_packed(model: nn.Module) -> nn.Module:
+    """Replace every training-form quantized layer whose weights are quantized by its packed form
+    (in place). Layers with float weights keep their training form."""
+    from .quantize import _set_child
+
+    for name, mod in list(model.named_modules()):
+        cls = PACKED_MAP.get(type(mod))
+        if cls is not None and mod.wq is not None:
+            _set_child(model, name, cls.from_quant(mod))
+    return model
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    dispatch.check_backend(backend)
+    for m in model.modules():
+        if isinstance(m, PackedLayer):
+            m.backend = backend

@@ -1,0 +1,58 @@
+"""``quantize(model, cfg)``: swap float layers for quantized ones in place, through ``LAYER_MAP``."""
+from __future__ import annotations
+
+from torch import nn
+
+from .config import QuantConfig
+from .layers import LAYER_MAP, QUANT_LAYERS
+
+
+def _float_type(mod: nn.Module):
+    if isinstance(mod, QUANT_LAYERS):
+        return None
+    for float_cls in LAYER_MAP:
+        if isinstance(mod, float_cls):
+            return float_cls
+    return None
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def quantize(model: nn.Module, cfg: QuantConfig | dict) -> nn.Module:
+    """Replace every ``nn.Conv2d`` / ``nn.Linear`` / ``nn.ConvTranspose2d`` of ``model`` (in place)
+    with its quantized form as ``cfg`` says for that layer's name. Idempotent: layers already
+    quantized are left alone. Returns ``model``."""
+    if isinstance(cfg, dict):
+        cfg = QuantConfig.from_dict(cfg)
+    if not isinstance(cfg, QuantConfig):
+        raise TypeError(f"cfg must be a QuantConfig or dict, got {type(cfg).__name__}")
+    targets = []
+    for name, mod in model.named_modules():
+        float_cls = _float_type(mod)
+        if float_cls is None or not name:
+            continue
+        spec = cfg.for_layer(name)
+        if spec is None or (spec.weight is None and spec.act is None):
+            continue
+        targets.append((name, mod, LAYER_MAP[float_cls], spec))
+    for name, mod, qcls, spec in targets:
+        _set_child(model, name, qcls.from_float(mod, spec))
+    return model
+
+
+def quantized_layers(model: nn.Module):
+    """(name, layer) of every training-form quantized layer."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
+
+
+def set_progress(model: nn.Module, fraction: float) -> None:
+    """Tell every quantizer how far training has come (drives schedules such as IR-Net's EDE)."""
+    from .base import Quantizer
+
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.set_progress(fraction)

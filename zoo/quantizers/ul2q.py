@@ -1,0 +1,120 @@
+"""mu-L2Q (Gong et al., J. Software 2021): Gaussian-optimal mid-rise uniform quantization.
+
+Weights are standardised, phi = (w - mu) / sigma, and quantized with step alpha = lambda_k * sigma
+and offset beta = mu:  w'_q = clamp(round((w - beta) / alpha - 1/2), -2^(k-1), 2^(k-1) - 1) + 1/2,
+w_q = alpha * w'_q + beta. lambda_k minimises the expected L2 error of the 2^k-level mid-rise
+quantizer on N(0, 1); :func:`optimal_lambda` computes it by numerical integration.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .base import ActQuantizer, WeightQuantizer, affine_codes, channel_view, reduce_dims, ste
+from .config import UL2Q, register_quantizer
+
+
+def _norm_pdf(x):
+    return math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _norm_cdf(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def expected_l2(lam: float, k: int) -> float:
+    """E[(x - Q(x))^2] for x ~ N(0,1) and the 2^k-level mid-rise quantizer of step ``lam``.
+
+    Level i (i = -2^(k-1) .. 2^(k-1)-1) is c_i = lam * (i + 1/2) and covers the interval between
+    the mid-points of its neighbours (the outermost ones extend to infinity). For an interval
+    [a, b] and level c the integral of (x - c)^2 phi(x) is closed-form in phi and Phi.
+    """
+    half = 2 ** (k - 1)
+    total = 0.0
+    for i in range(-half, half):
+        c = lam * (i + 0.5)
+        a = -math.inf if i == -half else lam * i
+        b = math.inf if i == half - 1 else lam * (i + 1)
+        # int_a^b (x - c)^2 phi = [Phi](1 + c^2) + [-x phi] + 2c [phi]  (evaluated a..b)
+        pa, pb = (_norm_pdf(a) if math.isfinite(a) else 0.0), (_norm_pdf(b) if math.isfinite(b) else 0.0)
+        xa = a * pa if math.isfinite(a) else 0.0
+        xb = b * pb if math.isfinite(b) else 0.0
+        prob = _norm_cdf(b) - _norm_cdf(a)
+        total += (1 + c * c) * prob - (xb - xa) + 2 * c * (pb - pa)
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def optimal_lambda(k: int) -> tuple[float, float]:
+    """(lambda_k, expected loss): the step minimising :func:`expected_l2`, by golden-section search."""
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(lambda lam: expected_l2(lam, k), bounds=(1e-4, 4.0), method="bounded",
+                          options={"xatol": 1e-9})
+    return float(res.x), float(res.fun)
+
+
+class UL2QWeight(WeightQuantizer):
+    def __init__(self, bits, per_channel=False, ch_axis=0):
+        super().__init__(bits, ch_axis)
+        self.per_channel = per_channel
+        self.lam = optimal_lambda(bits)[0]
+
+    def codes(self, w):
+        half = 2 ** (self.bits - 1)
+        with torch.no_grad():
+            if self.per_channel:
+                dims = reduce_dims(w.ndim, self.ch_axis)
+                mu = channel_view(w.mean(dim=dims), w.ndim, self.ch_axis)
+                sigma = channel_view(w.std(dim=dims, unbiased=False), w.ndim, self.ch_axis)
+            else:
+                mu, sigma = w.mean(), w.std(unbiased=False)
+            alpha = (self.lam * sigma).clamp(min=1e-8)
+            zero = (half - 0.5) - mu / alpha
+            q = torch.clamp(torch.round((w - mu) / alpha - 0.5), -half, half - 1) + half
+        return q, alpha, zero, w
+
+
+class UL2QAct(ActQuantizer):
+    """Activations: mu and sigma tracked by EMA in training, frozen for inference."""
+
+    def __init__(self, bits, momentum=0.1, ch_axis=1):
+        super().__init__(bits, ch_axis)
+        self.momentum = momentum
+        self.lam = optimal_lambda(bits)[0]
+        self.register_buffer("mu", torch.zeros(()))
+        self.register_buffer("sigma", torch.ones(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def params(self, x):
+        if x is not None and self.training:
+            with torch.no_grad():
+                mu, sigma = x.mean(), x.std(unbiased=False)
+                if not self.initialized:
+                    self.mu.copy_(mu), self.sigma.copy_(sigma), self.initialized.fill_(True)
+                else:
+                    self.mu.lerp_(mu, self.momentum), self.sigma.lerp_(sigma, self.momentum)
+        half = 2 ** (self.bits - 1)
+        alpha = (self.lam * self.sigma).clamp(min=1e-8)
+        # codes v in [-half, half-1]: v = round((x - mu)/alpha - 1/2); value alpha * (v + 1/2) + mu
+        return dict(scale=alpha, offset=-self.mu / alpha - 0.5, zero=-0.5 - self.mu / alpha,
+                    qmin=-half, qmax=half - 1)
+
+    def forward(self, x):
+        p = self.params(x)
+        v = affine_codes(x.detach(), p["scale"], p["offset"], p["qmin"], p["qmax"])
+        lo = (p["qmin"] - p["zero"]) * p["scale"]
+        hi = (p["qmax"] - p["zero"]) * p["scale"]
+        return ste((v - p["zero"]) * p["scale"], torch.clamp(x, lo, hi))
+
+
+@register_quantizer(UL2Q, "weight")
+def _ul2q_w(spec, layer):
+    return UL2QWeight(spec.bits, spec.granularity == "channel", getattr(layer, "ch_axis", 0))
+
+
+@register_quantizer(UL2Q, "act")
+def _ul2q_a(spec, layer):
+    return UL2QAct(spec.bits, spec.momentum)

@@ -1,0 +1,1 @@
+"""LightningDataModules. Each owns its data; tasks pick one through the ``data=`` config group."""
