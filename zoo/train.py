@@ -77,7 +77,7 @@ def validate(cfg: DictConfig):
     return task_cls, task_cls.datamodules[cfg.data.name], q, model_args
 
 
-def _hardware() -> str:
+def hardware() -> str:
     import torch
 
     if torch.cuda.is_available():
@@ -151,7 +151,7 @@ def run(cfg: DictConfig) -> dict:
     release = save(module.model.cpu(), cfg.release_dir, metrics=metrics, extra={"train": {
         "command": _command(), "data": cfg.data.name, "epochs": int(cfg.epochs),
         "global_step": int(trainer.global_step), "train_seconds": round(seconds, 1),
-        "hardware": _hardware(), "torch": torch.__version__}})
+        "hardware": hardware(), "torch": torch.__version__}})
     # the release must load by itself and agree with the model we trained
     loaded = load(release)
     x = next(iter(dm.test_dataloader()))[0][:16]

@@ -107,9 +107,17 @@ class ActQuantizer(Quantizer):
         """Affine mode: dict(scale, offset, zero, qmin, qmax) as used by forward (no grad)."""
         raise NotImplementedError  # abstract
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Affine fake quantization with the clipped straight-through gradient (1 inside the
+        representable range, 0 outside); quantizers with learnable ranges override this."""
+        p = self.params(x)
+        v = affine_codes(x.detach(), p["scale"], p["offset"], p["qmin"], p["qmax"])
+        lo = (p["qmin"] - p["zero"]) * p["scale"]
+        hi = (p["qmax"] - p["zero"]) * p["scale"]
+        return ste((v - p["zero"]) * p["scale"], torch.clamp(x, lo, hi))
+
     @torch.no_grad()
     def export(self) -> dict:
-        """Frozen inference parameters (tensors) of this quantizer."""
-        p = self.params(None)
-        return {k: torch.as_tensor(v, dtype=torch.float32).reshape(-1)[:1].clone() if k in
-                ("scale", "offset", "zero") else torch.tensor([float(v)]) for k, v in p.items()}
+        """Frozen inference parameters: scale, offset, zero, qmin, qmax as float tensors of shape [1]."""
+        return {k: torch.as_tensor(v, dtype=torch.float32).detach().cpu().reshape(1).clone()
+                for k, v in self.params(None).items()}

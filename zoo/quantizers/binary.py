@@ -26,6 +26,19 @@ def ede_factors(t_min: float, t_max: float, progress: float) -> tuple[float, flo
     return t, max(1.0 / t, 1.0)
 
 
+class _EDESchedule:
+    """Holds IR-Net's EDE factors t and k as buffers (so a resumed run continues the schedule)."""
+
+    def _init_ede(self, t_min, t_max):
+        self.t_min, self.t_max = t_min, t_max
+        self.register_buffer("t", torch.tensor(float(t_min)))
+        self.register_buffer("k", torch.tensor(max(1.0 / t_min, 1.0)))
+
+    def set_progress(self, fraction):
+        t, k = ede_factors(self.t_min, self.t_max, fraction)
+        self.t.fill_(t), self.k.fill_(k)
+
+
 class XNORWeight(WeightQuantizer):
     """w_b = mean(|w|) * sign(w) per output channel; straight-through gradient clipped to |w| <= 1."""
 
@@ -64,19 +77,13 @@ class SignAct(ActQuantizer):
         return {}
 
 
-class IRNetWeight(WeightQuantizer):
+class IRNetWeight(_EDESchedule, WeightQuantizer):
     """Libra-PB: balance and standardise each output channel, binarize, scale by 2^round(log2 E|w|);
     EDE backward k * t * (1 - tanh^2(t x))."""
 
     def __init__(self, t_min=0.1, t_max=10.0, ch_axis=0):
         super().__init__(1, ch_axis)
-        self.t_min, self.t_max = t_min, t_max
-        self.register_buffer("t", torch.tensor(float(t_min)))
-        self.register_buffer("k", torch.tensor(max(1.0 / t_min, 1.0)))
-
-    def set_progress(self, fraction):
-        t, k = ede_factors(self.t_min, self.t_max, fraction)
-        self.t.fill_(t), self.k.fill_(k)
+        self._init_ede(t_min, t_max)
 
     def codes(self, w):
         dims = reduce_dims(w.ndim, self.ch_axis)
@@ -90,18 +97,12 @@ class IRNetWeight(WeightQuantizer):
         return q, 2 * shift, torch.full_like(shift, 0.5), surrogate
 
 
-class IRNetAct(SignAct):
+class IRNetAct(_EDESchedule, SignAct):
     """sign(x) with IR-Net's EDE backward."""
 
     def __init__(self, t_min=0.1, t_max=10.0, ch_axis=1):
         super().__init__(ch_axis)
-        self.t_min, self.t_max = t_min, t_max
-        self.register_buffer("t", torch.tensor(float(t_min)))
-        self.register_buffer("k", torch.tensor(max(1.0 / t_min, 1.0)))
-
-    def set_progress(self, fraction):
-        t, k = ede_factors(self.t_min, self.t_max, fraction)
-        self.t.fill_(t), self.k.fill_(k)
+        self._init_ede(t_min, t_max)
 
     def surrogate(self, x):
         return self.k * torch.tanh(self.t * x)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .base import ActQuantizer, WeightQuantizer, affine_codes, channel_view, reduce_dims, ste
+from .base import ActQuantizer, WeightQuantizer, channel_view, reduce_dims
 from .config import UL2Q, register_quantizer
 
 
@@ -101,13 +101,6 @@ class UL2QAct(ActQuantizer):
         # codes v in [-half, half-1]: v = round((x - mu)/alpha - 1/2); value alpha * (v + 1/2) + mu
         return dict(scale=alpha, offset=-self.mu / alpha - 0.5, zero=-0.5 - self.mu / alpha,
                     qmin=-half, qmax=half - 1)
-
-    def forward(self, x):
-        p = self.params(x)
-        v = affine_codes(x.detach(), p["scale"], p["offset"], p["qmin"], p["qmax"])
-        lo = (p["qmin"] - p["zero"]) * p["scale"]
-        hi = (p["qmax"] - p["zero"]) * p["scale"]
-        return ste((v - p["zero"]) * p["scale"], torch.clamp(x, lo, hi))
 
 
 @register_quantizer(UL2Q, "weight")

@@ -59,13 +59,6 @@ class MinMaxAct(ActQuantizer):
         zero = torch.round(-self.lo / scale)
         return dict(scale=scale, offset=zero, zero=zero, qmin=0, qmax=n)
 
-    def forward(self, x):
-        p = self.params(x)
-        v = affine_codes(x.detach(), p["scale"], p["offset"], p["qmin"], p["qmax"])
-        lo = (p["qmin"] - p["zero"]) * p["scale"]
-        hi = (p["qmax"] - p["zero"]) * p["scale"]
-        return ste((v - p["zero"]) * p["scale"], torch.clamp(x, lo, hi))
-
 
 @register_quantizer(MinMax, "weight")
 def _minmax_w(spec, layer):
@@ -173,12 +166,7 @@ class DoReFaAct(ActQuantizer):
 
     def params(self, x):
         n = 2 ** self.bits - 1
-        return dict(scale=torch.tensor(1.0 / n), offset=0.0, zero=0.0, qmin=0, qmax=n)
-
-    def forward(self, x):
-        p = self.params(x)
-        v = affine_codes(x.detach(), p["scale"].to(x.device), 0.0, p["qmin"], p["qmax"])
-        return ste(v * p["scale"].to(x.device), torch.clamp(x, 0, 1))
+        return dict(scale=1.0 / n, offset=0.0, zero=0.0, qmin=0, qmax=n)
 
 
 @register_quantizer(DoReFa, "weight")
