@@ -2,6 +2,7 @@
 
 ``python -m zoo.cards DIR [DIR ...]`` (re)writes ``README.md`` of each checkpoint directory from its
 ``config.json``; the numbers in a card are the ones the training command measured and stored there.
+``python -m zoo.cards --table checkpoints/cls`` prints the summary table of the top-level README.
 """
 from __future__ import annotations
 
@@ -110,6 +111,28 @@ def write_card(directory: str | Path) -> Path:
     return path
 
 
+def summary_table(root: str | Path) -> str:
+    """Markdown table of the checkpoints under ``root`` from their config.json (the numbers their
+    training commands measured on the packed models)."""
+    rows, fp = [], None
+    for cfg_path in sorted(Path(root).glob("*/config.json")):
+        cfg = json.loads(cfg_path.read_text())
+        acc = cfg.get("metrics", {}).get("test_acc")
+        if cfg.get("quant") is None:
+            fp = acc
+        rows.append((cfg_path.parent.name, acc, cfg["weights"]["bytes"], float_reference_bytes(cfg)))
+    out = ["| model | test top-1 % | vs FP32 (points) | weights file bytes | vs FP32 file |",
+           "|---|---|---|---|---|"]
+    for name, acc, wb, fb in rows:
+        gap = f"{100 * (acc - fp):+.2f}" if fp is not None and acc is not None else "n/a"
+        out.append(f"| [{name}](checkpoints/cls/{name}/README.md) | {100 * acc:.2f} | {gap} | {wb:,} | "
+                   f"1/{fb / wb:.1f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    for d in sys.argv[1:]:
-        print(write_card(d))
+    if sys.argv[1:2] == ["--table"]:
+        print(summary_table(sys.argv[2]))
+    else:
+        for d in sys.argv[1:]:
+            print(write_card(d))
