@@ -83,7 +83,10 @@ def card_text(directory: str | Path) -> str:
         f"- **Weights file:** {wbytes:,} bytes; the same net in float32: {fbytes:,} bytes "
         f"({fbytes / wbytes:.1f}x smaller)",
         f"- **Trained on:** {train.get('hardware', '?')}, {train.get('epochs', '?')} epochs, "
-        f"{train.get('global_step', '?')} steps, {train.get('train_seconds', '?')} s; torch {train.get('torch', '?')}; "
+        f"{train.get('global_step', '?')} steps, "
+        + (f"{train['train_seconds']} s" if train.get("train_seconds") is not None
+           else "resumed from its last checkpoint, so the training time was not recorded")
+        + f"; released weights: {train.get('selected', 'last epoch')}; torch {train.get('torch', '?')}; "
         f"{cfg.get('created', '')}",
         "",
         "Reproduce (from the repository root):",

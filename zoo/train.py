@@ -94,7 +94,8 @@ def hardware() -> str:
 
 
 def _command() -> str:
-    args = [a for a in sys.argv[1:]]
+    """The recipe: this invocation's arguments, less a resume (resuming continues the same run)."""
+    args = [a for a in sys.argv[1:] if not a.startswith("ckpt_path=")]
     return "python -m zoo.train " + " ".join(args)
 
 
@@ -140,7 +141,10 @@ def run(cfg: DictConfig) -> dict:
     t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None,
                 weights_only=True if ckpt_path else None)
-    seconds = time.time() - t0
+    seconds = None if ckpt_path else round(time.time() - t0, 1)  # a resumed run timed only its tail
+    best = callbacks[0].best_model_path
+    if best and Path(best).is_file():  # release the best validation epoch, not merely the last
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
     metrics = {"test_acc_training_form": float(test.get("test/acc", float("nan")))}
     if cfg.evaluate_packed:
@@ -150,7 +154,8 @@ def run(cfg: DictConfig) -> dict:
     metrics["best_val"] = float(callbacks[0].best_model_score or float("nan"))
     release = save(module.model.cpu(), cfg.release_dir, metrics=metrics, extra={"train": {
         "command": _command(), "data": cfg.data.name, "epochs": int(cfg.epochs),
-        "global_step": int(trainer.global_step), "train_seconds": round(seconds, 1),
+        "global_step": int(trainer.global_step), "train_seconds": seconds,
+        "selected": "best validation epoch" if best else "last epoch",
         "hardware": hardware(), "torch": torch.__version__}})
     # the release must load by itself and agree with the model we trained
     loaded = load(release)

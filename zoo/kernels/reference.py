@@ -48,10 +48,11 @@ def _epilogue(acc_q, acc_1, s_a, w_scale, w_zero, bias, ch_dim):
 
 def exact_dtype(u: torch.Tensor, q: torch.Tensor) -> torch.dtype:
     """float32 if integer-valued u times q summed over a row of q can never reach 2^24, else float64."""
+    u = u.detach()
     if u.numel() == 0 or not torch.equal(u, torch.round(u)):
         return torch.float64
     k = q[0].numel()
-    bound = k * float(u.abs().max()) * float(q.max() if q.numel() else 0)
+    bound = k * float(u.detach().abs().max()) * float(q.max() if q.numel() else 0)
     return torch.float32 if bound < 2 ** 24 else torch.float64
 
 
