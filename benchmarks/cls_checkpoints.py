@@ -40,7 +40,7 @@ def main():
         fbytes = float_reference_bytes(cfg)
         if cfg["quant"] is None:
             fp_acc = res["acc"]
-        rows.append((name, res["acc"], res["n"], wbytes, fbytes, secs))
+        rows.append((name, res["acc"], res["images"], wbytes, fbytes, secs))
     lines = [f"Fashion-MNIST test split, packed models through zoo.load (reference backend); "
              f"{hardware()}, torch {torch.__version__}", "",
              "| model | top-1 % | vs FP32 (points) | images | weights bytes | FP32 bytes | smaller | eval s |",

@@ -108,7 +108,6 @@ def run(cfg: DictConfig) -> dict:
 
     from .cards import write_card, write_golden
     from .checkpoint import load, packed_copy, save
-    from .tasks.cls import evaluate
 
     task_cls, dm_cls, qdict, model_args = validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -149,8 +148,8 @@ def run(cfg: DictConfig) -> dict:
     metrics = {"test_acc_training_form": float(test.get("test/acc", float("nan")))}
     if cfg.evaluate_packed:
         packed = packed_copy(module.model.cpu())
-        res = evaluate(packed, dm.test_dataloader())
-        metrics.update({"test_acc": res["acc"], "test_loss": res["loss"], "test_images": res["n"]})
+        res = task_cls.evaluate(packed, dm.test_dataloader())
+        metrics.update({f"test_{k}": v for k, v in res.items()})
     metrics["best_val"] = float(callbacks[0].best_model_score or float("nan"))
     release = save(module.model.cpu(), cfg.release_dir, metrics=metrics, extra={"train": {
         "command": _command(), "data": cfg.data.name, "epochs": int(cfg.epochs),

@@ -63,6 +63,11 @@ class QuantTask(L.LightningModule):
         """Model arguments the data decides (input channels, number of classes)."""
         return {}
 
+    @staticmethod
+    def evaluate(model, loader, progress: bool = True) -> dict:
+        """The task's test metrics of a (packed) model over ``loader``; each task provides it."""
+        raise NotImplementedError
+
     def __init__(self, arch: str, model_args: dict, input_contract: dict, quant: dict | None = None,
                  lr: float = 0.1, weight_decay: float = 5e-4, optimizer: str = "sgd",
                  init_from: str | None = None, distill: float = 0.0, distill_temperature: float = 1.0):

@@ -9,10 +9,25 @@ from .base import QuantTask
 from .data.images import FashionMNISTData, ImageFolderData
 
 
+@torch.no_grad()
+def evaluate(model, loader, progress: bool = True) -> dict:
+    """Top-1 accuracy and mean cross-entropy of ``model`` (images in [0, 1]) over ``loader``."""
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        total += len(y)
+    return {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1), "images": total}
+
+
 class ClassificationTask(QuantTask):
     task_name = "cls"
     datamodules = {"fmnist": FashionMNISTData, "folder": ImageFolderData}
     monitor = ("val/acc", "max")
+    evaluate = staticmethod(evaluate)
 
     @staticmethod
     def data_model_args(contract: dict) -> dict:
@@ -28,17 +43,3 @@ class ClassificationTask(QuantTask):
             loss = (1 - w) * ce + w * self.distill_loss(logits, x)
         acc = (logits.argmax(-1) == y).float().mean()
         return loss, {"loss": ce.detach(), "acc": acc}
-
-
-@torch.no_grad()
-def evaluate(model, loader, progress: bool = True) -> dict:
-    """Top-1 accuracy and mean cross-entropy of ``model`` (images in [0, 1]) over ``loader``."""
-    model.eval()
-    correct = total = 0
-    loss_sum = 0.0
-    for x, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        total += len(y)
-    return {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
