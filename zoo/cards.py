@@ -123,13 +123,13 @@ def summary_table(root: str | Path) -> str:
         acc = cfg.get("metrics", {}).get("test_acc")
         if cfg.get("quant") is None:
             fp = acc
-        rows.append((cfg_path.parent.name, acc, cfg["weights"]["bytes"], float_reference_bytes(cfg)))
+        rows.append((cfg_path.parent, acc, cfg["weights"]["bytes"], float_reference_bytes(cfg)))
     out = ["| model | test top-1 % | vs FP32 (points) | weights file bytes | vs FP32 file |",
            "|---|---|---|---|---|"]
-    for name, acc, wb, fb in rows:
+    for path, acc, wb, fb in rows:
         gap = f"{100 * (acc - fp):+.2f}" if fp is not None and acc is not None else "n/a"
-        out.append(f"| [{name}](checkpoints/cls/{name}/README.md) | {100 * acc:.2f} | {gap} | {wb:,} | "
-                   f"1/{fb / wb:.1f} |")
+        top1 = f"{100 * acc:.2f}" if acc is not None else "n/a"
+        out.append(f"| [{path.name}]({path}/README.md) | {top1} | {gap} | {wb:,} | 1/{fb / wb:.1f} |")
     return "\n".join(out)
 
 

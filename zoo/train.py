@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> dict:
     if best and Path(best).is_file():  # release the best validation epoch, not merely the last
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
-    metrics = {"test_acc_training_form": float(test.get("test/acc", float("nan")))}
+    metrics = {f"{k.replace('/', '_')}_training_form": float(v) for k, v in test.items()}
     if cfg.evaluate_packed:
         packed = packed_copy(module.model.cpu())
         res = task_cls.evaluate(packed, dm.test_dataloader())

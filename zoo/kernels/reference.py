@@ -52,7 +52,7 @@ def exact_dtype(u: torch.Tensor, q: torch.Tensor) -> torch.dtype:
     if u.numel() == 0 or not torch.equal(u, torch.round(u)):
         return torch.float64
     k = q[0].numel()
-    bound = k * float(u.detach().abs().max()) * float(q.max() if q.numel() else 0)
+    bound = k * float(u.abs().max()) * float(q.max() if q.numel() else 0)
     return torch.float32 if bound < 2 ** 24 else torch.float64
 
 
