@@ -5,6 +5,11 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before Triton is
+# first imported (kernels are wrapped at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 

@@ -77,3 +77,24 @@ def test_full_test_split_reproduces_card(name):
     dm.setup()
     res = evaluate(zoo.load(name), dm.test_dataloader(), progress=False)
     assert res["acc"] == pytest.approx(_metrics(name.split(".", 1)[1])["metrics"]["test_acc"], abs=1e-4)
+
+
+QUANTIZED = [n for n in SHIPPED if "fp32" not in n]
+TRITON_CASES = [(n, "auto") for n in QUANTIZED] + [("resnet20.irnet_w1a1_fmnist", "popcount")]
+
+
+@pytest.mark.parametrize("name,binary_kernel", TRITON_CASES)
+def test_triton_backend_matches_reference(name, binary_kernel):
+    """Same logits (hence predictions) through the Triton kernels as through the reference; without
+    a GPU the kernels run interpreted, so two golden images keep this quick. With 2 images the
+    binary layers under 'auto' use the dot kernel at 28x28 and 14x14 and popcount at 7x7."""
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, _ = read_golden(resolve_checkpoint(name))
+    x = x[:2].to(dev)
+    ref = zoo.load(name, backend="reference", map_location=dev)
+    tri = zoo.load(name, backend="triton", binary_kernel=binary_kernel, map_location=dev)
+    with torch.no_grad():
+        y_ref, y = ref(x), tri(x)
+    assert torch.equal(y.argmax(-1), y_ref.argmax(-1))
+    assert torch.equal(y, y_ref)

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .kernels.dispatch import check_backend, check_binary_kernel
 from .quantizers import QuantConfig, quantize, set_backend, to_packed
 from .registry import create_model, resolve_checkpoint
 from .wrapper import ZooModel
@@ -119,12 +120,16 @@ def build_from_config(cfg: dict) -> ZooModel:
 
 
 def load(name_or_directory: str | os.PathLike, backend: str = "auto",
-         map_location: str | torch.device = "cpu") -> ZooModel:
+         map_location: str | torch.device = "cpu", binary_kernel: str = "auto") -> ZooModel:
     """Load a shipped model by name (``resnet20.irnet_w1a1_fmnist``) or a checkpoint directory.
 
     Returns an eval-mode :class:`ZooModel` taking float images in [0, 1]; its quantized layers run
-    from the packed weights through ``zoo.kernels`` with ``backend``.
+    from the packed weights through ``zoo.kernels``: ``backend="auto"`` (Triton kernels on CUDA
+    tensors, the pure-torch reference elsewhere), ``"triton"`` or ``"reference"``; W1A1 layers on
+    Triton use ``binary_kernel`` ``"popcount"``, ``"dot"`` or ``"auto"``.
     """
+    check_backend(backend)
+    check_binary_kernel(binary_kernel)
     directory = resolve_checkpoint(name_or_directory)
     cfg = read_config(directory)
     wpath = directory / cfg.get("weights", {}).get("file", WEIGHTS)
@@ -145,6 +150,6 @@ def load(name_or_directory: str | os.PathLike, backend: str = "auto",
     except RuntimeError as e:
         raise CheckpointError(f"weights in {wpath} do not match architecture {cfg['arch']!r} with "
                               f"args {cfg.get('model_args')}: {str(e).splitlines()[0]} ...\n{e}") from None
-    set_backend(model, backend)
+    set_backend(model, backend, binary_kernel)
     model.metrics = cfg.get("metrics", {})
     return model.to(map_location).eval()

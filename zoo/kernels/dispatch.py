@@ -1,10 +1,20 @@
-"""Backend selection for packed layers. ``auto`` picks the fastest available path for the tensor's
-device; today that is the pure-torch reference everywhere (Triton kernels plug in here)."""
+"""Backend selection for packed layers.
+
+``reference``: the pure-torch integer path (``reference.py``), any device.
+``triton``: the Triton kernels on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1``
+was set before Triton was imported (slow; for tests).
+``auto``: Triton on CUDA tensors when Triton is installed, the reference everywhere else.
+
+Layers or inputs a kernel does not cover fall back to the reference silently in every backend.
+Nothing here imports Triton until a Triton path is actually taken.
+"""
 from __future__ import annotations
 
-from . import reference
+import importlib.util
+import os
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "triton", "reference")
+BINARY_KERNELS = ("auto", "popcount", "dot")
 
 
 def check_backend(backend: str) -> str:
@@ -13,7 +23,35 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def resolve(backend: str, x) -> object:
-    """The kernel module to run ``x`` through."""
+def check_binary_kernel(kernel: str) -> str:
+    if kernel not in BINARY_KERNELS:
+        raise ValueError(f"unknown binary kernel {kernel!r}; valid: {list(BINARY_KERNELS)}")
+    return kernel
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_ops(backend: str, x):
+    """The Triton layer functions to run ``x`` through, or None for the reference."""
     check_backend(backend)
-    return reference
+    if backend == "reference":
+        return None
+    if backend == "auto":
+        if not (x.is_cuda and triton_available()):
+            return None
+    elif not triton_available():
+        raise RuntimeError("backend='triton' needs the 'triton' package: pip install triton "
+                           "(or use backend='auto'/'reference')")
+    elif not x.is_cuda and not interpreting():
+        raise RuntimeError(f"backend='triton' runs on CUDA tensors; got a tensor on {x.device}. "
+                           "Set TRITON_INTERPRET=1 before importing triton to interpret the kernels "
+                           "on CPU (slow), or use backend='auto'/'reference'")
+    from . import triton_layers
+
+    return triton_layers

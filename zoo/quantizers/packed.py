@@ -28,6 +28,7 @@ class PackedLayer(nn.Module):
         self.bits = int(bits)
         self.act_mode = act_mode  # "none" | "affine" | "sign"
         self.backend = "auto"
+        self.binary_kernel = "auto"
         rows, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
         nbytes = pack(torch.zeros(1, k, dtype=torch.uint8), self.bits).shape[1]
         ch = self.weight_shape[self.ch_axis]
@@ -111,10 +112,13 @@ class PackedConv2d(PackedLayer):
         if self.act_mode == "none":
             return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
                             self.dilation, self.groups)
+        ops = dispatch.triton_ops(self.backend, x)
+        y = ops.conv2d(self, x) if ops is not None else None
+        if y is not None:
+            return y
         v, s_a, z_a = self._int_inputs(x)
-        k = dispatch.resolve(self.backend, x)
-        y = k.conv2d(v, s_a, z_a, self.codes(), self.w_scale, self.w_zero, self.bias, self.stride,
-                     self.padding, self.dilation, self.groups)
+        y = reference.conv2d(v, s_a, z_a, self.codes(), self.w_scale, self.w_zero, self.bias,
+                             self.stride, self.padding, self.dilation, self.groups)
         return y.to(x.dtype)
 
 
@@ -122,9 +126,12 @@ class PackedLinear(PackedLayer):
     def forward(self, x):
         if self.act_mode == "none":
             return F.linear(x, self.dequantized_weight(), self.bias)
+        ops = dispatch.triton_ops(self.backend, x)
+        y = ops.linear(self, x) if ops is not None else None
+        if y is not None:
+            return y
         v, s_a, z_a = self._int_inputs(x, ch_axis=-1)
-        k = dispatch.resolve(self.backend, x)
-        return k.linear(v, s_a, z_a, self.codes(), self.w_scale, self.w_zero, self.bias).to(x.dtype)
+        return reference.linear(v, s_a, z_a, self.codes(), self.w_scale, self.w_zero, self.bias).to(x.dtype)
 
 
 class PackedConvTranspose2d(PackedLayer):
@@ -150,9 +157,10 @@ class PackedConvTranspose2d(PackedLayer):
         if self.act_mode == "none":
             return F.conv_transpose2d(x, self.dequantized_weight(), self.bias, self.stride,
                                       self.padding, self.output_padding, self.groups, self.dilation)
+        # no Triton kernel for transposed convs yet: every backend runs the reference
+        dispatch.check_backend(self.backend)
         v, s_a, z_a = self._int_inputs(x)
-        k = dispatch.resolve(self.backend, x)
-        y = k.conv_transpose2d(v, s_a, z_a, self.codes(), self.w_scale, self.w_zero, self.bias,
+        y = reference.conv_transpose2d(v, s_a, z_a, self.codes(), self.w_scale, self.w_zero, self.bias,
                                self.stride, self.padding, self.output_padding, self.groups, self.dilation)
         return y.to(x.dtype)
 
@@ -173,8 +181,14 @@ def to_packed(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_backend(model: nn.Module, backend: str) -> None:
+def set_backend(model: nn.Module, backend: str, binary_kernel: str | None = None) -> None:
+    """Choose the compute backend (``dispatch.BACKENDS``) of every packed layer, and optionally the
+    binary kernel variant (``"auto" | "popcount" | "dot"``) their W1A1 layers use under Triton."""
     dispatch.check_backend(backend)
+    if binary_kernel is not None:
+        dispatch.check_binary_kernel(binary_kernel)
     for m in model.modules():
         if isinstance(m, PackedLayer):
             m.backend = backend
+            if binary_kernel is not None:
+                m.binary_kernel = binary_kernel

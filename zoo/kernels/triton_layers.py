@@ -1,0 +1,114 @@
+"""Run packed layers through the Triton kernels. Each function returns ``None`` for a layer or input
+the kernels do not cover, and the caller falls back to the reference (no error).
+
+Covered: Conv2d with groups=1 and numeric padding, and Linear, whose activations are quantized
+(affine with an integer zero point that fits int8 after centring, or sign); weights of any bit
+width (1-8, stored in 1/2/4/8-bit containers); K up to ``MAX_K`` so int32 sums cannot overflow.
+Binary layers (1-bit weights, sign activations) run the packed-sign kernel; the rest the int8 one.
+Derived weight tensors (column sums, repacked sign words) are cached on the layer per device and
+weight version, outside its state dict.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import triton_binary, triton_lowbit
+
+MAX_K = 32768  # |int32 partial sums| <= 3 * K * 128 * 128 < 2^31
+
+
+def binary_impl(choice: str, m: int) -> str:
+    """``auto``: popcount for few output pixels, tensor-core dot otherwise (untuned default)."""
+    if choice == "auto":
+        return "popcount" if m < 128 else "dot"
+    return choice
+
+
+def _cached(layer, key: str, build):
+    w = layer.qweight
+    tag = (key, w.device, w.data_ptr(), w._version)
+    cache = layer.__dict__.setdefault("_kernel_cache", {})
+    hit = cache.get(key)
+    if hit is None or hit[0] != tag:
+        hit = (tag, build())
+        cache[key] = hit
+    return hit[1]
+
+
+def _int8_act(layer):
+    """(centre c, pad code pa, s_a) for the int8 kernel, or None if it cannot represent the layer."""
+    if layer.act_mode == "sign":
+        return 0, 0, 1.0
+    z = float(layer.a_zero)
+    qmin, qmax = float(layer.a_qmin), float(layer.a_qmax)
+    c = triton_lowbit.act_centre(qmin, qmax)
+    if c is None or z != math.floor(z) or not -128 <= z - c <= 127:
+        return None
+    return c, int(z) - c, float(layer.a_scale)
+
+
+def _supported_input(x, ndim=None) -> bool:
+    return x.is_floating_point() and (ndim is None or x.ndim == ndim) and x.numel() > 0
+
+
+def conv2d(layer, x: torch.Tensor, relu: bool = False):
+    if not _supported_input(x, 4) or layer.groups != 1 or isinstance(layer.padding, str):
+        return None
+    k = math.prod(layer.weight_shape[1:])
+    if k > MAX_K or x.shape[1] != layer.weight_shape[1]:
+        return None
+    geom = dict(stride=_pair(layer.stride), padding=_pair(layer.padding), dilation=_pair(layer.dilation))
+    if layer.bits == 1 and layer.act_mode == "sign":
+        wbits = _cached(layer, "sign_words", lambda: triton_binary.repack_weight(layer.qweight,
+                                                                                 layer.weight_shape))
+        a = triton_binary.pack_signs(x, layer.act_params().get("shift"))
+        n, _, h, w = x.shape
+        m = n * _out(h, layer.weight_shape[2], geom, 0) * _out(w, layer.weight_shape[3], geom, 1)
+        return triton_binary.conv2d(a, x.shape[1], wbits, layer.weight_shape, layer.w_scale,
+                                    layer.w_zero, 1.0, layer.bias, relu=relu, out_dtype=x.dtype,
+                                    impl=binary_impl(getattr(layer, "binary_kernel", "auto"), m), **geom)
+    act = _int8_act(layer)
+    if act is None:
+        return None
+    c, pa, s_a = act
+    bsum = _cached(layer, "bsum", lambda: triton_lowbit.bias_free_colsum(layer.qweight, layer.bits, k))
+    a = triton_lowbit.quantize_act(x, layer.act_mode, layer.act_params(), c)
+    return triton_lowbit.conv2d(a, pa, layer.qweight, layer.bits, layer.weight_shape, bsum,
+                                layer.w_scale, layer.w_zero, s_a, layer.bias, relu=relu,
+                                out_dtype=x.dtype, **geom)
+
+
+def linear(layer, x: torch.Tensor, relu: bool = False):
+    k = layer.weight_shape[1]
+    if not _supported_input(x) or x.ndim < 1 or x.shape[-1] != k or k > MAX_K:
+        return None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if layer.bits == 1 and layer.act_mode == "sign":
+        wbits = _cached(layer, "sign_words", lambda: triton_binary.repack_weight(
+            layer.qweight, (layer.weight_shape[0], k, 1, 1)))
+        a = triton_binary.pack_signs(x2, layer.act_params().get("shift"))
+        y = triton_binary.linear(a, k, wbits, layer.weight_shape, layer.w_scale, layer.w_zero, 1.0,
+                                 layer.bias, relu=relu, out_dtype=x.dtype,
+                                 impl=binary_impl(getattr(layer, "binary_kernel", "auto"), x2.shape[0]))
+        return y.reshape(*lead, -1)
+    act = _int8_act(layer)
+    if act is None:
+        return None
+    c, pa, s_a = act
+    bsum = _cached(layer, "bsum", lambda: triton_lowbit.bias_free_colsum(layer.qweight, layer.bits, k))
+    a = triton_lowbit.quantize_act(x2, layer.act_mode, layer.act_params(), c)
+    y = triton_lowbit.linear(a, pa, layer.qweight, layer.bits, layer.weight_shape, bsum, layer.w_scale,
+                             layer.w_zero, s_a, layer.bias, relu=relu, out_dtype=x.dtype)
+    return y.reshape(*lead, -1)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _out(size, kernel, geom, i):
+    s, p, d = geom["stride"][i], geom["padding"][i], geom["dilation"][i]
+    return (size + 2 * p - d * (kernel - 1) - 1) // s + 1
