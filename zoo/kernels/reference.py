@@ -11,6 +11,8 @@ every partial sum provably stays below 2^24 (K * max|u| * max q), else in float6
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -56,8 +58,22 @@ def exact_dtype(u: torch.Tensor, q: torch.Tensor) -> torch.dtype:
     return torch.float32 if bound < 2 ** 24 else torch.float64
 
 
+def exact_conv_context(t: torch.Tensor):
+    """cuDNN may run float32 convolutions in TF32 (10-bit mantissa), which would break exactness."""
+    if not t.is_cuda:
+        return contextlib.nullcontext()
+    c = torch.backends.cudnn
+    return c.flags(enabled=c.enabled, benchmark=c.benchmark, deterministic=c.deterministic,
+                   allow_tf32=False)
+
+
 def int_conv2d(u, q, stride, padding, dilation, groups):
     """(sum u*q, sum u) over each output window, exact; q is [C_out, C_in/g, kh, kw]."""
+    with exact_conv_context(u):
+        return _int_conv2d(u, q, stride, padding, dilation, groups)
+
+
+def _int_conv2d(u, q, stride, padding, dilation, groups):
     dt = exact_dtype(u, q)
     u = u.to(dt)
     acc_q = F.conv2d(u, q.to(dt), None, stride, padding, dilation, groups)

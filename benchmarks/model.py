@@ -1,0 +1,104 @@
+"""End-to-end latency and peak GPU memory of the shipped classification checkpoints.
+
+    python benchmarks/model.py              # needs a CUDA GPU; saves benchmarks/results/model_<gpu>.md
+    python benchmarks/model.py --smoke      # every code path once, batch 1 (CPU: interpreted)
+
+Each shipped model is loaded with ``zoo.load(name, backend=..., map_location="cuda")`` and timed on
+random [B, 1, 28, 28] inputs (median of CUDA-event timings after warm-up, batch 1 and 64).
+"triton" runs the Triton kernels (what backend="auto" picks on CUDA; W1A1 models also with each
+binary kernel forced); "reference" is the pure-torch integer path; the float checkpoint runs in
+fp32 and in fp16 (the cuDNN baseline). Peak memory is torch.cuda.max_memory_allocated during one
+forward, weights included.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common import RESULTS, device_name, markdown, median_ms, save, smoke_requested
+
+SMOKE = smoke_requested()
+
+import torch  # noqa: E402
+
+import zoo  # noqa: E402
+from zoo.registry import resolve_checkpoint  # noqa: E402
+
+
+def peak_mib(fn, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+def measure(model, batches, device, warmup, reps, dtype=torch.float32):
+    out = {}
+    for b in batches:
+        x = torch.rand(b, 1, 28, 28, device=device, dtype=dtype)
+        with torch.no_grad():
+            fn = lambda: model(x)  # noqa: E731
+            out[b] = (median_ms(fn, device, warmup, reps), peak_mib(fn, device))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="batch 1, one run each; saves nothing")
+    ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        print("benchmarks/model.py measures GPU latency and needs a CUDA device "
+              "(use --smoke to exercise the code paths on CPU)", file=sys.stderr)
+        return 2
+    batches, warmup, reps = ([1], 0, 1) if args.smoke else ([1, 64], args.warmup, args.reps)
+    names = zoo.list_models(task="cls")
+    if args.smoke:
+        names = [n for n in names if "fp32" in n or "w4a4" in n or "irnet" in n]
+    runs = []
+    for name in names:
+        nbytes = (resolve_checkpoint(name) / "model.safetensors").stat().st_size
+        if "fp32" in name:
+            backends = [("auto", "auto")]
+        elif "w1a1" in name:
+            backends = [("triton", k) for k in ("auto", "popcount", "dot")] + [("reference", "auto")]
+        else:
+            backends = [("triton", "auto"), ("reference", "auto")]
+        for backend, kernel in backends:
+            model = zoo.load(name, backend=backend, binary_kernel=kernel, map_location=device)
+            label = backend if kernel == "auto" else f"{backend} ({kernel})"
+            runs.append((name, label, "fp32", nbytes, measure(model, batches, device, warmup, reps)))
+        if "fp32" in name and device.type == "cuda":
+            model = zoo.load(name, map_location=device).half()
+            runs.append((name, "cuDNN", "fp16", nbytes,
+                         measure(model, batches, device, warmup, reps, torch.float16)))
+    headers = ["model", "backend", "input"] + [f"b{b} ms" for b in batches] + \
+        [f"b{b} peak MiB" for b in batches] + ["weights file B"]
+    rows, records = [], []
+    for name, backend, dt, nbytes, res in runs:
+        mib = [res[b][1] for b in batches]
+        rows.append([name, backend, dt] + [f"{res[b][0]:.3f}" for b in batches]
+                    + ["n/a" if m is None else f"{m:.1f}" for m in mib] + [f"{nbytes:,}"])
+        records.append(dict(model=name, backend=backend, input=dt, weights_bytes=nbytes,
+                            **{f"b{b}_ms": res[b][0] for b in batches},
+                            **{f"b{b}_peak_mib": res[b][1] for b in batches}))
+    desc = device_name(device)
+    text = "\n".join([f"# Shipped classification models end to end — {desc}", "",
+                      f"torch {torch.__version__}, `python benchmarks/model.py"
+                      f"{' --smoke' if args.smoke else ''}`", "", markdown(headers, rows)])
+    print(text)
+    path = save("model", desc, text, records, None if args.smoke else args.out)
+    if path:
+        print(f"\nsaved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end (``--smoke``: tiny shapes, one run each) and refuse to
+produce numbers without a GPU, so they cannot rot between GPU sessions."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script, *args):
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=900, cwd=BENCH.parent)
+
+
+def test_kernels_benchmark_smoke():
+    out = _run("kernels.py", "--smoke")
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = [ln for ln in out.stdout.splitlines() if ln.startswith("| ")]
+    assert len(table) == 1 + 2  # header + one conv + one linear row
+    assert "W1A1 dot" in table[0] and "not evaluated in a smoke run" in out.stdout
+
+
+@pytest.mark.slow
+def test_model_benchmark_smoke():
+    out = _run("model.py", "--smoke")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "triton (popcount)" in out.stdout and "resnet20.lsq_w4a4_fmnist" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+@pytest.mark.parametrize("script", ["kernels.py", "model.py"])
+def test_benchmarks_need_a_gpu_for_real_numbers(script):
+    out = _run(script)
+    assert out.returncode == 2 and "needs a CUDA device" in out.stderr
