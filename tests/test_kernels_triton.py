@@ -57,7 +57,6 @@ def test_quantize_act_sign_with_shift():
     x[1, 3, 2, 1] = shift[3]  # x - shift == 0 -> +1
     a = tlb.quantize_act(x, "sign", {"shift": shift})
     assert torch.equal(a.float(), reference.quantize_act(x, "sign", {"shift": shift}))
-    assert torch.equal(a.float(), reference.quantize_act(x, "sign", {"shift": shift}))
 
 
 def test_act_centre_choices():
@@ -215,6 +214,17 @@ def test_packed_layers_triton_equals_reference(name):
     y_ref = net(x)
     zoo.set_backend(net, "triton")
     assert torch.equal(net(x), y_ref)
+
+
+@pytest.mark.parametrize("name", ["lsq4", "irnet1"])
+def test_packed_layers_half_precision_input(name):
+    net = _packed_conv(QCFGS[name], padding=1)
+    x = torch.randn(2, 6, 9, 8, device=DEV).half()
+    zoo.set_backend(net, "reference")
+    y_ref = net(x)
+    zoo.set_backend(net, "triton")
+    y = net(x)
+    assert y.dtype == torch.float16 and torch.equal(y, y_ref)
 
 
 def test_unsupported_layers_fall_back_without_error(monkeypatch):
