@@ -273,6 +273,14 @@ def test_kernel_cache_follows_weight_updates():
     y = net(x)
     zoo.set_backend(net, "reference")
     assert torch.equal(y, net(x))
+    # cached host-side activation parameters follow in-place updates too
+    net = _packed_conv(QCFGS["lsq4"], padding=1)
+    zoo.set_backend(net, "triton")
+    net(x)
+    net[0].a_scale.mul_(1.5)
+    y = net(x)
+    zoo.set_backend(net, "reference")
+    assert torch.equal(y, net(x))
 
 
 def test_dispatch_rules(monkeypatch):

@@ -26,9 +26,10 @@ def binary_impl(choice: str, m: int) -> str:
     return choice
 
 
-def _cached(layer, key: str, build):
-    w = layer.qweight
-    tag = (key, w.device, w.data_ptr(), w._version)
+def _cached(layer, key: str, build, tensors=None):
+    """``build()`` once per device and version of ``tensors`` (default: the packed weights)."""
+    tensors = [layer.qweight] if tensors is None else tensors
+    tag = tuple((t.device, t.data_ptr(), t._version) for t in tensors)
     cache = layer.__dict__.setdefault("_kernel_cache", {})
     hit = cache.get(key)
     if hit is None or hit[0] != tag:
@@ -38,15 +39,22 @@ def _cached(layer, key: str, build):
 
 
 def _int8_act(layer):
-    """(centre c, pad code pa, s_a) for the int8 kernel, or None if it cannot represent the layer."""
+    """(centre c, pad code pa, s_a, host-side params) for the int8 kernel, or None if it cannot
+    represent the layer. Cached, so a forward pass on a GPU does not sync to read scalars."""
     if layer.act_mode == "sign":
-        return 0, 0, 1.0
-    z = float(layer.a_zero)
-    qmin, qmax = float(layer.a_qmin), float(layer.a_qmax)
-    c = triton_lowbit.act_centre(qmin, qmax)
+        return 0, 0, 1.0, layer.act_params()
+    keys = ("scale", "offset", "zero", "qmin", "qmax")
+    return _cached(layer, "act", lambda: _int8_act_params(layer),
+                   [getattr(layer, "a_" + k) for k in keys])
+
+
+def _int8_act_params(layer):
+    p = {k: float(v) for k, v in layer.act_params().items()}
+    z = p["zero"]
+    c = triton_lowbit.act_centre(p["qmin"], p["qmax"])
     if c is None or z != math.floor(z) or not -128 <= z - c <= 127:
         return None
-    return c, int(z) - c, float(layer.a_scale)
+    return c, int(z) - c, p["scale"], p
 
 
 def _supported_input(x, ndim=None) -> bool:
@@ -72,9 +80,9 @@ def conv2d(layer, x: torch.Tensor, relu: bool = False):
     act = _int8_act(layer)
     if act is None:
         return None
-    c, pa, s_a = act
+    c, pa, s_a, params = act
     bsum = _cached(layer, "bsum", lambda: triton_lowbit.bias_free_colsum(layer.qweight, layer.bits, k))
-    a = triton_lowbit.quantize_act(x, layer.act_mode, layer.act_params(), c)
+    a = triton_lowbit.quantize_act(x, layer.act_mode, params, c)
     return triton_lowbit.conv2d(a, pa, layer.qweight, layer.bits, layer.weight_shape, bsum,
                                 layer.w_scale, layer.w_zero, s_a, layer.bias, relu=relu,
                                 out_dtype=x.dtype, **geom)
@@ -97,9 +105,9 @@ def linear(layer, x: torch.Tensor, relu: bool = False):
     act = _int8_act(layer)
     if act is None:
         return None
-    c, pa, s_a = act
+    c, pa, s_a, params = act
     bsum = _cached(layer, "bsum", lambda: triton_lowbit.bias_free_colsum(layer.qweight, layer.bits, k))
-    a = triton_lowbit.quantize_act(x2, layer.act_mode, layer.act_params(), c)
+    a = triton_lowbit.quantize_act(x2, layer.act_mode, params, c)
     y = triton_lowbit.linear(a, pa, layer.qweight, layer.bits, layer.weight_shape, bsum, layer.w_scale,
                              layer.w_zero, s_a, layer.bias, relu=relu, out_dtype=x.dtype)
     return y.reshape(*lead, -1)
