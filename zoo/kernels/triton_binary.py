@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .packing import unpack
-from .triton_lowbit import INTERPRET, launch
+from .triton_lowbit import INTERPRET, launch, store_output
 
 IMPLS = ("popcount", "dot")
 # BLOCK_K counts 32-bit words. Interpreter defaults, and the GPU autotuning space per variant.
@@ -123,20 +123,8 @@ def _binary_kernel(a_ptr, w_ptr, y_ptr, usum_ptr, ws_ptr, wz_ptr, bias_ptr, s_a,
             usum += tl.sum(2 * popcount32(a, USE_LIBDEVICE) - nvalid, axis=1)
 
     sum_uq = (acc + usum[:, None]) // 2  # exact: dot + sum_u = 2 * sum(u * q)
-    y_off = (img.to(tl.int64) * N * OH * OW + pix)[:, None] + offs_n[None, :].to(tl.int64) * (OH * OW)
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    if RAW:
-        tl.store(y_ptr + y_off, sum_uq, mask=out_ok)
-        tl.store(usum_ptr + offs_m, usum, mask=m_ok & (pid_n == 0))
-    else:
-        wz = tl.load(wz_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)
-        ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)
-        y = (sum_uq.to(tl.float64) - wz[None, :] * usum.to(tl.float64)[:, None]) * (ws * s_a)[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :]
-        if RELU:
-            y = tl.maximum(y, 0.0)
-        tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=out_ok)
+    store_output(y_ptr, usum_ptr, ws_ptr, wz_ptr, bias_ptr, s_a, sum_uq, usum, img, pix, offs_m, offs_n,
+                 m_ok, n_ok, pid_n, N, OH * OW, HAS_BIAS, RELU, RAW)
 
 
 _tuned = {impl: _binary_kernel if INTERPRET else triton.autotune(cfgs, key=TUNE_KEY)(_binary_kernel)

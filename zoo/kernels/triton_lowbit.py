@@ -66,6 +66,27 @@ def round_half_even(t):
 
 
 @triton.jit
+def store_output(y_ptr, usum_ptr, ws_ptr, wz_ptr, bias_ptr, s_a, sum_uq, sum_u, img, pix, offs_m, offs_n,
+                 m_ok, n_ok, pid_n, N, OHW, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                 RAW: tl.constexpr):
+    """Shared epilogue: the exact sums (RAW) or the reference's float64 formula, into NCHW y."""
+    y_off = (img.to(tl.int64) * N * OHW + pix)[:, None] + offs_n[None, :].to(tl.int64) * OHW
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if RAW:
+        tl.store(y_ptr + y_off, sum_uq, mask=out_ok)
+        tl.store(usum_ptr + offs_m, sum_u, mask=m_ok & (pid_n == 0))
+    else:
+        wz = tl.load(wz_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)
+        ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)
+        y = (sum_uq.to(tl.float64) - wz[None, :] * sum_u.to(tl.float64)[:, None]) * (ws * s_a)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :]
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
 def _quant_act_kernel(x_ptr, a_ptr, shift_ptr, numel, C, HW, scale, offset, qmin, qmax, c,
                       SIGN: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -128,21 +149,8 @@ def _igemm_kernel(a_ptr, w_ptr, y_ptr, usum_ptr, bsum_ptr, ws_ptr, wz_ptr, bias_
     bsum = tl.load(bsum_ptr + offs_n, mask=n_ok, other=0)
     sum_u = asum - pa * K
     sum_uq = acc - pa * bsum[None, :] + CW * sum_u[:, None]
-    y_off = (img.to(tl.int64) * N * OH * OW + pix)[:, None] + offs_n[None, :].to(tl.int64) * (OH * OW)
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    if RAW:
-        tl.store(y_ptr + y_off, sum_uq, mask=out_ok)
-        tl.store(usum_ptr + offs_m, sum_u, mask=m_ok & (pid_n == 0))
-    else:
-        wz = tl.load(wz_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)
-        ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)
-        y = (sum_uq.to(tl.float64) - wz[None, :] * sum_u.to(tl.float64)[:, None]) \
-            * (ws * s_a)[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float64)[None, :]
-        if RELU:
-            y = tl.maximum(y, 0.0)
-        tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=out_ok)
+    store_output(y_ptr, usum_ptr, ws_ptr, wz_ptr, bias_ptr, s_a, sum_uq, sum_u, img, pix, offs_m, offs_n,
+                 m_ok, n_ok, pid_n, N, OH * OW, HAS_BIAS, RELU, RAW)
 
 
 _igemm_tuned = _igemm_kernel if INTERPRET else triton.autotune(GEMM_CONFIGS, key=TUNE_KEY)(_igemm_kernel)
