@@ -58,6 +58,42 @@ def _quant_line(q: dict | None) -> str:
     return line
 
 
+def _cls_lines(cfg: dict, m: dict, train: dict) -> list[str]:
+    lines = [f"- **Data:** {train.get('data', '?')} (train 55,000 / validation 5,000 held out of the "
+             f"train split; test: the {m.get('test_images', '?')}-image test split)"]
+    if m.get("test_acc") is not None:
+        lines.append(f"- **Test top-1 (packed model, as loaded by `zoo.load`):** {100 * m['test_acc']:.2f}% "
+                     f"(training form: {100 * m.get('test_acc_training_form', float('nan')):.2f}%)")
+    return lines
+
+
+def _sr_lines(cfg: dict, m: dict, train: dict) -> list[str]:
+    from .tasks.data.sr import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL
+
+    s = cfg["input_contract"].get("scale", "?")
+    data = train.get("data", "?")
+    if data == "sr_images":
+        data = (f"sr_images: photos bundled with scikit-image/scikit-learn, LR by MATLAB-style bicubic "
+                f"x1/{s}; train {', '.join(BUILTIN_TRAIN)}; validation {', '.join(BUILTIN_VAL)}; "
+                f"test {', '.join(BUILTIN_TEST)} (never trained or validated on)")
+    lines = [f"- **Scale:** x{s}", f"- **Data:** {data}"]
+    if m.get("test_psnr") is not None:
+        lines.append(
+            f"- **Test PSNR / SSIM** (Y channel, border {s} cropped, mean over {m.get('test_images', '?')} "
+            f"images; packed model as loaded by `zoo.load`): **{m['test_psnr']:.2f} dB / "
+            f"{m['test_ssim']:.4f}**; bicubic on the same images: {m['test_bicubic_psnr']:.2f} dB / "
+            f"{m['test_bicubic_ssim']:.4f} (model {m['test_psnr'] - m['test_bicubic_psnr']:+.2f} dB)")
+        depths = sorted((k for k in m if k.startswith("test_psnr_depth")),
+                        key=lambda k: -int(k.rsplit("depth", 1)[1]))
+        if depths:
+            lines.append("- **DQA, fewer quantized blocks at inference** (`zoo.load(..., depth=d)`): "
+                         + "; ".join(f"depth {k.rsplit('depth', 1)[1]}: {m[k]:.2f} dB" for k in depths))
+    return lines
+
+
+TASK_LINES = {"cls": _cls_lines, "sr": _sr_lines}
+
+
 def card_text(directory: str | Path) -> str:
     directory = Path(directory)
     cfg = json.loads((directory / "config.json").read_text())
@@ -66,19 +102,14 @@ def card_text(directory: str | Path) -> str:
     m = cfg.get("metrics", {})
     wbytes = cfg["weights"]["bytes"]
     fbytes = float_reference_bytes(cfg)
-    acc = m.get("test_acc")
     lines = [
         f"# {name}",
         "",
         f"Task `{cfg['task']}`, architecture `{cfg['arch']}` with `{json.dumps(cfg.get('model_args', {}))}`.",
         "",
         f"- **Quantization:** {_quant_line(cfg.get('quant'))}",
-        f"- **Data:** {train.get('data', '?')} (train 55,000 / validation 5,000 held out of the train split; "
-        f"test: the {m.get('test_images', '?')}-image test split)",
     ]
-    if acc is not None:
-        lines.append(f"- **Test top-1 (packed model, as loaded by `zoo.load`):** {100 * acc:.2f}% "
-                     f"(training form: {100 * m.get('test_acc_training_form', float('nan')):.2f}%)")
+    lines += TASK_LINES.get(cfg["task"], lambda *a: [])(cfg, m, train)
     lines += [
         f"- **Weights file:** {wbytes:,} bytes; the same net in float32: {fbytes:,} bytes "
         f"({fbytes / wbytes:.1f}x smaller)",
@@ -102,9 +133,14 @@ def card_text(directory: str | Path) -> str:
         f'model = zoo.load("{name}")  # images in [0, 1], N x {cfg["input_contract"]["channels"]} x H x W',
         "```",
         "",
-        f"`{GOLDEN}` holds an input batch and the packed model's output; `tests/test_shipped.py` checks it.",
-        "",
     ]
+    if cfg["task"] == "sr":
+        lines += ["or `python -m zoo.predict " + name + " photo.png --out upscaled/`.", ""]
+    if (directory / "sample.png").is_file():
+        lines += ["Centre crop of the first test image: bicubic | this model | ground truth:", "",
+                  "![bicubic | model | HR](sample.png)", ""]
+    lines += [f"`{GOLDEN}` holds an input batch and the packed model's output; `tests/test_shipped.py` checks it.",
+              ""]
     return "\n".join(lines)
 
 
@@ -117,9 +153,11 @@ def write_card(directory: str | Path) -> Path:
 def summary_table(root: str | Path) -> str:
     """Markdown table of the checkpoints under ``root`` from their config.json (the numbers their
     training commands measured on the packed models)."""
+    cfgs = [(p.parent, json.loads(p.read_text())) for p in sorted(Path(root).glob("*/config.json"))]
+    if cfgs and cfgs[0][1]["task"] == "sr":
+        return _sr_table(cfgs)
     rows, fp = [], None
-    for cfg_path in sorted(Path(root).glob("*/config.json")):
-        cfg = json.loads(cfg_path.read_text())
+    for cfg_path, cfg in ((d / "config.json", c) for d, c in cfgs):
         acc = cfg.get("metrics", {}).get("test_acc")
         if cfg.get("quant") is None:
             fp = acc
@@ -130,6 +168,22 @@ def summary_table(root: str | Path) -> str:
         gap = f"{100 * (acc - fp):+.2f}" if fp is not None and acc is not None else "n/a"
         top1 = f"{100 * acc:.2f}" if acc is not None else "n/a"
         out.append(f"| [{path.name}]({path}/README.md) | {top1} | {gap} | {wb:,} | 1/{fb / wb:.1f} |")
+    return "\n".join(out)
+
+
+def _sr_table(cfgs) -> str:
+    fp = {c["input_contract"]["scale"]: c["metrics"].get("test_psnr") for _, c in cfgs if not c.get("quant")}
+    out = ["| model | scale | PSNR dB | vs FP32 dB | vs bicubic dB | SSIM | weights file bytes | vs FP32 file |",
+           "|---|---|---|---|---|---|---|---|"]
+    key = lambda dc: (-dc[1]["input_contract"]["scale"], bool(dc[1].get("quant")), dc[0].name)  # noqa: E731
+    for path, cfg in sorted(cfgs, key=key):
+        m, s = cfg.get("metrics", {}), cfg["input_contract"]["scale"]
+        psnr = m.get("test_psnr")
+        gap = f"{psnr - fp[s]:+.2f}" if psnr is not None and fp.get(s) is not None else "n/a"
+        bic = f"{psnr - m['test_bicubic_psnr']:+.2f}" if psnr is not None else "n/a"
+        wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
+        out.append(f"| [{path.name}]({path}/README.md) | x{s} | {psnr:.2f} | {gap} | {bic} | "
+                   f"{m.get('test_ssim', float('nan')):.4f} | {wb:,} | 1/{fb / wb:.1f} |")
     return "\n".join(out)
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .kernels.dispatch import check_backend, check_binary_kernel
 from .quantizers import QuantConfig, quantize, set_backend, to_packed
+from .models.sr import set_depth
 from .registry import create_model, resolve_checkpoint
 from .wrapper import ZooModel
 
@@ -120,13 +121,15 @@ def build_from_config(cfg: dict) -> ZooModel:
 
 
 def load(name_or_directory: str | os.PathLike, backend: str = "auto",
-         map_location: str | torch.device = "cpu", binary_kernel: str = "auto") -> ZooModel:
+         map_location: str | torch.device = "cpu", binary_kernel: str = "auto",
+         depth: int | None = None) -> ZooModel:
     """Load a shipped model by name (``resnet20.irnet_w1a1_fmnist``) or a checkpoint directory.
 
     Returns an eval-mode :class:`ZooModel` taking float images in [0, 1]; its quantized layers run
     from the packed weights through ``zoo.kernels``: ``backend="auto"`` (Triton kernels on CUDA
     tensors, the pure-torch reference elsewhere), ``"triton"`` or ``"reference"``; W1A1 layers on
-    Triton use ``binary_kernel`` ``"popcount"``, ``"dot"`` or ``"auto"``.
+    Triton use ``binary_kernel`` ``"popcount"``, ``"dot"`` or ``"auto"``. ``depth`` runs only that
+    many quantized residual blocks of a depth-dynamic (QuantSR DQA) model; None runs all.
     """
     check_backend(backend)
     check_binary_kernel(binary_kernel)
@@ -151,5 +154,6 @@ def load(name_or_directory: str | os.PathLike, backend: str = "auto",
         raise CheckpointError(f"weights in {wpath} do not match architecture {cfg['arch']!r} with "
                               f"args {cfg.get('model_args')}: {str(e).splitlines()[0]} ...\n{e}") from None
     set_backend(model, backend, binary_kernel)
+    set_depth(model, depth)
     model.metrics = cfg.get("metrics", {})
     return model.to(map_location).eval()

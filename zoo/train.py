@@ -158,14 +158,14 @@ def run(cfg: DictConfig) -> dict:
         "hardware": hardware(), "torch": torch.__version__}})
     # the release must load by itself and agree with the model we trained
     loaded = load(release)
-    x = next(iter(dm.test_dataloader()))[0][:16]
+    x = task_cls.golden_input(dm)
     ref = packed_copy(module.model.cpu())(x)
     diff = (loaded(x) - ref).abs().max().item()
     if diff > 1e-4 * max(ref.abs().max().item(), 1.0):
         raise RuntimeError(f"reloaded release differs from the trained model by {diff}")
-    write_golden(loaded, x[:8], release)
+    write_golden(loaded, x, release)
+    print(f"\nrelease: {release}\n{task_cls.report(loaded, dm, release)}")
     write_card(release)
-    print(f"\nrelease: {release}\nmetrics: {metrics}")
     return {"metrics": metrics, "release_dir": str(release), "global_step": int(trainer.global_step),
             "output_dir": str(out)}
 

@@ -21,12 +21,12 @@ from ..quantizers.base import affine_codes, sign_codes
 
 def quantize_act(x: torch.Tensor, mode: str, p: dict, ch_axis: int = 1) -> torch.Tensor:
     """Integer activation codes v (float dtype) from float x, as the training form computes them."""
+    shift = p.get("shift")
+    if shift is not None:  # per-channel (ReAct's RSign threshold, QuantSR's RLQ shift)
+        shape = [1] * x.ndim
+        shape[ch_axis] = -1
+        x = x - shift.reshape(shape)
     if mode == "sign":
-        shift = p.get("shift")
-        if shift is not None:
-            shape = [1] * x.ndim
-            shape[ch_axis] = -1
-            x = x - shift.reshape(shape)
         return sign_codes(x)
     return affine_codes(x, p["scale"], p["offset"], p["qmin"], p["qmax"])
 

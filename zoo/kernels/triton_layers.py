@@ -43,17 +43,20 @@ def _int8_act(layer):
     represent the layer. Cached, so a forward pass on a GPU does not sync to read scalars."""
     if layer.act_mode == "sign":
         return 0, 0, 1.0, layer.act_params()
-    keys = ("scale", "offset", "zero", "qmin", "qmax")
+    keys = ("scale", "offset", "zero", "qmin", "qmax") + (("shift",) if hasattr(layer, "a_shift") else ())
     return _cached(layer, "act", lambda: _int8_act_params(layer),
                    [getattr(layer, "a_" + k) for k in keys])
 
 
 def _int8_act_params(layer):
-    p = {k: float(v) for k, v in layer.act_params().items()}
+    params = layer.act_params()
+    p = {k: float(v) for k, v in params.items() if k != "shift"}
     z = p["zero"]
     c = triton_lowbit.act_centre(p["qmin"], p["qmax"])
     if c is None or z != math.floor(z) or not -128 <= z - c <= 127:
         return None
+    if "shift" in params:
+        p["shift"] = params["shift"]
     return c, int(z) - c, p["scale"], p
 
 

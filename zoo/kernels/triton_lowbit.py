@@ -92,10 +92,10 @@ def _quant_act_kernel(x_ptr, a_ptr, shift_ptr, numel, C, HW, scale, offset, qmin
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        ch = (offs // HW) % C
+        x = x - tl.load(shift_ptr + ch, mask=mask, other=0.0)
     if SIGN:
-        if HAS_SHIFT:
-            ch = (offs // HW) % C
-            x = x - tl.load(shift_ptr + ch, mask=mask, other=0.0)
         v = tl.where(x >= 0, 1.0, -1.0)
     else:
         t = tl.math.div_rn(x, scale) + offset
@@ -185,7 +185,7 @@ def quantize_act(x: torch.Tensor, mode: str, params: dict, centre: int = 0) -> t
     if numel == 0:
         return a
     sign = mode == "sign"
-    shift = params.get("shift") if sign else None
+    shift = params.get("shift")
     c_dim = x.shape[1] if x.ndim > 1 else 1
     hw = math.prod(x.shape[2:]) if x.ndim > 2 else 1
     if sign:

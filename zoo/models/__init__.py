@@ -1,2 +1,2 @@
 """Architectures no dependency provides. Importing this package registers them."""
-from . import resnet  # noqa: F401
+from . import resnet, sr  # noqa: F401

@@ -1,9 +1,9 @@
 """The shared quantizer library: config dataclasses, quantizer modules, quantized layers,
 ``quantize()`` and the packed inference form. Importing a quantizer module registers its specs."""
-from . import binary, ul2q, uniform  # noqa: F401  (register the built-in quantizers)
+from . import binary, rlq, ul2q, uniform  # noqa: F401  (register the built-in quantizers)
 from .binary import RPReLU
-from .config import (DoReFa, IRNet, LayerQuant, LSQ, MinMax, PACT, QuantConfig, QuantSpec, ReAct,
-                     SHORT_NAMES, UL2Q, XNOR, quantizer_names, register_quantizer, spec_from_dict)
+from .config import (DoReFa, IRNet, LayerQuant, LSQ, MinMax, PACT, PAMS, QuantConfig, QuantSpec,
+                     ReAct, RLQ, SHORT_NAMES, UL2Q, XNOR, quantizer_names, register_quantizer, spec_from_dict)
 from .layers import LAYER_MAP, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from .packed import PackedConv2d, PackedConvTranspose2d, PackedLinear, set_backend, to_packed
 from .quantize import quantize, quantized_layers, set_progress
@@ -11,7 +11,7 @@ from .ul2q import optimal_lambda
 
 __all__ = [
     "QuantConfig", "LayerQuant", "QuantSpec", "MinMax", "LSQ", "DoReFa", "PACT", "UL2Q", "XNOR",
-    "IRNet", "ReAct", "SHORT_NAMES", "register_quantizer", "quantizer_names", "spec_from_dict",
+    "IRNet", "ReAct", "RLQ", "PAMS", "SHORT_NAMES", "register_quantizer", "quantizer_names", "spec_from_dict",
     "quantize", "quantized_layers", "set_progress", "to_packed", "set_backend", "LAYER_MAP",
     "QuantConv2d", "QuantLinear", "QuantConvTranspose2d", "PackedConv2d", "PackedLinear",
     "PackedConvTranspose2d", "RPReLU", "optimal_lambda",

@@ -245,6 +245,25 @@ class ReAct(QuantSpec):
     MAX_BITS: ClassVar[int] = 1
 
 
+@dataclass(frozen=True)
+class RLQ(QuantSpec):
+    """QuantSR's redistribution-driven learnable quantizer: learnable step (weights, activations)
+    and per-channel shift (activations); backward through the tanh-shaped redistribution phi of
+    sharpness ``phi_k`` (the authors' code uses 1)."""
+
+    granularity: str = "tensor"
+    phi_k: float = 1.0
+    MIN_BITS: ClassVar[int] = 2
+
+
+@dataclass(frozen=True)
+class PAMS(QuantSpec):
+    """PAMS (Li et al., ECCV 2020): symmetric activations clipped to a learnable max scale alpha;
+    weights symmetric with their max |w| as the range."""
+
+    MIN_BITS: ClassVar[int] = 2
+
+
 # short names used by the CLI (quant=lsq) and the config group
 SHORT_NAMES = {
     "minmax": MinMax,
@@ -255,4 +274,6 @@ SHORT_NAMES = {
     "xnor": XNOR,
     "irnet": IRNet,
     "react": ReAct,
+    "rlq": RLQ,
+    "pams": PAMS,
 }

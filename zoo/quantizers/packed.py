@@ -79,11 +79,10 @@ class PackedLayer(nn.Module):
         return reference.dequantize_weight(self.codes(), self.w_scale, self.w_zero, self.ch_axis)
 
     def act_params(self) -> dict:
-        if self.act_mode == "affine":
-            return {k: getattr(self, "a_" + k) for k in ACT_KEYS}
-        if self.act_mode == "sign" and hasattr(self, "a_shift"):
-            return {"shift": self.a_shift}
-        return {}
+        p = {k: getattr(self, "a_" + k) for k in ACT_KEYS} if self.act_mode == "affine" else {}
+        if self.act_mode != "none" and hasattr(self, "a_shift"):
+            p["shift"] = self.a_shift  # per-channel; the codes are those of x - shift
+        return p
 
     def _int_inputs(self, x, ch_axis=1):
         p = self.act_params()

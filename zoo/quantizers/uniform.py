@@ -80,6 +80,10 @@ class LSQWeight(WeightQuantizer):
         self.step = nn.Parameter(torch.ones(channels))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    def surrogate_round(self, t):
+        """The rounding the gradient sees (identity: the straight-through estimator)."""
+        return round_ste(t)
+
     def _step(self, w):
         if not self.initialized:
             with torch.no_grad():
@@ -93,7 +97,7 @@ class LSQWeight(WeightQuantizer):
 
     def codes(self, w):
         s = self._step(w)
-        surrogate = round_ste(torch.clamp(w / s, -self.qn, self.qp)) * s
+        surrogate = self.surrogate_round(torch.clamp(w / s, -self.qn, self.qp)) * s
         with torch.no_grad():
             q = torch.clamp(torch.round(w / s), -self.qn, self.qp) + self.qn
         return q, s.detach(), torch.full_like(s.detach(), float(self.qn)), surrogate
@@ -107,6 +111,9 @@ class LSQAct(ActQuantizer):
         self.step = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("signed", torch.zeros((), dtype=torch.bool))
+
+    def surrogate_round(self, t):
+        return round_ste(t)
 
     def _range(self):
         if self.signed:
@@ -128,7 +135,7 @@ class LSQAct(ActQuantizer):
         p = self.params(x)
         qmin, qmax = p["qmin"], p["qmax"]
         s = grad_scale(self.step.abs().clamp(min=1e-8), 1.0 / math.sqrt(x[0].numel() * qmax))
-        surrogate = round_ste(torch.clamp(x / s, qmin, qmax)) * s
+        surrogate = self.surrogate_round(torch.clamp(x / s, qmin, qmax)) * s
         v = affine_codes(x.detach(), p["scale"], 0.0, qmin, qmax)
         return ste(v * p["scale"], surrogate)
 

@@ -68,6 +68,16 @@ class QuantTask(L.LightningModule):
         """The task's test metrics of a (packed) model over ``loader``; each task provides it."""
         raise NotImplementedError
 
+    @staticmethod
+    def golden_input(dm) -> torch.Tensor:
+        """A small input batch from the test split for the release's golden input/output pair."""
+        return next(iter(dm.test_dataloader()))[0][:8]
+
+    @staticmethod
+    def report(model, dm, release_dir) -> str:
+        """What ``zoo.train`` prints about a finished release (and any files it writes next to it)."""
+        return f"metrics: {model.metrics}"
+
     def __init__(self, arch: str, model_args: dict, input_contract: dict, quant: dict | None = None,
                  lr: float = 0.1, weight_decay: float = 5e-4, optimizer: str = "sgd",
                  init_from: str | None = None, distill: float = 0.0, distill_temperature: float = 1.0):

@@ -1,0 +1,186 @@
+"""Super-resolution (QuantSR): L1 training on random patches, PSNR/SSIM on the Y channel of whole
+images with a border of ``scale`` pixels cropped, exactly as basicsr defines them (checked against
+``basicsr.metrics`` in the tests), always next to bicubic on the same images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..models.sr import DynamicBody, set_depth
+from .base import QuantTask
+from .data.sr import BuiltinSRData, FolderSRData, bicubic, to_uint8
+
+Y_WEIGHTS = (65.481, 128.553, 24.966)  # ITU-R BT.601, RGB order, on [0, 1] inputs
+
+
+def y_channel(img: np.ndarray) -> np.ndarray:
+    """uint8 RGB HxWx3 -> Y in [16, 235] (float64), basicsr's ``rgb2ycbcr(..., y_only=True) * 255``."""
+    x = img.astype(np.float64) / 255.0
+    return x @ np.array(Y_WEIGHTS) + 16.0
+
+
+def _crop(y: np.ndarray, border: int) -> np.ndarray:
+    return y[border:-border, border:-border] if border > 0 else y
+
+
+def psnr_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
+    """PSNR (dB) between two uint8 RGB images on the Y channel, ``border`` pixels cropped."""
+    if sr.shape != hr.shape:
+        raise ValueError(f"image shapes differ: {sr.shape} vs {hr.shape}")
+    mse = np.mean((_crop(y_channel(sr), border) - _crop(y_channel(hr), border)) ** 2)
+    return float("inf") if mse == 0 else float(10.0 * np.log10(255.0 ** 2 / mse))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g)[None, None]
+
+
+def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
+    """SSIM on the Y channel (Wang et al.: 11x11 Gaussian, sigma 1.5, valid region), border cropped."""
+    if sr.shape != hr.shape:
+        raise ValueError(f"image shapes differ: {sr.shape} vs {hr.shape}")
+    a = torch.from_numpy(_crop(y_channel(sr), border))[None, None]
+    b = torch.from_numpy(_crop(y_channel(hr), border))[None, None]
+    w = _gaussian_window()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_a, mu_b = F.conv2d(a, w), F.conv2d(b, w)
+    var_a = F.conv2d(a * a, w) - mu_a ** 2
+    var_b = F.conv2d(b * b, w) - mu_b ** 2
+    cov = F.conv2d(a * b, w) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())
+
+
+def dqa_bodies(model) -> list[DynamicBody]:
+    return [m for m in model.modules() if isinstance(m, DynamicBody)]
+
+
+@torch.no_grad()
+def evaluate(model, loader, progress: bool = True) -> dict:
+    """Mean PSNR/SSIM (Y, border = scale) of ``model`` and of bicubic over whole-image (LR, HR)
+    pairs; for a DQA model also the PSNR at each smaller depth."""
+    model.eval()
+    scale = model.input_contract["scale"] if hasattr(model, "input_contract") else None
+    bodies = dqa_bodies(model)
+    depths = bodies[0].depth_choices[1:] if bodies else []
+    sums: dict[str, float] = {}
+    n = 0
+    for lr, hr in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        s = scale or hr.shape[-1] // lr.shape[-1]
+        for i in range(len(lr)):
+            hr8 = to_uint8(hr[i])
+            lr8 = to_uint8(lr[i])
+            scores = {}
+            for d in [None] + depths:
+                if bodies:
+                    set_depth(model, d)
+                sr8 = to_uint8(model(lr[i: i + 1])[0])
+                key = "" if d is None else f"_depth{d}"
+                scores["psnr" + key] = psnr_y(sr8, hr8, s)
+                if d is None:
+                    scores["ssim"] = ssim_y(sr8, hr8, s)
+            if bodies:
+                set_depth(model, None)
+            bic = bicubic(lr8, s)
+            scores["bicubic_psnr"] = psnr_y(bic, hr8, s)
+            scores["bicubic_ssim"] = ssim_y(bic, hr8, s)
+            for k, v in scores.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+    out = {k: v / max(n, 1) for k, v in sums.items()}
+    out["images"] = n
+    return out
+
+
+def side_by_side(model, lr: torch.Tensor, hr: torch.Tensor, path, crop: int = 96, zoom: int = 2) -> Path:
+    """Write a PNG of one HR-sized crop: bicubic | model | ground truth (each zoomed ``zoom`` x)."""
+    from PIL import Image
+
+    s = hr.shape[-1] // lr.shape[-1]
+    with torch.no_grad():
+        sr = to_uint8(model(lr[None])[0])
+    hr8, bic = to_uint8(hr), bicubic(to_uint8(lr), s)
+    c = min(crop, hr8.shape[0], hr8.shape[1])
+    y, x = (hr8.shape[0] - c) // 2, (hr8.shape[1] - c) // 2
+    gap = np.full((c, 4, 3), 255, np.uint8)
+    panel = np.concatenate([bic[y:y + c, x:x + c], gap, sr[y:y + c, x:x + c], gap,
+                            hr8[y:y + c, x:x + c]], axis=1)
+    img = Image.fromarray(panel).resize((panel.shape[1] * zoom, panel.shape[0] * zoom), Image.NEAREST)
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+class SuperResolutionTask(QuantTask):
+    task_name = "sr"
+    datamodules = {"sr_images": BuiltinSRData, "sr_folder": FolderSRData}
+    monitor = ("val/psnr", "max")
+    evaluate = staticmethod(evaluate)
+
+    @staticmethod
+    def data_model_args(contract: dict) -> dict:
+        return {"upscale": contract["scale"], "in_chans": contract["channels"]}
+
+    @staticmethod
+    def golden_input(dm) -> torch.Tensor:
+        lr, _ = dm.split("test")[0]
+        h, w = lr.shape[-2:]
+        return lr[None, :, h // 2 - 8: h // 2 + 8, w // 2 - 12: w // 2 + 12].contiguous()
+
+    @staticmethod
+    def report(model, dm, release_dir) -> str:
+        test = dm.split("test")
+        png = side_by_side(model, *test[0], Path(release_dir) / "sample.png")
+        m = model.metrics
+        lines = [f"{'':>10} {'PSNR (dB)':>10} {'SSIM':>7}   (Y channel, border {dm.scale}, "
+                 f"{m.get('test_images', len(test))} test images: {', '.join(test.names)})",
+                 f"{'bicubic':>10} {m['test_bicubic_psnr']:10.2f} {m['test_bicubic_ssim']:7.4f}",
+                 f"{'model':>10} {m['test_psnr']:10.2f} {m['test_ssim']:7.4f}"]
+        for k in sorted(k for k in m if k.startswith("test_psnr_depth")):
+            lines.append(f"{'depth ' + k.rsplit('depth', 1)[1]:>10} {m[k]:10.2f}")
+        lines.append(f"side by side (bicubic | model | HR): {png}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ training
+    def distill_loss(self, student_out, x):
+        with torch.no_grad():
+            t_out = self.teacher(x)
+        return F.l1_loss(student_out, t_out)
+
+    def training_step(self, batch, batch_idx):
+        bodies = dqa_bodies(self.model)
+        if not bodies:
+            return super().training_step(batch, batch_idx)
+        # DQA: the full depth half of the time, otherwise one of the smaller depths
+        choices = bodies[0].depth_choices
+        depth = None
+        if len(choices) > 1 and torch.rand(()).item() < 0.5:
+            depth = choices[1 + int(torch.randint(len(choices) - 1, ()).item())]
+        set_depth(self.model, depth)
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            set_depth(self.model, None)
+
+    def loss_and_metrics(self, batch, stage):
+        lr, hr = batch
+        sr = self.model(lr)
+        l1 = F.l1_loss(sr, hr)
+        loss = l1
+        if stage == "train" and self.teacher is not None:
+            w = self.hparams.distill
+            loss = (1 - w) * l1 + w * self.distill_loss(sr, lr)
+        metrics = {"loss": l1.detach()}
+        if stage != "train":
+            s = self.hparams.input_contract["scale"]
+            metrics["psnr"] = torch.tensor(float(np.mean(
+                [psnr_y(to_uint8(a), to_uint8(b), s) for a, b in zip(sr, hr)])))
+        return loss, metrics
