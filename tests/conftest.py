@@ -19,3 +19,13 @@ def has_fmnist() -> bool:
 
 
 needs_fmnist = pytest.mark.skipif(not has_fmnist(), reason="apt-get install -y dataset-fashion-mnist")
+
+
+def has_basicsr() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("basicsr") is not None
+
+
+needs_basicsr = pytest.mark.skipif(not has_basicsr(), reason=(
+    "super-resolution needs basicsr: pip install -c constraints.txt --no-build-isolation basicsr==1.4.2"))

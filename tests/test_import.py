@@ -5,7 +5,7 @@ import sys
 def test_import_zoo_pulls_no_triton_lightning_or_cuda():
     code = (
         "import sys, zoo, torch\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('triton', 'lightning', 'pytorch_lightning')]\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('triton', 'lightning', 'pytorch_lightning', 'basicsr', 'skimage')]\n"
         "assert not bad, bad\n"
         "assert not torch.cuda.is_initialized()\n"
         "m = zoo.create_model('resnet20')\n"
@@ -25,5 +25,5 @@ def test_public_api():
     import zoo
 
     for name in ("load", "save", "quantize", "QuantConfig", "create_model", "list_models",
-                 "register_model", "LSQ", "UL2Q", "IRNet", "XNOR", "ReAct", "DoReFa", "PACT", "MinMax"):
+                 "register_model", "LSQ", "UL2Q", "IRNet", "XNOR", "ReAct", "DoReFa", "PACT", "MinMax", "RLQ", "PAMS"):
         assert hasattr(zoo, name), name

@@ -11,12 +11,15 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 import zoo
+from tests.conftest import needs_basicsr
 from zoo.models.sr import DynamicBody, set_depth
 from zoo.quantizers import PAMS, RLQ, QuantConfig, quantize, set_backend, to_packed
 from zoo.quantizers.rlq import round_phi
 from zoo.tasks.data.sr import (BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, BuiltinSRData, FolderSRData,
                                PatchDataset, make_pair)
 from zoo.tasks.sr import psnr_y, ssim_y
+
+pytestmark = needs_basicsr
 
 CONTRACT = {"channels": 3, "scale": 2, "range": [0.0, 1.0], "size": None}
 KEEP_FLOAT = {g: None for g in ("conv_first", "conv_after_body", "upsample*", "conv_last")}
@@ -257,6 +260,7 @@ def test_other_archs_build_and_quantize():
     quantize(s, QuantConfig(weight=RLQ(4), act=RLQ(4), overrides={"conv_first": None, "conv_last": None}))
     assert s(x).shape == (1, 3, 32, 32)
     assert sum(isinstance(l, zoo.quantizers.QuantLinear) for l in s.modules()) >= 4
+    assert s(torch.rand(1, 3, 11, 6)).shape == (1, 3, 22, 12)  # padded to the window size inside
     with pytest.raises(ValueError, match="swinir has none"):
         zoo.create_model("swinir", dqa=True)
 

@@ -12,11 +12,13 @@ importing basicsr, :func:`import_basicsr` registers the renamed module under the
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_model
@@ -131,16 +133,36 @@ def msrresnet(upscale: int = 4, num_feat: int = 32, num_block: int = 4, in_chans
     return _with_dqa(net) if dqa else net
 
 
+@functools.cache
+def _padded_swinir():
+    """basicsr's SwinIR, padding inputs to a multiple of the window size (as the SwinIR authors'
+    test code does, by reflection) and cropping the output back; the layers and keys are unchanged."""
+    base = import_basicsr("archs.swinir_arch").SwinIR
+
+    class SwinIR(base):
+        def __init__(self, *args, window_size=7, **kwargs):
+            super().__init__(*args, window_size=window_size, **kwargs)
+            self.pad_to = window_size
+
+        def forward(self, x):
+            h, w = x.shape[-2:]
+            ph, pw = (-h) % self.pad_to, (-w) % self.pad_to
+            if ph or pw:
+                x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+            return super().forward(x)[..., : h * self.upscale, : w * self.upscale]
+
+    return SwinIR
+
+
 @register_model
 def swinir(upscale: int = 4, embed_dim: int = 30, depths=(2, 2), num_heads=(3, 3), window_size: int = 8,
            mlp_ratio: float = 2.0, img_size: int = 48, in_chans: int = 3, dqa: bool = False, **kwargs):
     """basicsr SwinIR with the lightweight pixel-shuffle-direct tail (QuantSR-T on SwinIR-S).
     Defaults are a CPU-sized SwinIR-S (SwinIR-S: embed_dim 60, depths and heads (6, 6, 6, 6))."""
-    arch = import_basicsr("archs.swinir_arch")
-    kwargs.setdefault("upsampler", "pixelshuffledirect")
-    kwargs.setdefault("img_range", 1.0)
     if dqa:
         raise ValueError("dqa=True needs a sequential residual trunk (edsr, msrresnet); swinir has none")
-    return arch.SwinIR(upscale=upscale, in_chans=in_chans, img_size=img_size, window_size=window_size,
+    kwargs.setdefault("upsampler", "pixelshuffledirect")
+    kwargs.setdefault("img_range", 1.0)
+    return _padded_swinir()(upscale=upscale, in_chans=in_chans, img_size=img_size, window_size=window_size,
                        embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
                        mlp_ratio=mlp_ratio, **kwargs)
