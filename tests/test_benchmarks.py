@@ -35,3 +35,24 @@ def test_model_benchmark_smoke():
 def test_benchmarks_need_a_gpu_for_real_numbers(script):
     out = _run(script)
     assert out.returncode == 2 and "needs a CUDA device" in out.stderr
+
+
+def test_sr_checkpoints_benchmark_on_a_user_folder(tmp_path):
+    """Every shipped SR model is evaluated on photos of the user's (here: two small ones)."""
+    from tests.conftest import has_basicsr
+
+    if not has_basicsr():
+        pytest.skip("needs basicsr")
+    import numpy as np
+    from PIL import Image
+
+    import zoo
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    out = _run("sr_checkpoints.py", "--images", str(tmp_path), "--out", str(tmp_path / "t.md"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| edsr") or ln.startswith("| swinir")]
+    assert len(rows) == len(zoo.list_models(task="sr")) > 0
+    assert (tmp_path / "t.md").read_text().strip() == out.stdout.strip()

@@ -67,10 +67,10 @@ def test_run_binary_irnet(tmp_path, tiny_fmnist):
 @pytest.mark.parametrize("overrides, match", [
     (["bits=9"], "wbits=9 is not a valid bit width; valid: integers 1..8"),
     (["bits=0"], "valid: integers 1..8"),
-    (["arch=resnet99"], "unknown arch 'resnet99'; valid: \\['resnet20'"),
+    (["arch=resnet99"], "unknown arch 'resnet99'; valid: .*'resnet20'.*'swinir'"),
     (["quant=irnet", "bits=4"], "IRNet supports bits 1..1, got 4"),
     (["quant=lsq", "bits=1"], "LSQ supports bits 2..8"),
-    (["task.name=det"], "unknown task 'det'; valid: \\['cls'\\]"),
+    (["task.name=det"], "unknown task 'det'; valid: \\['cls', 'sr'\\]"),
     (["data=folder", "data.root=/nonexistent"], "needs /nonexistent/train"),
     (["ckpt_path=last"], "nothing to resume"),
 ])
