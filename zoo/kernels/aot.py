@@ -38,7 +38,7 @@ def _variants():
         out.append((f"igemm SB={sb} {kh}x{kh} relu={relu} raw={raw}", tl_._igemm_kernel, igemm_sig,
                     dict(KH=kh, KW=kh, SB=sb, HAS_BIAS=True, RELU=relu, RAW=raw, BLOCK_M=64,
                          BLOCK_N=64, BLOCK_K=64), "mma"))
-    for sign, shift in [(False, False), (True, True)]:
+    for sign, shift in [(False, False), (False, True), (True, True)]:  # affine+shift: RLQ
         out.append((f"quantize_act sign={sign} shift={shift}", tl_._quant_act_kernel, quant_sig,
                     dict(SIGN=sign, HAS_SHIFT=shift, BLOCK=tl_.QUANT_BLOCK), None))
     out.append(("pack_signs shift=True", tb._pack_signs_kernel, pack_sig,
