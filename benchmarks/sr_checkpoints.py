@@ -52,19 +52,19 @@ def main():
         res = evaluate(zoo.load(name), dl)
         secs = time.time() - t
         if cfg["quant"] is None:
-            fp[scale] = res["psnr"]
+            fp[(cfg["arch"], scale)] = res["psnr"]
         depths = ", ".join(f"d{k.rsplit('depth', 1)[1]} {v:.2f}" for k, v in res.items()
                            if k.startswith("psnr_depth"))
-        rows.append((name, scale, res, (d / "model.safetensors").stat().st_size, float_reference_bytes(cfg),
+        rows.append((name, (cfg["arch"], scale), res, (d / "model.safetensors").stat().st_size, float_reference_bytes(cfg),
                      depths, secs))
     lines = [f"Packed models through zoo.load (reference backend); {hardware()}, torch {torch.__version__}"]
     lines += [f"- x{s}: {v}" for s, v in sorted(desc.items(), reverse=True)]
-    lines += ["", "| model | scale | PSNR dB | vs FP32 | vs bicubic | SSIM | bicubic PSNR / SSIM | "
+    lines += ["", "| model | scale | PSNR dB | vs FP32 (same arch) | vs bicubic | SSIM | bicubic PSNR / SSIM | "
                   "fewer blocks (DQA) | weights bytes | smaller | eval s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, s, r, wb, fb, depths, secs in sorted(rows, key=lambda r: (-r[1], r[0])):
-        gap = f"{r['psnr'] - fp[s]:+.2f}" if s in fp else "n/a"
-        lines.append(f"| {name} | x{s} | {r['psnr']:.2f} | {gap} | {r['psnr'] - r['bicubic_psnr']:+.2f} | "
+    for name, key, r, wb, fb, depths, secs in sorted(rows, key=lambda r: (-r[1][1], r[0])):
+        gap = f"{r['psnr'] - fp[key]:+.2f}" if key in fp else "n/a"
+        lines.append(f"| {name} | x{key[1]} | {r['psnr']:.2f} | {gap} | {r['psnr'] - r['bicubic_psnr']:+.2f} | "
                      f"{r['ssim']:.4f} | {r['bicubic_psnr']:.2f} / {r['bicubic_ssim']:.4f} | {depths or '-'} | "
                      f"{wb:,} | {fb / wb:.1f}x | {secs:.1f} |")
     text = "\n".join(lines)

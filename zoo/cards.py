@@ -172,14 +172,16 @@ def summary_table(root: str | Path) -> str:
 
 
 def _sr_table(cfgs) -> str:
-    fp = {c["input_contract"]["scale"]: c["metrics"].get("test_psnr") for _, c in cfgs if not c.get("quant")}
-    out = ["| model | scale | PSNR dB | vs FP32 dB | vs bicubic dB | SSIM | weights file bytes | vs FP32 file |",
+    fp = {(c["arch"], c["input_contract"]["scale"]): c["metrics"].get("test_psnr")
+          for _, c in cfgs if not c.get("quant")}
+    out = ["| model | scale | PSNR dB | vs FP32 (same arch) dB | vs bicubic dB | SSIM | weights file bytes | vs FP32 file |",
            "|---|---|---|---|---|---|---|---|"]
-    key = lambda dc: (-dc[1]["input_contract"]["scale"], bool(dc[1].get("quant")), dc[0].name)  # noqa: E731
+    key = lambda dc: (-dc[1]["input_contract"]["scale"], dc[1]["arch"], bool(dc[1].get("quant")),  # noqa: E731
+                      dc[0].name)
     for path, cfg in sorted(cfgs, key=key):
         m, s = cfg.get("metrics", {}), cfg["input_contract"]["scale"]
-        psnr = m.get("test_psnr")
-        gap = f"{psnr - fp[s]:+.2f}" if psnr is not None and fp.get(s) is not None else "n/a"
+        psnr, ref = m.get("test_psnr"), fp.get((cfg["arch"], s))
+        gap = f"{psnr - ref:+.2f}" if psnr is not None and ref is not None else "n/a"
         bic = f"{psnr - m['test_bicubic_psnr']:+.2f}" if psnr is not None else "n/a"
         wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
         out.append(f"| [{path.name}]({path}/README.md) | x{s} | {psnr:.2f} | {gap} | {bic} | "
