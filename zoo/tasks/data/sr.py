@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -109,9 +109,12 @@ class PatchDataset(Dataset):
         return self.length
 
     def __getitem__(self, i):
-        # new patches every epoch (the loader is built once), reproducible for a seed in one process
+        # new patches every epoch (the loader is built once): in the main process a draw counter,
+        # in a loader worker the worker's seed (a fresh one each epoch); reproducible for a seed
         self.draws += 1
-        rng = np.random.default_rng((self.seed, i, self.draws))
+        info = get_worker_info()
+        salt = info.seed % 2 ** 63 if info is not None else self.draws
+        rng = np.random.default_rng((self.seed, i, salt))
         lr, hr = self.pairs[rng.integers(len(self.pairs))]
         p, s = self.patch, self.scale
         y, x = rng.integers(lr.shape[0] - p + 1), rng.integers(lr.shape[1] - p + 1)
