@@ -245,9 +245,15 @@ def test_save_load_same_output(tmp_path, quant, dqa):
     assert out.shape == (2, 3, 18, 22)
     assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
     if dqa:
-        d1 = zoo.load(tmp_path / "ck", depth=1)(x)
+        shallow = zoo.load(tmp_path / "ck", depth=1)
+        d1 = shallow(x)
         set_depth(model, 1)
         assert (d1 - model(x)).abs().max() <= 1e-4 * expected.abs().max()
+        from zoo.tasks.sr import evaluate
+
+        res = evaluate(shallow, [(x[:1], torch.rand(1, 3, 18, 22))], progress=False)
+        assert set(res) >= {"psnr", "psnr_depth2", "psnr_depth1"}
+        assert torch.equal(shallow(x), d1)  # evaluate restored the model's depth
 
 
 def test_other_archs_build_and_quantize():

@@ -64,11 +64,13 @@ def dqa_bodies(model) -> list[DynamicBody]:
 @torch.no_grad()
 def evaluate(model, loader, progress: bool = True) -> dict:
     """Mean PSNR/SSIM (Y, border = scale) of ``model`` and of bicubic over whole-image (LR, HR)
-    pairs; for a DQA model also the PSNR at each smaller depth."""
+    pairs; for a DQA model ``psnr``/``ssim`` are at full depth, plus the PSNR at each smaller depth
+    (the model's own depth setting is restored afterwards)."""
     model.eval()
     scale = model.input_contract["scale"] if hasattr(model, "input_contract") else None
     bodies = dqa_bodies(model)
     depths = bodies[0].depth_choices[1:] if bodies else []
+    own_depth = bodies[0].depth if bodies else None
     sums: dict[str, float] = {}
     n = 0
     for lr, hr in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
@@ -85,14 +87,14 @@ def evaluate(model, loader, progress: bool = True) -> dict:
                 scores["psnr" + key] = psnr_y(sr8, hr8, s)
                 if d is None:
                     scores["ssim"] = ssim_y(sr8, hr8, s)
-            if bodies:
-                set_depth(model, None)
             bic = bicubic(lr8, s)
             scores["bicubic_psnr"] = psnr_y(bic, hr8, s)
             scores["bicubic_ssim"] = ssim_y(bic, hr8, s)
             for k, v in scores.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
+    if bodies:
+        set_depth(model, own_depth)
     out = {k: v / max(n, 1) for k, v in sums.items()}
     out["images"] = n
     return out
