@@ -163,6 +163,7 @@ def swinir(upscale: int = 4, embed_dim: int = 30, depths=(2, 2), num_heads=(3, 3
         raise ValueError("dqa=True needs a sequential residual trunk (edsr, msrresnet); swinir has none")
     kwargs.setdefault("upsampler", "pixelshuffledirect")
     kwargs.setdefault("img_range", 1.0)
-    return _padded_swinir()(upscale=upscale, in_chans=in_chans, img_size=img_size, window_size=window_size,
-                       embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
-                       mlp_ratio=mlp_ratio, **kwargs)
+    cls = _padded_swinir()
+    return cls(upscale=upscale, in_chans=in_chans, img_size=img_size, window_size=window_size,
+               embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads), mlp_ratio=mlp_ratio,
+               **kwargs)
