@@ -29,3 +29,19 @@ def has_basicsr() -> bool:
 
 needs_basicsr = pytest.mark.skipif(not has_basicsr(), reason=(
     "super-resolution needs basicsr: pip install -c constraints.txt --no-build-isolation basicsr==1.4.2"))
+
+
+def check_golden(name: str):
+    """Load shipped ``name`` as a user would and compare it with its stored golden output;
+    returns (output, expected) for task-specific checks."""
+    import zoo
+    from zoo.cards import read_golden
+    from zoo.registry import resolve_checkpoint
+
+    model = zoo.load(name)
+    x, expected = read_golden(resolve_checkpoint(name))
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+    return out, expected

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zoo
-from tests.conftest import needs_basicsr
+from tests.conftest import check_golden, needs_basicsr
 from zoo.cards import read_golden
 from zoo.registry import resolve_checkpoint
 
@@ -28,12 +28,7 @@ def test_the_promised_checkpoints_are_shipped():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_golden_output(name):
-    model = zoo.load(name)
-    x, expected = read_golden(resolve_checkpoint(name))
-    with torch.no_grad():
-        out = model(x)
-    assert out.shape == expected.shape
-    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+    check_golden(name)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 from .kernels.dispatch import check_backend, check_binary_kernel
 from .quantizers import QuantConfig, quantize, set_backend, to_packed
-from .models.sr import set_depth
 from .registry import create_model, resolve_checkpoint
 from .wrapper import ZooModel
 
@@ -154,6 +153,9 @@ def load(name_or_directory: str | os.PathLike, backend: str = "auto",
         raise CheckpointError(f"weights in {wpath} do not match architecture {cfg['arch']!r} with "
                               f"args {cfg.get('model_args')}: {str(e).splitlines()[0]} ...\n{e}") from None
     set_backend(model, backend, binary_kernel)
-    set_depth(model, depth)
+    if depth is not None:
+        from .models.sr import set_depth
+
+        set_depth(model, depth)
     model.metrics = cfg.get("metrics", {})
     return model.to(map_location).eval()

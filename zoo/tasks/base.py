@@ -66,7 +66,7 @@ class QuantTask(L.LightningModule):
     @staticmethod
     def evaluate(model, loader, progress: bool = True) -> dict:
         """The task's test metrics of a (packed) model over ``loader``; each task provides it."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract
 
     @staticmethod
     def golden_input(dm) -> torch.Tensor:
