@@ -56,3 +56,27 @@ def test_sr_checkpoints_benchmark_on_a_user_folder(tmp_path):
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| edsr") or ln.startswith("| swinir")]
     assert len(rows) == len(zoo.list_models(task="sr")) > 0
     assert (tmp_path / "t.md").read_text().strip() == out.stdout.strip()
+
+
+def test_sal_checkpoints_benchmark_on_a_user_folder(tmp_path):
+    """Every shipped saliency model is evaluated on a DUTS-style folder of the user's."""
+    pytest.importorskip("segmentation_models_pytorch")
+    import numpy as np
+    from PIL import Image
+
+    import zoo
+
+    if not zoo.list_models(task="sal"):
+        pytest.skip("no saliency checkpoints shipped")
+    rng = np.random.default_rng(0)
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "masks").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(tmp_path / "d" / "images" / f"{i}.jpg")
+        Image.fromarray((rng.random((40, 52)) > 0.5).astype(np.uint8) * 255).save(tmp_path / "d" / "masks" / f"{i}.png")
+    out = _run("sal_checkpoints.py", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "t.md"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ") and "_sal_composites" in ln]
+    assert len(rows) == len(zoo.list_models(task="sal"))
+    assert all(ln.split("|")[6].strip() == "2" for ln in rows)  # both images evaluated by every model
+    assert (tmp_path / "t.md").read_text().strip() == out.stdout.strip()

@@ -91,7 +91,60 @@ def _sr_lines(cfg: dict, m: dict, train: dict) -> list[str]:
     return lines
 
 
-TASK_LINES = {"cls": _cls_lines, "sr": _sr_lines}
+def packed_layer_bytes(directory: str | Path) -> dict[int, tuple[int, int]]:
+    """{weight bits: (bytes the packed layers of that width take in the weights file, bytes of the
+    same layers' float32 weight and bias)} for a quantized checkpoint; {} for a float one."""
+    from safetensors import safe_open
+
+    from .quantizers import QuantConfig
+    from .registry import create_model
+
+    directory = Path(directory)
+    cfg = json.loads((directory / "config.json").read_text())
+    if not cfg.get("quant"):
+        return {}
+    qcfg = QuantConfig.from_dict(cfg["quant"])
+    float_params = dict(create_model(cfg["arch"], **cfg.get("model_args", {})).named_parameters())
+    out: dict[int, list[int]] = {}
+    with safe_open(str(directory / cfg["weights"]["file"]), "pt") as f:
+        keys = list(f.keys())
+        layers = [k[: -len(".qweight")] for k in keys if k.endswith(".qweight")]
+        for layer in layers:
+            bits = qcfg.for_layer(layer.removeprefix("net.")).weight.bits
+            packed = sum(_nbytes(f, k) for k in keys if k.startswith(layer + "."))
+            fp = sum(4 * p.numel() for n, p in float_params.items()
+                     if n in (layer.removeprefix("net.") + ".weight", layer.removeprefix("net.") + ".bias"))
+            acc = out.setdefault(bits, [0, 0])
+            acc[0] += packed
+            acc[1] += fp
+    return {b: (p, fp) for b, (p, fp) in sorted(out.items())}
+
+
+def _nbytes(f, key: str) -> int:
+    t = f.get_tensor(key)
+    return t.numel() * t.element_size()
+
+
+def _sal_lines(cfg: dict, m: dict, train: dict) -> list[str]:
+    from .tasks.data.sr import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL
+
+    size = cfg["input_contract"].get("train_size")
+    data = train.get("data", "?")
+    if data == "sal_composites":
+        data = (f"sal_composites: 1-3 Fashion-MNIST items (exact masks) pasted over crops of bundled "
+                f"photos, {size[0]}x{size[1]}; train: items 0-49,999 over {', '.join(BUILTIN_TRAIN)}; "
+                f"validation: items 50,000-59,999 over {', '.join(BUILTIN_VAL)}; test: the Fashion-MNIST "
+                f"test items over {', '.join(BUILTIN_TEST)} (no item or photo shared between splits)")
+    lines = [f"- **Data:** {data}"]
+    if m.get("test_mae") is not None:
+        lines.append(f"- **Test** ({m.get('test_images', '?')} images; packed model as loaded by `zoo.load`): "
+                     f"**MAE {m['test_mae']:.4f}, max F-measure {m['test_maxf']:.4f}, "
+                     f"S-measure {m['test_smeasure']:.4f}** (training form: MAE "
+                     f"{m.get('test_mae_training_form', float('nan')):.4f})")
+    return lines
+
+
+TASK_LINES = {"cls": _cls_lines, "sr": _sr_lines, "sal": _sal_lines}
 
 
 def card_text(directory: str | Path) -> str:
@@ -113,6 +166,12 @@ def card_text(directory: str | Path) -> str:
     lines += [
         f"- **Weights file:** {wbytes:,} bytes; the same net in float32: {fbytes:,} bytes "
         f"({fbytes / wbytes:.1f}x smaller)",
+    ]
+    for bits, (pb, fb) in packed_layer_bytes(directory).items():
+        lines.append(f"- **{bits}-bit layers:** {pb:,} bytes packed (codes, scales, zero points, bias, "
+                     f"activation parameters) vs {fb:,} bytes of float32 weights and biases "
+                     f"(1/{fb / pb:.1f})")
+    lines += [
         f"- **Trained on:** {train.get('hardware', '?')}, {train.get('epochs', '?')} epochs, "
         f"{train.get('global_step', '?')} steps, "
         + (f"{train['train_seconds']} s" if train.get("train_seconds") is not None
@@ -136,7 +195,13 @@ def card_text(directory: str | Path) -> str:
     ]
     if cfg["task"] == "sr":
         lines += ["or `python -m zoo.predict " + name + " photo.png --out upscaled/`.", ""]
-    if (directory / "sample.png").is_file():
+    if cfg["task"] == "sal":
+        lines += ["or `python -m zoo.predict " + name + " photos/ --out masks/` (a mask and an overlay "
+                  "per image).", ""]
+    if (directory / "sample.png").is_file() and cfg["task"] == "sal":
+        lines += ["Fixed test composites: image | ground truth | this model's saliency map:", "",
+                  "![image | ground truth | prediction](sample.png)", ""]
+    elif (directory / "sample.png").is_file():
         lines += ["Centre crop of the first test image: bicubic | this model | ground truth:", "",
                   "![bicubic | model | HR](sample.png)", ""]
     lines += [f"`{GOLDEN}` holds an input batch and the packed model's output; `tests/test_shipped.py` checks it.",
@@ -156,6 +221,8 @@ def summary_table(root: str | Path) -> str:
     cfgs = [(p.parent, json.loads(p.read_text())) for p in sorted(Path(root).glob("*/config.json"))]
     if cfgs and cfgs[0][1]["task"] == "sr":
         return _sr_table(cfgs)
+    if cfgs and cfgs[0][1]["task"] == "sal":
+        return _sal_table(cfgs)
     rows, fp = [], None
     for cfg_path, cfg in ((d / "config.json", c) for d, c in cfgs):
         acc = cfg.get("metrics", {}).get("test_acc")
@@ -186,6 +253,24 @@ def _sr_table(cfgs) -> str:
         wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
         out.append(f"| [{path.name}]({path}/README.md) | x{s} | {psnr:.2f} | {gap} | {bic} | "
                    f"{m.get('test_ssim', float('nan')):.4f} | {wb:,} | 1/{fb / wb:.1f} |")
+    return "\n".join(out)
+
+
+def _sal_table(cfgs) -> str:
+    fp = {c["arch"]: c["metrics"].get("test_mae") for _, c in cfgs if not c.get("quant")}
+    out = ["| model | MAE | vs FP32 (same arch) | max F | S-measure | weights file bytes | vs FP32 file "
+           "| low-bit layers vs FP32 |", "|---|---|---|---|---|---|---|---|"]
+    key = lambda dc: (dc[1]["arch"], bool(dc[1].get("quant")), dc[0].name)  # noqa: E731
+    for path, cfg in sorted(cfgs, key=key):
+        m = cfg.get("metrics", {})
+        ref = fp.get(cfg["arch"])
+        gap = f"{m['test_mae'] - ref:+.4f}" if cfg.get("quant") and ref is not None else "—"
+        wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
+        layers = packed_layer_bytes(path)
+        low = min(layers) if layers else None
+        lb = f"1/{layers[low][1] / layers[low][0]:.1f} (W{low})" if low is not None else "—"
+        out.append(f"| [{path.name}]({path}/README.md) | {m['test_mae']:.4f} | {gap} | {m['test_maxf']:.4f} | "
+                   f"{m['test_smeasure']:.4f} | {wb:,} | 1/{fb / wb:.1f} | {lb} |")
     return "\n".join(out)
 
 

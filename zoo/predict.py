@@ -5,7 +5,10 @@ paths and the options and writes its outputs under ``--out``:
 
 - ``sr``: the upscaled images as PNG (``<stem>_x<scale>.png``), computed in overlapping tiles so
   memory stays bounded on large photos (``--tile``, ``--overlap``);
-- ``cls``: ``predictions.csv`` with the top-5 classes and probabilities of each image.
+- ``cls``: ``predictions.csv`` with the top-5 classes and probabilities of each image;
+- ``sal``: a saliency mask (``<stem>_mask.png``, 0-255 at the image's own size) and an overlay
+  (``<stem>_overlay.png``: the image with the salient region tinted red and outlined), computed at
+  the model's training size and resized back, as SOD models are evaluated.
 """
 from __future__ import annotations
 
@@ -124,6 +127,38 @@ def predict_cls(model, images, out: Path, args) -> list[Path]:
         csv.writer(f).writerows([["image"] + [f"top{i + 1}" for i in range(len(rows[0]) - 1)]] + rows)
     tmp.replace(dst)
     return [dst]
+
+
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
+                                           antialias=True)
+
+
+def overlay(img: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """uint8 HxWx3 image with the region prob > threshold tinted red and its border drawn."""
+    m = prob > threshold
+    out = img.astype(np.float32)
+    out[m] = 0.5 * out[m] + 0.5 * np.array([255.0, 0.0, 0.0])
+    edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+    out[edge] = (255.0, 255.0, 0.0)
+    return out.round().astype(np.uint8)
+
+
+@predictor("sal")
+def predict_sal(model, images, out: Path, args) -> list[Path]:
+    size = model.input_contract.get("train_size") or [352, 352]
+    written = []
+    for path in tqdm(images, desc="saliency", unit="img"):
+        img = _read(path, "RGB")
+        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float().div_(255.0)
+        with torch.no_grad():
+            prob = model(_resize(x, size).to(args.device)).sigmoid().cpu()
+        prob = _resize(prob, img.shape[:2]).clamp_(0, 1)[0, 0].numpy()
+        mask_path, over_path = out / f"{path.stem}_mask.png", out / f"{path.stem}_overlay.png"
+        _save_png((prob * 255).round().astype(np.uint8), mask_path)
+        _save_png(overlay(img, prob), over_path)
+        written += [mask_path, over_path]
+    return written
 
 
 def parse_args(argv=None):

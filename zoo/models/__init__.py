@@ -1,3 +1,3 @@
-"""Architecture factories: our own (ResNet) and basicsr's SR networks. Importing this registers them
-(basicsr itself is imported only when one of its architectures is built)."""
-from . import resnet, sr  # noqa: F401
+"""Architecture factories: our own (ResNet), basicsr's SR networks and smp's saliency networks.
+Importing this registers them (basicsr and smp are imported only when one of theirs is built)."""
+from . import resnet, sal, sr  # noqa: F401

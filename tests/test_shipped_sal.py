@@ -1,0 +1,90 @@
+"""Shipped saliency checkpoints, loaded by name as a user would: golden outputs, cards, the issue's
+targets (from the numbers the training commands measured), Triton == reference, and (slow) the
+whole test split reproducing each card."""
+import json
+
+import pytest
+import torch
+
+import zoo
+from tests.conftest import check_golden, needs_fmnist
+from zoo.cards import packed_layer_bytes, read_golden
+from zoo.registry import resolve_checkpoint
+
+pytest.importorskip("segmentation_models_pytorch")
+
+ARCHS = ("unet_r18", "linknet_r18", "unetpp_r18")
+SHIPPED = zoo.list_models(task="sal")
+PROMISED = [f"{a}.{tag}_sal_composites" for a in ARCHS
+            for tag in ("fp32", "ul2q_w4a4", "ul2q_w2a2", "lsq_w2a2")]
+
+
+def _metrics(name):
+    return json.loads((resolve_checkpoint(name) / "config.json").read_text())["metrics"]
+
+
+def test_the_promised_checkpoints_are_shipped():
+    for name in PROMISED:
+        assert name in SHIPPED, f"{name} missing from {SHIPPED}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_golden_output(name):
+    out, _ = check_golden(name)
+    assert out.shape[1] == 1
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_matches_config(name):
+    d = resolve_checkpoint(name)
+    cfg = json.loads((d / "config.json").read_text())
+    card = (d / "README.md").read_text()
+    m = cfg["metrics"]
+    assert cfg["train"]["command"] in card
+    assert f"MAE {m['test_mae']:.4f}, max F-measure {m['test_maxf']:.4f}, S-measure {m['test_smeasure']:.4f}" in card
+    assert cfg["weights"]["bytes"] == (d / "model.safetensors").stat().st_size
+    assert (d / "sample.png").is_file()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_targets(arch):
+    """The issue's targets, on the test MAE each training command measured on its packed model."""
+    mae = {tag: _metrics(f"{arch}.{tag}_sal_composites")["test_mae"]
+           for tag in ("fp32", "ul2q_w4a4", "ul2q_w2a2", "lsq_w2a2")}
+    assert mae["ul2q_w4a4"] - mae["fp32"] <= 0.01, mae
+    assert mae["ul2q_w2a2"] - mae["fp32"] <= 0.03, mae
+    assert mae["ul2q_w2a2"] <= mae["lsq_w2a2"], mae
+    packed, fp32 = packed_layer_bytes(resolve_checkpoint(f"{arch}.ul2q_w2a2_sal_composites"))[2]
+    assert packed * 8 <= fp32
+
+
+QUANTIZED = [n for n in SHIPPED if "fp32" not in n]
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_triton_backend_matches_reference(name):
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, _ = read_golden(resolve_checkpoint(name))
+    x = x[:1, :, :32, :32].contiguous().to(dev)  # small: the interpreter is slow on CPU
+    ref = zoo.load(name, backend="reference", map_location=dev)
+    tri = zoo.load(name, backend="triton", map_location=dev)
+    with torch.no_grad():
+        assert torch.equal(tri(x), ref(x))
+
+
+@pytest.mark.slow
+@needs_fmnist
+@pytest.mark.parametrize("name", SHIPPED)
+def test_test_split_reproduces_card(name):
+    from zoo.tasks.data.sal import CompositeSalData
+    from zoo.tasks.sal import evaluate
+
+    model = zoo.load(name)
+    dm = CompositeSalData(size=model.input_contract["train_size"][0])
+    dm.setup()
+    res = evaluate(model, dm.test_dataloader(), progress=False)
+    card = _metrics(name)
+    for k in ("mae", "maxf", "smeasure"):
+        assert res[k] == pytest.approx(card["test_" + k], abs=1e-4), k
+    assert res["images"] == card["test_images"]

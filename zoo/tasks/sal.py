@@ -1,0 +1,144 @@
+"""Salient-object detection: BCE + IoU loss on one-channel logits; MAE, max F-measure and S-measure
+(``sal_metrics``) per validation epoch and on the test split; a grid PNG (image | ground truth |
+prediction) of fixed test samples after every validation epoch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .base import QuantTask
+from .data.sal import CompositeSalData, FolderSalData
+from .sal_metrics import SaliencyMeter
+
+GRID_SAMPLES = 6
+
+
+def iou_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - soft IoU per image, averaged: sum(p g) / sum(p + g - p g) on sigmoid probabilities."""
+    p = logits.sigmoid().flatten(1)
+    g = mask.flatten(1)
+    inter = (p * g).sum(1)
+    union = (p + g - p * g).sum(1)
+    return (1 - (inter + 1) / (union + 1)).mean()
+
+
+def sal_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, mask) + iou_loss(logits, mask)
+
+
+@torch.no_grad()
+def evaluate(model, loader, progress: bool = True) -> dict:
+    """MAE, max F-measure (beta^2 = 0.3) and S-measure of ``model``'s sigmoid maps over ``loader``."""
+    model.eval()
+    meter = SaliencyMeter()
+    for x, mask in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        meter.update(model(x).sigmoid(), mask)
+    return meter.compute()
+
+
+def _to_uint8(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().float().cpu().clamp(0, 1)
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    return (t * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def sample_grid(model, images: torch.Tensor, masks: torch.Tensor, path, zoom: int = 2) -> Path:
+    """A PNG with one row per sample: image | ground truth | predicted saliency map."""
+    from PIL import Image
+
+    was_training = model.training
+    model.eval()
+    pred = model(images).sigmoid()
+    model.train(was_training)
+    gap = np.full((images.shape[-2], 4, 3), 255, np.uint8)
+    rows = [np.concatenate([_to_uint8(i), gap, _to_uint8(m), gap, _to_uint8(p)], axis=1)
+            for i, m, p in zip(images, masks, pred)]
+    hgap = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
+    panel = np.concatenate([r for row in rows for r in (row, hgap)][:-1], axis=0)
+    img = Image.fromarray(panel).resize((panel.shape[1] * zoom, panel.shape[0] * zoom), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def fixed_samples(dm, n: int = GRID_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    test = dm.split("test")
+    pairs = [test[i] for i in range(min(n, len(test)))]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+class SaliencyTask(QuantTask):
+    task_name = "sal"
+    datamodules = {"sal_composites": CompositeSalData, "sal_folder": FolderSalData}
+    monitor = ("val/mae", "min")
+    evaluate = staticmethod(evaluate)
+
+    @staticmethod
+    def data_model_args(contract: dict) -> dict:
+        return {"in_chans": contract["channels"]}
+
+    @staticmethod
+    def golden_input(dm) -> torch.Tensor:
+        return fixed_samples(dm, 4)[0]
+
+    @staticmethod
+    def report(model, dm, release_dir) -> str:
+        png = sample_grid(model, *fixed_samples(dm), Path(release_dir) / "sample.png")
+        m = model.metrics
+        return "\n".join([
+            f"{'MAE':>8} {'maxF':>7} {'S':>7}   ({m.get('test_images', '?')} test images)",
+            f"{m['test_mae']:8.4f} {m['test_maxf']:7.4f} {m['test_smeasure']:7.4f}",
+            f"test samples (image | ground truth | prediction): {png}"])
+
+    # ------------------------------------------------------------------ training
+    def distill_loss(self, student_logits, x):
+        with torch.no_grad():
+            target = self.teacher(x).sigmoid()
+        return F.binary_cross_entropy_with_logits(student_logits, target)
+
+    def loss_and_metrics(self, batch, stage):
+        x, mask = batch
+        logits = self.model(x)
+        loss = sal_loss(logits, mask)
+        metrics = {"loss": loss.detach()}
+        if stage == "train" and self.teacher is not None:
+            w = self.hparams.distill
+            loss = (1 - w) * loss + w * self.distill_loss(logits, x)
+        p = logits.detach().sigmoid()
+        metrics["mae"] = (p - mask).abs().mean()
+        if stage != "train":
+            self._meter.update(p, mask)
+        return loss, metrics
+
+    def on_validation_epoch_start(self):
+        self._meter = SaliencyMeter()
+
+    def on_test_epoch_start(self):
+        self._meter = SaliencyMeter()
+
+    def _log_meter(self, stage):
+        res = self._meter.compute()
+        self.log_dict({f"{stage}/maxf": res["maxf"], f"{stage}/smeasure": res["smeasure"]},
+                      prog_bar=stage == "val")
+
+    def on_validation_epoch_end(self):
+        self._log_meter("val")
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        dm = self.trainer.datamodule
+        if dm is not None:
+            x, m = fixed_samples(dm)
+            out = Path(self.trainer.default_root_dir) / "samples" / f"epoch_{self.current_epoch:03d}.png"
+            sample_grid(self.model, x.to(self.device), m, out)
+
+    def on_test_epoch_end(self):
+        self._log_meter("test")
