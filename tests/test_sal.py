@@ -31,8 +31,8 @@ def test_composite_mask_is_exactly_the_pasted_pixels():
     grey = torch.full((3, 40, 50), 0.5)  # a flat background: every non-item pixel must stay 0.5
     items = torch.zeros(3, 28, 28, dtype=torch.uint8)
     items[:, 6:22, 8:20] = 200
-    for i in range(10):
-        img, mask = composite(np.random.default_rng(i), [grey], items, 32)
+    for i in range(10):  # (colour jitter leaves a grey background grey)
+        img, mask = composite(np.random.default_rng(i), [grey], items, 32, jitter=i % 2 == 1)
         assert img.shape == (3, 32, 32) and mask.shape == (1, 32, 32)
         assert set(mask.unique().tolist()) <= {0.0, 1.0} and mask.sum() > 0
         bg = mask[0] == 0
@@ -59,6 +59,24 @@ def test_builtin_composites_are_fixed_and_splits_share_nothing():
 
     assert not (set(BUILTIN_TRAIN) & set(BUILTIN_TEST)) and not (set(BUILTIN_VAL) & set(BUILTIN_TEST))
     assert not set(BUILTIN_TRAIN) & set(BUILTIN_VAL)
+
+
+def test_colour_jitter_permutes_channels_and_scales_saturation():
+    import itertools
+
+    from zoo.tasks.data.sal import jitter_colours
+
+    img = 0.5 + 0.1 * (torch.rand(3, 8, 8) - 0.5)  # low saturation: no clamping at x2.5
+    out = jitter_colours(img, np.random.default_rng(0))
+    grey = img.mean(0, keepdim=True)
+    assert torch.allclose(out.mean(0, keepdim=True), grey, atol=1e-6)  # grey level kept
+    fits = []
+    for perm in itertools.permutations(range(3)):
+        d = img[list(perm)] - grey
+        k = float((out - grey).flatten() @ d.flatten() / (d.flatten() @ d.flatten()))
+        if torch.allclose(out - grey, k * d, atol=1e-6):
+            fits.append(k)
+    assert len(fits) == 1 and 0.3 <= fits[0] <= 2.5  # one channel order, one saturation factor
 
 
 def test_size_must_be_a_multiple_of_8():

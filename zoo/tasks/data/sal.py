@@ -6,7 +6,8 @@ Built-in composites (``data=sal_composites``): each sample is a random crop of a
 item thresholded into an exact mask and tinted a random colour. A sample is a pure function of
 ``(seed, split, index)``, so the splits are fixed and reproducible. The splits never share a
 foreground or a background: train uses Fashion-MNIST train items 0-49,999 over the SR task's
-training photos, validation items 50,000-59,999 over its validation photos, and test the
+training photos (their colours randomised: channel order, saturation), validation items 50,000-59,999
+over its validation photos, and test the
 Fashion-MNIST test split over the test photos (chelsea, sklearn flower, camera).
 
 Batches are ``(images [N, 3, S, S] float in [0, 1], masks [N, 1, S, S] float in {0, 1})``.
@@ -36,9 +37,19 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
                          antialias=True)[0]
 
 
+def jitter_colours(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random channel order and saturation (x0.3-x2.5 around each pixel's grey) of a background, so
+    that a dozen training photos cover more colours than their own (a saturated test photo is
+    otherwise mistaken for foreground)."""
+    img = img[torch.from_numpy(rng.permutation(3))]
+    grey = img.mean(0, keepdim=True)
+    return (grey + float(rng.uniform(0.3, 2.5)) * (img - grey)).clamp_(0, 1)
+
+
 def composite(rng: np.random.Generator, backgrounds, items: torch.Tensor, size: int,
-              objects=(1, 3), scale=(0.35, 0.65)) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sample: a random crop of a random background with ``objects`` items pasted on it.
+              objects=(1, 3), scale=(0.35, 0.65), jitter: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample: a random crop of a random background with ``objects`` items pasted on it
+    (``jitter``: the background's colours randomised first, see :func:`jitter_colours`).
 
     Returns (image [3, size, size] in [0, 1], mask [1, size, size] in {0, 1}); the mask is exactly
     the set of pixels whose colour came from an item."""
@@ -49,6 +60,8 @@ def composite(rng: np.random.Generator, backgrounds, items: torch.Tensor, size: 
     img = _resize(bg[:, y:y + side, x:x + side], (size, size)).clamp_(0, 1)
     if rng.random() < 0.5:
         img = img.flip(-1)
+    if jitter:
+        img = jitter_colours(img, rng)
     mask = torch.zeros(1, size, size)
     for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
         item = items[int(rng.integers(len(items)))].float().div(255.0)
@@ -69,9 +82,10 @@ def composite(rng: np.random.Generator, backgrounds, items: torch.Tensor, size: 
 class CompositeSet(Dataset):
     """``n`` composites of one split; sample ``i`` is a pure function of (seed, split, i)."""
 
-    def __init__(self, backgrounds, items, n: int, size: int, seed: int, split: str):
+    def __init__(self, backgrounds, items, n: int, size: int, seed: int, split: str, jitter: bool = False):
         self.backgrounds, self.items, self.n, self.size = backgrounds, items, int(n), int(size)
         self.key = (int(seed), SPLITS.index(split))
+        self.jitter = jitter
 
     def __len__(self):
         return self.n
@@ -80,7 +94,7 @@ class CompositeSet(Dataset):
         if not 0 <= i < self.n:
             raise IndexError(i)
         rng = np.random.default_rng([*self.key, int(i)])
-        return composite(rng, self.backgrounds, self.items, self.size)
+        return composite(rng, self.backgrounds, self.items, self.size, jitter=self.jitter)
 
 
 class SaliencyData(L.LightningDataModule):
@@ -119,11 +133,11 @@ class SaliencyData(L.LightningDataModule):
 
 class CompositeSalData(SaliencyData):
     """Built-in composites (see the module docstring). ``train_size``/``val_size``/``test_size``
-    are numbers of composites."""
+    are numbers of composites; ``augment`` randomises the training backgrounds' colours."""
 
-    def __init__(self, root=FMNIST_DIR, train_size=8000, val_size=256, test_size=512, **kw):
+    def __init__(self, root=FMNIST_DIR, train_size=8000, val_size=256, test_size=512, augment=True, **kw):
         super().__init__(**kw)
-        self.root = root
+        self.root, self.augment = root, augment
         self.counts = {"train": int(train_size), "val": int(val_size), "test": int(test_size)}
 
     @staticmethod
@@ -143,7 +157,7 @@ class CompositeSalData(SaliencyData):
             return
         for split in SPLITS:
             self.sets[split] = CompositeSet(self.backgrounds(split), self.items(split), self.counts[split],
-                                            self.size, self.seed, split)
+                                            self.size, self.seed, split, jitter=split == "train" and self.augment)
 
 
 # ----------------------------------------------------------------------------- DUTS-style folders
