@@ -5,13 +5,14 @@ import sys
 def test_import_zoo_pulls_no_triton_lightning_or_cuda():
     code = (
         "import sys, zoo, torch\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('triton', 'lightning', 'pytorch_lightning', 'basicsr', 'skimage')]\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('triton', 'lightning', 'pytorch_lightning', 'basicsr', "
+        "'skimage', 'segmentation_models_pytorch', 'timm')]\n"
         "assert not bad, bad\n"
         "assert not torch.cuda.is_initialized()\n"
         "m = zoo.create_model('resnet20')\n"
         "zoo.quantize(m, zoo.QuantConfig(weight=zoo.LSQ(4), act=zoo.LSQ(4)))\n"
         "zoo.to_packed(m.eval())(torch.rand(1, 3, 32, 32))  # backend 'auto' on CPU: reference\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] == 'triton']\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('triton', 'segmentation_models_pytorch')]\n"
         "assert not bad, bad\n"
         "assert not torch.cuda.is_initialized()\n"
         "print('ok')\n"
