@@ -70,7 +70,7 @@ def test_run_binary_irnet(tmp_path, tiny_fmnist):
     (["arch=resnet99"], "unknown arch 'resnet99'; valid: .*'resnet20'.*'swinir'"),
     (["quant=irnet", "bits=4"], "IRNet supports bits 1..1, got 4"),
     (["quant=lsq", "bits=1"], "LSQ supports bits 2..8"),
-    (["task.name=det"], "unknown task 'det'; valid: \\['cls', 'sr'\\]"),
+    (["task.name=det"], "unknown task 'det'; valid: \\['cls', 'sal', 'sr'\\]"),
     (["data=folder", "data.root=/nonexistent"], "needs /nonexistent/train"),
     (["ckpt_path=last"], "nothing to resume"),
 ])
