@@ -1,10 +1,12 @@
-"""End-to-end latency and peak GPU memory of the shipped classification checkpoints.
+"""End-to-end latency and peak GPU memory of the shipped checkpoints of a task (default: cls).
 
     python benchmarks/model.py              # needs a CUDA GPU; saves benchmarks/results/model_<gpu>.md
+    python benchmarks/model.py --task sal   # another task's checkpoints (model_sal_<gpu>.md)
     python benchmarks/model.py --smoke      # every code path once, batch 1 (CPU: interpreted)
 
 Each shipped model is loaded with ``zoo.load(name, backend=..., map_location="cuda")`` and timed on
-random [B, 1, 28, 28] inputs (median of CUDA-event timings after warm-up, batch 1 and 64).
+random inputs of the shape of its golden input (median of CUDA-event timings after warm-up, batch 1
+and 64).
 "triton" runs the Triton kernels (what backend="auto" picks on CUDA; W1A1 models also with each
 binary kernel forced); "reference" is the pure-torch integer path; the float checkpoint runs in
 fp32 and in fp16 (the cuDNN baseline). Peak memory is torch.cuda.max_memory_allocated during one
@@ -23,7 +25,9 @@ SMOKE = smoke_requested()
 import torch  # noqa: E402
 
 import zoo  # noqa: E402
+from zoo.cards import read_golden  # noqa: E402
 from zoo.registry import resolve_checkpoint  # noqa: E402
+from zoo.tasks import task_names  # noqa: E402
 
 
 def peak_mib(fn, device) -> float | None:
@@ -36,10 +40,10 @@ def peak_mib(fn, device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
-def measure(model, batches, device, warmup, reps, dtype=torch.float32):
+def measure(model, shape, batches, device, warmup, reps, dtype=torch.float32):
     out = {}
     for b in batches:
-        x = torch.rand(b, 1, 28, 28, device=device, dtype=dtype)
+        x = torch.rand(b, *shape, device=device, dtype=dtype)
         with torch.no_grad():
             fn = lambda: model(x)  # noqa: E731
             out[b] = (median_ms(fn, device, warmup, reps), peak_mib(fn, device))
@@ -48,6 +52,7 @@ def measure(model, batches, device, warmup, reps, dtype=torch.float32):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default=task_names()[0], choices=task_names())
     ap.add_argument("--smoke", action="store_true", help="batch 1, one run each; saves nothing")
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
@@ -59,12 +64,13 @@ def main(argv=None):
               "(use --smoke to exercise the code paths on CPU)", file=sys.stderr)
         return 2
     batches, warmup, reps = ([1], 0, 1) if args.smoke else ([1, 64], args.warmup, args.reps)
-    names = zoo.list_models(task="cls")
+    names = zoo.list_models(task=args.task)
     if args.smoke:
         names = [n for n in names if "fp32" in n or "w4a4" in n or "irnet" in n]
     runs = []
     for name in names:
         nbytes = (resolve_checkpoint(name) / "model.safetensors").stat().st_size
+        shape = tuple(read_golden(resolve_checkpoint(name))[0].shape[1:])
         if "fp32" in name:
             backends = [("auto", "auto")]
         elif "w1a1" in name:
@@ -74,11 +80,11 @@ def main(argv=None):
         for backend, kernel in backends:
             model = zoo.load(name, backend=backend, binary_kernel=kernel, map_location=device)
             label = backend if kernel == "auto" else f"{backend} ({kernel})"
-            runs.append((name, label, "fp32", nbytes, measure(model, batches, device, warmup, reps)))
+            runs.append((name, label, "fp32", nbytes, measure(model, shape, batches, device, warmup, reps)))
         if "fp32" in name and device.type == "cuda":
             model = zoo.load(name, map_location=device).half()
             runs.append((name, "cuDNN", "fp16", nbytes,
-                         measure(model, batches, device, warmup, reps, torch.float16)))
+                         measure(model, shape, batches, device, warmup, reps, torch.float16)))
     headers = ["model", "backend", "input"] + [f"b{b} ms" for b in batches] + \
         [f"b{b} peak MiB" for b in batches] + ["weights file B"]
     rows, records = [], []
@@ -90,11 +96,12 @@ def main(argv=None):
                             **{f"b{b}_ms": res[b][0] for b in batches},
                             **{f"b{b}_peak_mib": res[b][1] for b in batches}))
     desc = device_name(device)
-    text = "\n".join([f"# Shipped classification models end to end — {desc}", "",
-                      f"torch {torch.__version__}, `python benchmarks/model.py"
+    text = "\n".join([f"# Shipped {args.task} models end to end — {desc}", "",
+                      f"torch {torch.__version__}, `python benchmarks/model.py --task {args.task}"
                       f"{' --smoke' if args.smoke else ''}`", "", markdown(headers, rows)])
     print(text)
-    path = save("model", desc, text, records, None if args.smoke else args.out)
+    stem = "model" if args.task == task_names()[0] else f"model_{args.task}"
+    path = save(stem, desc, text, records, None if args.smoke else args.out)
     if path:
         print(f"\nsaved {path}")
     return 0

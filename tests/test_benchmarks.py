@@ -51,10 +51,11 @@ def test_sr_checkpoints_benchmark_on_a_user_folder(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    out = _run("sr_checkpoints.py", "--images", str(tmp_path), "--out", str(tmp_path / "t.md"))
+    out = _run("checkpoints.py", "--task", "sr", "--data", str(tmp_path), "--out", str(tmp_path / "t.md"))
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| edsr") or ln.startswith("| swinir")]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| [edsr") or ln.startswith("| [swinir")]
     assert len(rows) == len(zoo.list_models(task="sr")) > 0
+    assert "2 images from" in out.stdout
     assert (tmp_path / "t.md").read_text().strip() == out.stdout.strip()
 
 
@@ -74,9 +75,9 @@ def test_sal_checkpoints_benchmark_on_a_user_folder(tmp_path):
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(tmp_path / "d" / "images" / f"{i}.jpg")
         Image.fromarray((rng.random((40, 52)) > 0.5).astype(np.uint8) * 255).save(tmp_path / "d" / "masks" / f"{i}.png")
-    out = _run("sal_checkpoints.py", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "t.md"))
+    out = _run("checkpoints.py", "--task", "sal", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "t.md"))
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ") and "_sal_composites" in ln]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| [") and "_sal_composites" in ln]
     assert len(rows) == len(zoo.list_models(task="sal"))
-    assert all(ln.split("|")[6].strip() == "2" for ln in rows)  # both images evaluated by every model
+    assert "2 image/mask pairs from" in out.stdout  # every model evaluated on the user's two pairs
     assert (tmp_path / "t.md").read_text().strip() == out.stdout.strip()

@@ -1,7 +1,6 @@
 """save -> load -> same output (diffusers-style tester mixin), and every way a checkpoint can be bad."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch

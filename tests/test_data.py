@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.conftest import needs_fmnist
-from zoo.tasks.data.images import FashionMNISTData, ImageFolderData, augment, load_fmnist, read_idx
+from zoo.datasets import load_fmnist, read_idx
+from zoo.tasks.cls.data import FashionMNISTData, ImageFolderData, augment
 
 
 def _write_idx(path, arr, gz=True):

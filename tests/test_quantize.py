@@ -5,7 +5,6 @@ import torch
 import torchvision
 from torch import nn
 
-import zoo
 from zoo.quantizers import (DoReFa, IRNet, LSQ, MinMax, PACT, QuantConfig, QuantConv2d,
                             QuantConvTranspose2d, QuantLinear, ReAct, UL2Q, XNOR, LayerQuant,
                             quantize, quantized_layers, to_packed)

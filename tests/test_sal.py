@@ -9,11 +9,11 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 import zoo
-from zoo import LSQ, UL2Q, DoReFa, MinMax, QuantConfig, quantize
+from zoo import LSQ, UL2Q, DoReFa, QuantConfig, quantize
 from zoo.checkpoint import packed_copy
 from zoo.quantizers.quantize import quantized_layers
-from zoo.tasks.data.sal import CompositeSalData, FolderSalData, composite, pair_files
-from zoo.tasks.sal_metrics import SaliencyMeter, f_curve, mae, s_measure
+from zoo.tasks.sal.data import CompositeSalData, FolderSalData, composite, pair_files
+from zoo.tasks.sal.metrics import SaliencyMeter, f_curve, mae, s_measure
 
 from .conftest import needs_fmnist
 
@@ -55,7 +55,7 @@ def test_builtin_composites_are_fixed_and_splits_share_nothing():
     items = {s: {bytes(t.numpy()) for t in dm.items(s)} for s in ("train", "val", "test")}
     assert not items["train"] & items["val"] and not items["train"] & items["test"]
     assert not items["val"] & items["test"]
-    from zoo.tasks.data.sr import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL
+    from zoo.datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL
 
     assert not (set(BUILTIN_TRAIN) & set(BUILTIN_TEST)) and not (set(BUILTIN_VAL) & set(BUILTIN_TEST))
     assert not set(BUILTIN_TRAIN) & set(BUILTIN_VAL)
@@ -64,7 +64,7 @@ def test_builtin_composites_are_fixed_and_splits_share_nothing():
 def test_colour_jitter_permutes_channels_and_scales_saturation():
     import itertools
 
-    from zoo.tasks.data.sal import jitter_colours
+    from zoo.tasks.sal.data import jitter_colours
 
     img = 0.5 + 0.1 * (torch.rand(3, 8, 8) - 0.5)  # low saturation: no clamping at x2.5
     out = jitter_colours(img, np.random.default_rng(0))

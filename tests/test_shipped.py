@@ -50,7 +50,7 @@ def test_binary_weights_file_is_under_a_tenth_of_float():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_accuracy_on_test_images(name):
     """The first 1,000 test images through the packed model agree with the card's accuracy."""
-    from zoo.tasks.data.images import load_fmnist
+    from zoo.datasets import load_fmnist
 
     x, y = load_fmnist(split="test")
     x, y = x[:1000].float() / 255, y[:1000]
@@ -65,8 +65,8 @@ def test_accuracy_on_test_images(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_full_test_split_reproduces_card(name):
-    from zoo.tasks.cls import evaluate
-    from zoo.tasks.data.images import FashionMNISTData
+    from zoo.tasks.cls.task import evaluate
+    from zoo.tasks.cls.data import FashionMNISTData
 
     dm = FashionMNISTData(batch_size=500)
     dm.setup()

@@ -87,8 +87,8 @@ def test_triton_backend_matches_reference(name):
 @needs_fmnist
 @pytest.mark.parametrize("name", SHIPPED)
 def test_test_split_reproduces_card(name):
-    from zoo.tasks.data.sal import CompositeSalData
-    from zoo.tasks.sal import evaluate
+    from zoo.tasks.sal.data import CompositeSalData
+    from zoo.tasks.sal.task import evaluate
 
     model = zoo.load(name)
     dm = CompositeSalData(size=model.input_contract["train_size"][0])

@@ -45,8 +45,8 @@ def test_card_matches_config(name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_test_split_reproduces_card_and_beats_bicubic(name):
-    from zoo.tasks.data.sr import BuiltinSRData
-    from zoo.tasks.sr import evaluate
+    from zoo.tasks.sr.data import BuiltinSRData
+    from zoo.tasks.sr.task import evaluate
 
     model = zoo.load(name)
     dm = BuiltinSRData(scale=model.input_contract["scale"])

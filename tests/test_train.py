@@ -50,7 +50,7 @@ def test_run_float_then_resume_without_lost_steps(tmp_path, tiny_fmnist):
     # QAT from the float release, with distillation, then packed export at 2 bits
     q = run(cfg_for(tmp_path / "q", tiny_fmnist, "quant=lsq", "bits=2", f"init_from={rel}", "distill=0.5"))
     qcfg = json.loads(open(f"{q['release_dir']}/config.json").read())
-    assert qcfg["quant"]["weight"] == {"type": "LSQ", "bits": 2, "granularity": "channel"}
+    assert qcfg["quant"]["weight"] == {"type": "LSQ", "bits": 2, "granularity": "channel", "grad_numel": "sample"}
     assert qcfg["quant"]["overrides"]["stem"]["weight"]["bits"] == 8
     model = zoo.load(q["release_dir"])
     assert model.net.layers[0].conv1.bits == 2
@@ -90,3 +90,57 @@ def test_cli_exits_nonzero_naming_valid_choices(args, match):
                          timeout=300)
     assert out.returncode != 0
     assert match in out.stderr + out.stdout
+
+
+def test_two_stage_releases_a_final_stage_epoch(tmp_path, tiny_fmnist):
+    out = run(cfg_for(tmp_path, tiny_fmnist, "quant=irnet", "bits=1", "epochs=2", "two_stage=true",
+                      "schedule=linear", "optimizer=adam", "lr=1e-3"))
+    rows = [ln.split(",") for ln in next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()]
+    col = rows[0].index("val/select")
+    select = [float(r[col]) for r in rows[1:] if r[col]]
+    assert select[0] == float("-inf") and select[1] == out["metrics"]["best_val"]  # stage 1 never selected
+    import torch
+
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1  # the released weights come from the binary-weight stage
+
+
+def test_seeds_train_each_seed_and_release_the_median(tmp_path, tiny_fmnist, capsys):
+    import statistics
+
+    from zoo.seeds import main as seeds_main
+
+    overrides = [f"data.root={tiny_fmnist}", "data.val_size=32", "batch_size=16", "epochs=1",
+                 f"output_dir={tmp_path}", "+model_args.width=4", "init_from=null",
+                 "+trainer.enable_progress_bar=false", "quant=lsq", "bits=2", "limit_train_batches=2"]
+    assert seeds_main(["seeds=[0,1,2]", *overrides]) == 0
+    per_seed = {s: json.loads((tmp_path / f"seed{s}" / "release" / "config.json").read_text()) for s in range(3)}
+    assert all(c["train"]["command"].endswith(f"seed={s} output_dir={tmp_path}/seed{s}") for s, c in per_seed.items())
+    accs = {s: c["metrics"]["test_acc"] for s, c in per_seed.items()}
+    rel = json.loads((tmp_path / "release" / "config.json").read_text())
+    rec = rel["seeds"]
+    assert rec["metric"] == "test_acc" and rec["runs"] == {str(s): c["metrics"] for s, c in per_seed.items()}
+    assert rec["mean"]["test_acc"] == pytest.approx(statistics.fmean(accs.values()))
+    assert rec["std"]["test_acc"] == pytest.approx(statistics.stdev(accs.values()))
+    median = sorted(accs, key=lambda s: (accs[s], s), reverse=True)[1]
+    assert rec["selected"] == median and rel["metrics"] == per_seed[median]["metrics"]
+    assert rel["train"]["command"] == "python -m zoo.seeds seeds=[0,1,2] " + " ".join(overrides)
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert "Over 3 seeds" in card and f"seed {median}, the median" in card
+    assert zoo.load(tmp_path / "release") is not None
+    capsys.readouterr()
+    assert seeds_main(["seeds=[0,1,2]", *overrides]) == 0  # a second call reuses every seed
+    assert capsys.readouterr().out.count("reusing") == 3
+
+
+@pytest.mark.parametrize("args, match", [
+    (["seeds=[0]", "task=cls"], "at least two distinct seeds"),
+    (["seeds=[0,x]"], "not a list of integers"),
+    (["seeds=[0,1]", "seed=3"], "zoo.seeds sets seed itself"),
+    (["task=cls"], "missing seeds"),
+])
+def test_seeds_cli_errors(args, match, capsys):
+    from zoo.seeds import main as seeds_main
+
+    assert seeds_main(args) == 2
+    assert match in capsys.readouterr().err

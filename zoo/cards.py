@@ -58,39 +58,6 @@ def _quant_line(q: dict | None) -> str:
     return line
 
 
-def _cls_lines(cfg: dict, m: dict, train: dict) -> list[str]:
-    lines = [f"- **Data:** {train.get('data', '?')} (train 55,000 / validation 5,000 held out of the "
-             f"train split; test: the {m.get('test_images', '?')}-image test split)"]
-    if m.get("test_acc") is not None:
-        lines.append(f"- **Test top-1 (packed model, as loaded by `zoo.load`):** {100 * m['test_acc']:.2f}% "
-                     f"(training form: {100 * m.get('test_acc_training_form', float('nan')):.2f}%)")
-    return lines
-
-
-def _sr_lines(cfg: dict, m: dict, train: dict) -> list[str]:
-    from .tasks.data.sr import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL
-
-    s = cfg["input_contract"].get("scale", "?")
-    data = train.get("data", "?")
-    if data == "sr_images":
-        data = (f"sr_images: photos bundled with scikit-image/scikit-learn, LR by MATLAB-style bicubic "
-                f"x1/{s}; train {', '.join(BUILTIN_TRAIN)}; validation {', '.join(BUILTIN_VAL)}; "
-                f"test {', '.join(BUILTIN_TEST)} (never trained or validated on)")
-    lines = [f"- **Scale:** x{s}", f"- **Data:** {data}"]
-    if m.get("test_psnr") is not None:
-        lines.append(
-            f"- **Test PSNR / SSIM** (Y channel, border {s} cropped, mean over {m.get('test_images', '?')} "
-            f"images; packed model as loaded by `zoo.load`): **{m['test_psnr']:.2f} dB / "
-            f"{m['test_ssim']:.4f}**; bicubic on the same images: {m['test_bicubic_psnr']:.2f} dB / "
-            f"{m['test_bicubic_ssim']:.4f} (model {m['test_psnr'] - m['test_bicubic_psnr']:+.2f} dB)")
-        depths = sorted((k for k in m if k.startswith("test_psnr_depth")),
-                        key=lambda k: -int(k.rsplit("depth", 1)[1]))
-        if depths:
-            lines.append("- **DQA, fewer quantized blocks at inference** (`zoo.load(..., depth=d)`): "
-                         + "; ".join(f"depth {k.rsplit('depth', 1)[1]}: {m[k]:.2f} dB" for k in depths))
-    return lines
-
-
 def packed_layer_bytes(directory: str | Path) -> dict[int, tuple[int, int]]:
     """{weight bits: (bytes the packed layers of that width take in the weights file, bytes of the
     same layers' float32 weight and bias)} for a quantized checkpoint; {} for a float one."""
@@ -125,31 +92,38 @@ def _nbytes(f, key: str) -> int:
     return t.numel() * t.element_size()
 
 
-def _sal_lines(cfg: dict, m: dict, train: dict) -> list[str]:
-    from .tasks.data.sr import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL
-
-    size = cfg["input_contract"].get("train_size")
-    data = train.get("data", "?")
-    if data == "sal_composites":
-        data = (f"sal_composites: 1-3 Fashion-MNIST items (exact masks) pasted over crops of bundled "
-                f"photos, {size[0]}x{size[1]}; train: items 0-49,999 over {', '.join(BUILTIN_TRAIN)}; "
-                f"validation: items 50,000-59,999 over {', '.join(BUILTIN_VAL)}; test: the Fashion-MNIST "
-                f"test items over {', '.join(BUILTIN_TEST)} (no item or photo shared between splits)")
-    lines = [f"- **Data:** {data}"]
-    if m.get("test_mae") is not None:
-        lines.append(f"- **Test** ({m.get('test_images', '?')} images; packed model as loaded by `zoo.load`): "
-                     f"**MAE {m['test_mae']:.4f}, max F-measure {m['test_maxf']:.4f}, "
-                     f"S-measure {m['test_smeasure']:.4f}** (training form: MAE "
-                     f"{m.get('test_mae_training_form', float('nan')):.4f})")
-    return lines
+def seed_cell(cfg: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std (n)`` of test metric ``key`` over the seeds a ``zoo.seeds`` release records
+    (times ``scale``), or an empty string for a single run."""
+    s = cfg.get("seeds")
+    if not s or key not in s.get("mean", {}):
+        return ""
+    return f"{scale * s['mean'][key]:.{digits}f} ± {scale * s['std'][key]:.{digits}f} ({len(s['runs'])})"
 
 
-TASK_LINES = {"cls": _cls_lines, "sr": _sr_lines, "sal": _sal_lines}
+def seeds_lines(cfg: dict) -> list[str]:
+    """Card lines for a release trained with several seeds (``python -m zoo.seeds``)."""
+    s = cfg.get("seeds")
+    if not s:
+        return []
+    key, runs = s["metric"], s["runs"]
+    per_seed = ", ".join(f"seed {seed}: {m[key]:.4f}" for seed, m in runs.items())
+    stats = "; ".join(f"{k} {s['mean'][k]:.4f} ± {s['std'][k]:.4f}" for k in s["mean"]
+                      if not k.endswith("_training_form") and k != "test_images")
+    secs = s.get("train_seconds") or {}
+    timing = ", ".join(f"{v} s" if v is not None else "resumed (not timed)" for v in secs.values())
+    return [f"- **Over {len(runs)} seeds** (mean ± sample std): {stats}"
+            + (f"; training time per seed: {timing}" if timing else ""),
+            f"- **This checkpoint** is seed {s['selected']}, the median by {key} ({per_seed}); every "
+            f"seed's run is in `{s['runs_dir']}/seed*/`"]
 
 
 def card_text(directory: str | Path) -> str:
+    from .tasks import get_task
+
     directory = Path(directory)
     cfg = json.loads((directory / "config.json").read_text())
+    task = get_task(cfg["task"])
     name = directory.name
     train = cfg.get("train", {})
     m = cfg.get("metrics", {})
@@ -162,7 +136,7 @@ def card_text(directory: str | Path) -> str:
         "",
         f"- **Quantization:** {_quant_line(cfg.get('quant'))}",
     ]
-    lines += TASK_LINES.get(cfg["task"], lambda *a: [])(cfg, m, train)
+    lines += task.card_lines(cfg, m, train) + seeds_lines(cfg)
     lines += [
         f"- **Weights file:** {wbytes:,} bytes; the same net in float32: {fbytes:,} bytes "
         f"({fbytes / wbytes:.1f}x smaller)",
@@ -193,17 +167,10 @@ def card_text(directory: str | Path) -> str:
         "```",
         "",
     ]
-    if cfg["task"] == "sr":
-        lines += ["or `python -m zoo.predict " + name + " photo.png --out upscaled/`.", ""]
-    if cfg["task"] == "sal":
-        lines += ["or `python -m zoo.predict " + name + " photos/ --out masks/` (a mask and an overlay "
-                  "per image).", ""]
-    if (directory / "sample.png").is_file() and cfg["task"] == "sal":
-        lines += ["Fixed test composites: image | ground truth | this model's saliency map:", "",
-                  "![image | ground truth | prediction](sample.png)", ""]
-    elif (directory / "sample.png").is_file():
-        lines += ["Centre crop of the first test image: bicubic | this model | ground truth:", "",
-                  "![bicubic | model | HR](sample.png)", ""]
+    lines += task.card_usage(name)
+    if (directory / "sample.png").is_file() and task.card_sample:
+        caption, alt = task.card_sample
+        lines += [caption, "", f"![{alt}](sample.png)", ""]
     lines += [f"`{GOLDEN}` holds an input batch and the packed model's output; `tests/test_shipped.py` checks it.",
               ""]
     return "\n".join(lines)
@@ -211,67 +178,20 @@ def card_text(directory: str | Path) -> str:
 
 def write_card(directory: str | Path) -> Path:
     path = Path(directory) / "README.md"
-    path.write_text(card_text(directory))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(card_text(directory))
+    tmp.replace(path)
     return path
 
 
 def summary_table(root: str | Path) -> str:
-    """Markdown table of the checkpoints under ``root`` from their config.json (the numbers their
-    training commands measured on the packed models)."""
+    """Markdown table(s) of the checkpoints under ``root`` from their config.json (the numbers their
+    training commands measured on the packed models), one table per task, each in its task's layout."""
+    from .tasks import get_task
+
     cfgs = [(p.parent, json.loads(p.read_text())) for p in sorted(Path(root).glob("*/config.json"))]
-    if cfgs and cfgs[0][1]["task"] == "sr":
-        return _sr_table(cfgs)
-    if cfgs and cfgs[0][1]["task"] == "sal":
-        return _sal_table(cfgs)
-    rows, fp = [], None
-    for cfg_path, cfg in ((d / "config.json", c) for d, c in cfgs):
-        acc = cfg.get("metrics", {}).get("test_acc")
-        if cfg.get("quant") is None:
-            fp = acc
-        rows.append((cfg_path.parent, acc, cfg["weights"]["bytes"], float_reference_bytes(cfg)))
-    out = ["| model | test top-1 % | vs FP32 (points) | weights file bytes | vs FP32 file |",
-           "|---|---|---|---|---|"]
-    for path, acc, wb, fb in rows:
-        gap = f"{100 * (acc - fp):+.2f}" if fp is not None and acc is not None else "n/a"
-        top1 = f"{100 * acc:.2f}" if acc is not None else "n/a"
-        out.append(f"| [{path.name}]({path}/README.md) | {top1} | {gap} | {wb:,} | 1/{fb / wb:.1f} |")
-    return "\n".join(out)
-
-
-def _sr_table(cfgs) -> str:
-    fp = {(c["arch"], c["input_contract"]["scale"]): c["metrics"].get("test_psnr")
-          for _, c in cfgs if not c.get("quant")}
-    out = ["| model | scale | PSNR dB | vs FP32 (same arch) dB | vs bicubic dB | SSIM | weights file bytes | vs FP32 file |",
-           "|---|---|---|---|---|---|---|---|"]
-    key = lambda dc: (-dc[1]["input_contract"]["scale"], dc[1]["arch"], bool(dc[1].get("quant")),  # noqa: E731
-                      dc[0].name)
-    for path, cfg in sorted(cfgs, key=key):
-        m, s = cfg.get("metrics", {}), cfg["input_contract"]["scale"]
-        psnr, ref = m.get("test_psnr"), fp.get((cfg["arch"], s))
-        gap = f"{psnr - ref:+.2f}" if psnr is not None and ref is not None else "n/a"
-        bic = f"{psnr - m['test_bicubic_psnr']:+.2f}" if psnr is not None else "n/a"
-        wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
-        out.append(f"| [{path.name}]({path}/README.md) | x{s} | {psnr:.2f} | {gap} | {bic} | "
-                   f"{m.get('test_ssim', float('nan')):.4f} | {wb:,} | 1/{fb / wb:.1f} |")
-    return "\n".join(out)
-
-
-def _sal_table(cfgs) -> str:
-    fp = {c["arch"]: c["metrics"].get("test_mae") for _, c in cfgs if not c.get("quant")}
-    out = ["| model | MAE | vs FP32 (same arch) | max F | S-measure | weights file bytes | vs FP32 file "
-           "| low-bit layers vs FP32 |", "|---|---|---|---|---|---|---|---|"]
-    key = lambda dc: (dc[1]["arch"], bool(dc[1].get("quant")), dc[0].name)  # noqa: E731
-    for path, cfg in sorted(cfgs, key=key):
-        m = cfg.get("metrics", {})
-        ref = fp.get(cfg["arch"])
-        gap = f"{m['test_mae'] - ref:+.4f}" if cfg.get("quant") and ref is not None else "—"
-        wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
-        layers = packed_layer_bytes(path)
-        low = min(layers) if layers else None
-        lb = f"1/{layers[low][1] / layers[low][0]:.1f} (W{low})" if low is not None else "—"
-        out.append(f"| [{path.name}]({path}/README.md) | {m['test_mae']:.4f} | {gap} | {m['test_maxf']:.4f} | "
-                   f"{m['test_smeasure']:.4f} | {wb:,} | 1/{fb / wb:.1f} | {lb} |")
-    return "\n".join(out)
+    tasks = sorted({c["task"] for _, c in cfgs})
+    return "\n\n".join(get_task(t).summary_table([(d, c) for d, c in cfgs if c["task"] == t]) for t in tasks)
 
 
 if __name__ == "__main__":

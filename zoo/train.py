@@ -59,11 +59,11 @@ def quant_dict(cfg: DictConfig) -> dict | None:
 def validate(cfg: DictConfig):
     """Check the names in cfg; returns (task class, datamodule class, quant dict, model args)."""
     from .registry import list_archs
-    from .tasks import TASKS
+    from .tasks import get_task, task_names
 
-    if cfg.task.name not in TASKS:
-        raise ConfigError(f"unknown task {cfg.task.name!r}; valid: {sorted(TASKS)}")
-    task_cls = TASKS[cfg.task.name]
+    if cfg.task.name not in task_names():
+        raise ConfigError(f"unknown task {cfg.task.name!r}; valid: {task_names()}")
+    task_cls = get_task(cfg.task.name)
     if cfg.arch not in list_archs():
         raise ConfigError(f"unknown arch {cfg.arch!r}; valid: {list_archs()}")
     if cfg.data.name not in task_cls.datamodules:
@@ -74,6 +74,12 @@ def validate(cfg: DictConfig):
                   **_plain(cfg.get("model_args"))}
     if cfg.distill and not cfg.init_from:
         raise ConfigError("distill > 0 needs init_from= (the float teacher)")
+    from .tasks.base import SCHEDULES
+
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"schedule={cfg.schedule!r} is not valid; valid: {list(SCHEDULES)}")
+    if cfg.two_stage and q is None:
+        raise ConfigError("two_stage=true needs a quantized model (quant=none has no weight quantizers)")
     return task_cls, task_cls.datamodules[cfg.data.name], q, model_args
 
 
@@ -99,8 +105,9 @@ def _command() -> str:
     return "python -m zoo.train " + " ".join(args)
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train, test and export as ``cfg`` says. Returns the release metrics and paths."""
+def run(cfg: DictConfig, command: str | None = None) -> dict:
+    """Train, test and export as ``cfg`` says. Returns the release metrics and paths. ``command``
+    is the recipe recorded on the card (default: this process's ``python -m zoo.train`` arguments)."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -119,10 +126,11 @@ def run(cfg: DictConfig) -> dict:
     module = task_cls(arch=cfg.arch, model_args=model_args, input_contract=contract,
                       quant=qdict, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
                       init_from=cfg.init_from, distill=cfg.distill,
-                      distill_temperature=cfg.distill_temperature)
+                      distill_temperature=cfg.distill_temperature, schedule=cfg.schedule,
+                      two_stage=bool(cfg.two_stage))
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
-    metric, mode = task_cls.monitor
+    metric, mode = ("val/select", task_cls.monitor[1]) if cfg.two_stage else task_cls.monitor
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=metric, mode=mode,
                                  save_last=True, save_top_k=1),
                  LearningRateMonitor(logging_interval="step")]
@@ -152,7 +160,7 @@ def run(cfg: DictConfig) -> dict:
         metrics.update({f"test_{k}": v for k, v in res.items()})
     metrics["best_val"] = float(callbacks[0].best_model_score or float("nan"))
     release = save(module.model.cpu(), cfg.release_dir, metrics=metrics, extra={"train": {
-        "command": _command(), "data": cfg.data.name, "epochs": int(cfg.epochs),
+        "command": command or _command(), "data": cfg.data.name, "epochs": int(cfg.epochs),
         "global_step": int(trainer.global_step), "train_seconds": seconds,
         "selected": "best validation epoch" if best else "last epoch",
         "hardware": hardware(), "torch": torch.__version__}})

@@ -28,6 +28,8 @@ def quantize_act(x: torch.Tensor, mode: str, p: dict, ch_axis: int = 1) -> torch
         x = x - shift.reshape(shape)
     if mode == "sign":
         return sign_codes(x)
+    if mode == "threshold":  # N2UQ: the code is the number of thresholds below x
+        return torch.bucketize(x.contiguous(), p["thresholds"].to(x.dtype)).to(x.dtype)
     return affine_codes(x, p["scale"], p["offset"], p["qmin"], p["qmax"])
 
 

@@ -43,6 +43,8 @@ def _int8_act(layer):
     represent the layer. Cached, so a forward pass on a GPU does not sync to read scalars."""
     if layer.act_mode == "sign":
         return 0, 0, 1.0, layer.act_params()
+    if layer.act_mode != "affine":  # N2UQ's threshold codes: the reference path
+        return None
     keys = ("scale", "offset", "zero", "qmin", "qmax") + (("shift",) if hasattr(layer, "a_shift") else ())
     return _cached(layer, "act", lambda: _int8_act_params(layer),
                    [getattr(layer, "a_" + k) for k in keys])

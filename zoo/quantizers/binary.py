@@ -40,17 +40,29 @@ class _EDESchedule:
 
 
 class XNORWeight(WeightQuantizer):
-    """w_b = mean(|w|) * sign(w) per output channel; straight-through gradient clipped to |w| <= 1."""
+    """w_b = alpha * sign(w), alpha = mean(|w|) per output channel. Backward as XNOR-Net writes it:
+    dC/dw = dC/dw_b * (1/n + alpha * 1[|w| <= 1]), n the weights per output channel."""
 
     def __init__(self, ch_axis=0):
         super().__init__(1, ch_axis)
 
+    def surrogate(self, w, alpha):
+        n = w.numel() // w.shape[self.ch_axis]
+        return w / n + alpha.detach() * torch.clamp(w, -1, 1)
+
     def codes(self, w):
         alpha = _per_channel_mean_abs(w, self.ch_axis)
-        surrogate = alpha.detach() * torch.clamp(w, -1, 1)
         with torch.no_grad():
             q = (w >= 0).to(w.dtype)
-        return q, 2 * alpha.detach(), torch.full_like(alpha, 0.5), surrogate
+        return q, 2 * alpha.detach(), torch.full_like(alpha, 0.5), self.surrogate(w, alpha)
+
+
+class ReActWeight(XNORWeight):
+    """ReActNet's weights: the same forward as XNOR (alpha * sign(w), alpha = mean|w| per output
+    channel, detached); backward 1[|w| <= 1], not scaled by alpha (the authors' HardBinaryConv)."""
+
+    def surrogate(self, w, alpha):
+        return torch.clamp(w, -1, 1)
 
 
 class SignAct(ActQuantizer):
@@ -167,7 +179,7 @@ def _irnet_a(spec, layer):
 
 @register_quantizer(ReAct, "weight")
 def _react_w(spec, layer):
-    return XNORWeight(getattr(layer, "ch_axis", 0))
+    return ReActWeight(getattr(layer, "ch_axis", 0))
 
 
 @register_quantizer(ReAct, "act")

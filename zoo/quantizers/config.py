@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
 CONFIG_VERSION = 1
 GRANULARITIES = ("tensor", "channel")
+ACT_GRANULARITIES = ("tensor",)
+GRAD_NUMELS = ("sample", "batch")
 ROLES = ("weight", "act")
 
 # spec class name -> spec class, and spec class -> {role: handler}
@@ -68,9 +70,23 @@ class QuantSpec:
         g = getattr(self, "granularity", None)
         if g is not None and g not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {g!r}")
+        n = getattr(self, "grad_numel", None)
+        if n is not None and n not in GRAD_NUMELS:
+            raise ValueError(f"{type(self).__name__}.grad_numel must be one of {GRAD_NUMELS}, got {n!r}")
 
     def to_dict(self) -> dict:
         return {"type": type(self).__name__, **dataclasses.asdict(self)}
+
+
+def check_act_spec(spec: "QuantSpec | None") -> None:
+    """Activation specs are per tensor: the packed integer kernels take one activation scale and
+    zero point per layer input (a per-input-channel scale would sit inside the reduction)."""
+    g = getattr(spec, "granularity", None)
+    if g is not None and g not in ACT_GRANULARITIES:
+        raise ValueError(
+            f"{type(spec).__name__}(granularity={g!r}) is not supported for activations: the packed "
+            f"integer kernels take one activation scale and zero point per tensor; valid for "
+            f"activations: granularity in {list(ACT_GRANULARITIES)} (per-channel is for weights)")
 
 
 def spec_from_dict(d: Mapping[str, Any] | None) -> QuantSpec | None:
@@ -96,6 +112,9 @@ class LayerQuant:
 
     weight: QuantSpec | None = None
     act: QuantSpec | None = None
+
+    def __post_init__(self):
+        check_act_spec(self.act)
 
     def to_dict(self) -> dict:
         return {
@@ -130,6 +149,7 @@ class QuantConfig:
     extra: tuple = ()
 
     def __post_init__(self):
+        check_act_spec(self.act)
         ov = self.overrides
         if isinstance(ov, Mapping):
             ov = tuple(ov.items())
@@ -183,9 +203,16 @@ class QuantConfig:
 
 
 # ----------------------------------------------------------------------------- specs
+# Each docstring states the forward formula and the gradient convention the handler implements;
+# tests/test_quantizer_grads.py checks every one against a formula written out independently.
 @dataclass(frozen=True)
 class MinMax(QuantSpec):
-    """Uniform affine quantizer from the observed min/max (EMA for activations)."""
+    """Uniform affine quantizer over the observed [min, max] (0 always representable).
+
+    Weights: range from the current weights (per tensor or per output channel), gradient the plain
+    straight-through estimator (1 everywhere). Activations: an EMA (``momentum``) of the batch
+    min/max updated in training mode only, frozen in eval; gradient 1 inside the range, 0 outside.
+    """
 
     granularity: str = "tensor"
     momentum: float = 0.1
@@ -193,27 +220,51 @@ class MinMax(QuantSpec):
 
 @dataclass(frozen=True)
 class LSQ(QuantSpec):
-    """Learned Step Size Quantization (Esser et al., ICLR 2020)."""
+    """Learned Step Size Quantization (Esser et al., ICLR 2020).
+
+    ``v_hat = round(clip(v / s, -Q_N, Q_P)) * s``; gradient 1 w.r.t. v inside the clip range, 0
+    outside; w.r.t. s (LSQ eq. 3) ``round(v/s) - v/s`` inside, ``-Q_N`` / ``Q_P`` outside, times the
+    gradient scale ``g = 1/sqrt(N * Q_P)``. Step initialised to ``2 mean|v| / sqrt(Q_P)`` (weights:
+    per channel with ``granularity="channel"``; activations: from the first *training* batch, which
+    also decides signed [-2^(b-1), 2^(b-1)-1] vs unsigned [0, 2^b-1]). For weights N is the number
+    of weights of the layer (per-channel steps too); for activations ``grad_numel`` picks N:
+    ``"sample"`` (the paper's N_F, the features of one example; default) or ``"batch"`` (the whole
+    batch tensor, as most public LSQ code does).
+    """
 
     granularity: str = "tensor"
+    grad_numel: str = "sample"
     MIN_BITS: ClassVar[int] = 2
 
 
 @dataclass(frozen=True)
 class DoReFa(QuantSpec):
-    """DoReFa-Net: tanh-normalised weights, activations clipped to [0, 1]."""
+    """DoReFa-Net (Zhou et al. 2016). Weights ``2 quant_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1``
+    per tensor, gradient through tanh and the max (straight-through only on the rounding).
+    ``rescale=True`` is the super-resolution variant of the QuantSR authors' code line: the result is
+    multiplied by ``max|tanh(w)|`` (no gradient through that factor), so a layer keeps the magnitude
+    of its float weights instead of +-1 (which BatchNorm absorbs in classification nets but nothing
+    absorbs in a BN-free SR trunk). Activations clipped to [0, 1] and quantized; gradient 1 on
+    [0, 1], 0 outside."""
+
+    rescale: bool = False
 
 
 @dataclass(frozen=True)
 class PACT(QuantSpec):
-    """PACT: activations clipped to a learnable alpha (activations only)."""
+    """PACT (Choi et al. 2018), activations only: ``y = clip(x, 0, alpha)`` quantized to k bits on
+    the step alpha / (2^k - 1). Gradient (PACT eq. 3): w.r.t. x 1 on [0, alpha), else 0; w.r.t.
+    alpha 1 where x >= alpha (all of it at x == alpha), else 0."""
 
     init_alpha: float = 6.0
 
 
 @dataclass(frozen=True)
 class UL2Q(QuantSpec):
-    """mu-L2Q: standardise, then a Gaussian-optimal mid-rise uniform step lambda_k * sigma."""
+    """mu-L2Q (Gong et al., J. Software 2021): standardise, then a Gaussian-optimal mid-rise
+    uniform step lambda_k * sigma. Weights: mu, sigma of the current weights; activations: EMA of
+    the batch mu, sigma in training mode, frozen in eval. Gradient: straight-through (weights 1
+    everywhere; activations 1 inside the representable range, 0 outside)."""
 
     granularity: str = "tensor"
     momentum: float = 0.1
@@ -221,7 +272,9 @@ class UL2Q(QuantSpec):
 
 @dataclass(frozen=True)
 class XNOR(QuantSpec):
-    """Classic binarisation: mean(|w|) * sign(w) per output channel; sign(x) for activations."""
+    """XNOR-Net (Rastegari et al. 2016). Weights ``alpha * sign(w)``, alpha = mean|w| per output
+    channel; gradient as the paper writes it, ``dC/dw = dC/dw_b * (1/n + alpha * 1[|w| <= 1])``
+    (n = weights per output channel). Activations ``sign(x)`` (sign(0) = +1), gradient 1[|x| <= 1]."""
 
     bits: int = 1
     MAX_BITS: ClassVar[int] = 1
@@ -229,7 +282,11 @@ class XNOR(QuantSpec):
 
 @dataclass(frozen=True)
 class IRNet(QuantSpec):
-    """IR-Net: Libra-PB weights (balanced, standardised, power-of-two scale) + EDE backward."""
+    """IR-Net (Qin et al., CVPR 2020). Libra-PB weights: per output channel
+    ``w_std = (w - mean) / std`` (unbiased std), ``w_b = sign(w_std) * 2^round(log2 mean|w_std|)``
+    (the power-of-two scale carries no gradient). EDE backward of sign: ``k t (1 - tanh^2(t x))``,
+    through the standardisation to w, with ``t = t_min 10^(p log10(t_max / t_min))`` over the
+    training progress p and ``k = max(1/t, 1)``. Activations ``sign(x)`` with the same EDE."""
 
     bits: int = 1
     t_min: float = 0.1
@@ -239,7 +296,10 @@ class IRNet(QuantSpec):
 
 @dataclass(frozen=True)
 class ReAct(QuantSpec):
-    """ReActNet: RSign activations (learnable per-channel threshold); XNOR-scaled weights."""
+    """ReActNet (Liu et al., ECCV 2020). Weights ``alpha * sign(w)`` (alpha = mean|w| per output
+    channel, no gradient through alpha), gradient 1[|w| <= 1] as in the authors' code. Activations
+    RSign ``sign(x - beta_c)`` with a learnable per-channel threshold and the ApproxSign backward
+    ``2 - 2|x - beta|`` for |x - beta| < 1, else 0 (the same, negated, for beta)."""
 
     bits: int = 1
     MAX_BITS: ClassVar[int] = 1
@@ -247,19 +307,40 @@ class ReAct(QuantSpec):
 
 @dataclass(frozen=True)
 class RLQ(QuantSpec):
-    """QuantSR's redistribution-driven learnable quantizer: learnable step (weights, activations)
-    and per-channel shift (activations); backward through the tanh-shaped redistribution phi of
-    sharpness ``phi_k`` (the authors' code uses 1)."""
+    """QuantSR's redistribution-driven learnable quantizer (Qin et al., NeurIPS 2023).
+
+    LSQ's forward, step initialisation and step gradient, with the rounding's backward replaced by
+    the tanh staircase phi of sharpness ``phi_k`` (the authors' code uses 1); activations add a
+    learnable per-input-channel shift tau before quantization. The activation sign is decided on the
+    first training batch with the authors' tolerance (signed only if min(x) < -1e-5). ``grad_numel``
+    defaults to the authors' convention, ``"batch"``: N of the step gradient scale 1/sqrt(N Q_P) is
+    the element count of the whole activation tensor (``"sample"``: of one example, as LSQ)."""
 
     granularity: str = "tensor"
     phi_k: float = 1.0
+    grad_numel: str = "batch"
     MIN_BITS: ClassVar[int] = 2
 
 
 @dataclass(frozen=True)
 class PAMS(QuantSpec):
-    """PAMS (Li et al., ECCV 2020): symmetric activations clipped to a learnable max scale alpha;
-    weights symmetric with their max |w| as the range."""
+    """PAMS (Li et al., ECCV 2020). Weights symmetric per tensor on the step max|w| / (2^(b-1) - 1),
+    straight-through gradient. Activations ``round(clip(x, -alpha, alpha) / s) * s`` with
+    s = alpha / (2^(b-1) - 1), alpha learnable (initialised to max|x| of the first training batch);
+    gradient w.r.t. x 1 inside [-alpha, alpha], 0 outside; w.r.t. alpha what autograd gives the
+    authors' code (rounding straight-through): ``round(x/s)/(2^(b-1) - 1) - x/alpha`` inside,
+    ``sign(x)`` outside."""
+
+    MIN_BITS: ClassVar[int] = 2
+
+
+@dataclass(frozen=True)
+class N2UQ(QuantSpec):
+    """N2UQ (Liu et al., CVPR 2022): learnable non-uniform input thresholds with uniform output
+    levels, trained with the generalised straight-through estimator (G-STE); weights by the
+    entropy-preserving per-channel normalisation (2^b symmetric levels, no zero level). The codes
+    stay uniform integers, so packed inference is the usual integer GEMM (activation codes by counting
+    thresholds). Formulas and gradients: ``zoo/quantizers/n2uq.py``."""
 
     MIN_BITS: ClassVar[int] = 2
 
@@ -276,4 +357,5 @@ SHORT_NAMES = {
     "react": ReAct,
     "rlq": RLQ,
     "pams": PAMS,
+    "n2uq": N2UQ,
 }

@@ -14,6 +14,7 @@ from .config import LayerQuant, build_quantizer
 class _QuantMixin:
     ch_axis = 0
     spec: LayerQuant
+    weight_quant_enabled = True  # False: float weights (the first stage of two-stage binary training)
 
     def _init_quant(self, spec: LayerQuant):
         self.spec = spec
@@ -21,7 +22,9 @@ class _QuantMixin:
         self.aq = build_quantizer(spec.act, "act", self) if spec.act else None
 
     def quant_weight(self):
-        return self.wq(self.weight) if self.wq is not None else self.weight
+        if self.wq is None or not self.weight_quant_enabled:
+            return self.weight
+        return self.wq(self.weight)
 
     def quant_input(self, x):
         return self.aq(x) if self.aq is not None else x

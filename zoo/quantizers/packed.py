@@ -17,16 +17,20 @@ from ..kernels.packing import pack, unpack
 from .layers import QuantConv2d, QuantConvTranspose2d, QuantLinear
 
 ACT_KEYS = ("scale", "offset", "zero", "qmin", "qmax")
+# per-layer activation vectors: a per-channel shift subtracted before quantizing (ReAct's RSign
+# threshold, QuantSR's RLQ shift) and the increasing thresholds whose count is the code (N2UQ)
+ACT_VECTORS = ("shift", "thresholds")
+SCALAR_MODES = ("affine", "threshold")  # modes with scale / zero / qmin / qmax
 
 
 class PackedLayer(nn.Module):
     ch_axis = 0
 
-    def __init__(self, weight_shape, bits, act_mode, has_bias, act_shift_channels=0):
+    def __init__(self, weight_shape, bits, act_mode, has_bias, act_vectors=None):
         super().__init__()
         self.weight_shape = tuple(weight_shape)
         self.bits = int(bits)
-        self.act_mode = act_mode  # "none" | "affine" | "sign"
+        self.act_mode = act_mode  # "none" | "affine" | "sign" | "threshold"
         self.backend = "auto"
         self.binary_kernel = "auto"
         rows, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
@@ -36,11 +40,13 @@ class PackedLayer(nn.Module):
         self.register_buffer("w_scale", torch.ones(ch))
         self.register_buffer("w_zero", torch.zeros(ch))
         self.register_buffer("bias", torch.zeros(self.out_channels) if has_bias else None)
-        if act_mode == "affine":
+        if act_mode in SCALAR_MODES:
             for key in ACT_KEYS:
                 self.register_buffer("a_" + key, torch.zeros(1))
-        if act_shift_channels:
-            self.register_buffer("a_shift", torch.zeros(act_shift_channels))
+        for key, n in (act_vectors or {}).items():
+            if key not in ACT_VECTORS:
+                raise ValueError(f"unknown activation vector {key!r}; valid: {list(ACT_VECTORS)}")
+            self.register_buffer("a_" + key, torch.zeros(n))
 
     @property
     def out_channels(self):
@@ -56,18 +62,18 @@ class PackedLayer(nn.Module):
         act_mode, act = "none", {}
         if layer.aq is not None:
             act_mode, act = layer.aq.mode, layer.aq.export()
-        shift = act.get("shift")
+        vectors = {k: act[k] for k in ACT_VECTORS if k in act}
         new = cls(w.shape, layer.wq.bits, act_mode, layer.bias is not None,
-                  act_shift_channels=0 if shift is None else shift.numel(), **kwargs)
+                  act_vectors={k: v.numel() for k, v in vectors.items()}, **kwargs)
         new.qweight.copy_(pack(q.reshape(q.shape[0], -1), layer.wq.bits))
         new.w_scale.copy_(scale), new.w_zero.copy_(zero)
         if layer.bias is not None:
             new.bias.copy_(layer.bias.detach())
-        if act_mode == "affine":
+        if act_mode in SCALAR_MODES:
             for key in ACT_KEYS:
                 getattr(new, "a_" + key).copy_(act[key])
-        if shift is not None:
-            new.a_shift.copy_(shift)
+        for key, v in vectors.items():
+            getattr(new, "a_" + key).copy_(v)
         return new.to(w.device)
 
     # ------------------------------------------------------------------ helpers
@@ -79,9 +85,9 @@ class PackedLayer(nn.Module):
         return reference.dequantize_weight(self.codes(), self.w_scale, self.w_zero, self.ch_axis)
 
     def act_params(self) -> dict:
-        p = {k: getattr(self, "a_" + k) for k in ACT_KEYS} if self.act_mode == "affine" else {}
-        if self.act_mode != "none" and hasattr(self, "a_shift"):
-            p["shift"] = self.a_shift  # per-channel; the codes are those of x - shift
+        p = {k: getattr(self, "a_" + k) for k in ACT_KEYS} if self.act_mode in SCALAR_MODES else {}
+        if self.act_mode != "none":
+            p.update({k: getattr(self, "a_" + k) for k in ACT_VECTORS if hasattr(self, "a_" + k)})
         return p
 
     def _int_inputs(self, x, ch_axis=1):
@@ -94,9 +100,9 @@ class PackedLayer(nn.Module):
 
 
 class PackedConv2d(PackedLayer):
-    def __init__(self, weight_shape, bits, act_mode, has_bias, act_shift_channels=0, stride=1,
+    def __init__(self, weight_shape, bits, act_mode, has_bias, act_vectors=None, stride=1,
                  padding=0, dilation=1, groups=1, padding_mode="zeros"):
-        super().__init__(weight_shape, bits, act_mode, has_bias, act_shift_channels)
+        super().__init__(weight_shape, bits, act_mode, has_bias, act_vectors)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         if padding_mode != "zeros":
             raise ValueError(f"packed conv supports padding_mode='zeros' only, got {padding_mode!r}")
@@ -136,10 +142,10 @@ class PackedLinear(PackedLayer):
 class PackedConvTranspose2d(PackedLayer):
     ch_axis = 1
 
-    def __init__(self, weight_shape, bits, act_mode, has_bias, act_shift_channels=0, stride=1,
+    def __init__(self, weight_shape, bits, act_mode, has_bias, act_vectors=None, stride=1,
                  padding=0, output_padding=0, dilation=1, groups=1):
         self.groups = groups
-        super().__init__(weight_shape, bits, act_mode, has_bias, act_shift_channels)
+        super().__init__(weight_shape, bits, act_mode, has_bias, act_vectors)
         self.stride, self.padding, self.output_padding, self.dilation = stride, padding, output_padding, dilation
 
     @property

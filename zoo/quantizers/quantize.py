@@ -56,3 +56,10 @@ def set_progress(model: nn.Module, fraction: float) -> None:
     for m in model.modules():
         if isinstance(m, Quantizer):
             m.set_progress(fraction)
+
+
+def set_weight_quant(model: nn.Module, enabled: bool) -> None:
+    """Turn the weight quantizers of every training-form layer on or off (off: the layer computes
+    with its float weights and still quantizes its input). Packing always quantizes the weights."""
+    for _, m in quantized_layers(model):
+        m.weight_quant_enabled = bool(enabled)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ActQuantizer, WeightQuantizer, affine_codes, channel_view, ste
+from .base import ActQuantizer, WeightQuantizer, affine_codes, channel_view, round_ste, ste
 from .config import PAMS, RLQ, register_quantizer
 from .uniform import LSQAct, LSQWeight
 
@@ -43,10 +43,14 @@ class RLQWeight(LSQWeight):
 
 
 class RLQAct(LSQAct):
-    """LSQ-style activation step plus a learnable per-channel shift tau, phi in the backward."""
+    """LSQ-style activation step plus a learnable per-channel shift tau, phi in the backward. The
+    signed/unsigned range is decided with the authors' tolerance: signed only if min(x) < -1e-5, so
+    float noise around a ReLU output's zeros does not halve its resolution."""
 
-    def __init__(self, bits, channels, ch_axis=1, phi_k=1.0):
-        super().__init__(bits, ch_axis)
+    sign_tol = 1e-5
+
+    def __init__(self, bits, channels, ch_axis=1, phi_k=1.0, grad_numel="batch"):
+        super().__init__(bits, ch_axis, grad_numel)
         self.phi_k = phi_k
         self.tau = nn.Parameter(torch.zeros(channels))
 
@@ -71,7 +75,8 @@ def _rlq_w(spec, layer):
 
 @register_quantizer(RLQ, "act")
 def _rlq_a(spec, layer):
-    return RLQAct(spec.bits, _channels(layer), -1 if isinstance(layer, nn.Linear) else 1, spec.phi_k)
+    return RLQAct(spec.bits, _channels(layer), -1 if isinstance(layer, nn.Linear) else 1, spec.phi_k,
+                  spec.grad_numel)
 
 
 # ----------------------------------------------------------------------------- PAMS
@@ -88,7 +93,9 @@ class PAMSWeight(WeightQuantizer):
 
 class PAMSAct(ActQuantizer):
     """y = round(clip(x, -alpha, alpha) / s) * s, s = alpha / (2^(b-1) - 1), alpha learnable
-    (initialised to max|x| of the first training batch); d y / d alpha = sign(x) where |x| > alpha."""
+    (initialised to max|x| of the first training batch). The gradient is autograd's through that
+    expression with a straight-through rounding, as in the authors' code: dy/dalpha = sign(x) where
+    |x| > alpha, round(x / s) / (2^(b-1) - 1) - x / alpha inside; dy/dx = 1 inside, 0 outside."""
 
     def __init__(self, bits, ch_axis=1):
         super().__init__(bits, ch_axis)
@@ -108,7 +115,8 @@ class PAMSAct(ActQuantizer):
         p = self.params(x)
         v = affine_codes(x.detach(), p["scale"], 0.0, p["qmin"], p["qmax"])
         alpha = self.alpha.abs().clamp(min=1e-4)
-        return ste(v * p["scale"], torch.clamp(x, -alpha, alpha))
+        s = alpha / p["qmax"]
+        return ste(v * p["scale"], round_ste(torch.clamp(x, -alpha, alpha) / s) * s)
 
 
 @register_quantizer(PAMS, "weight")

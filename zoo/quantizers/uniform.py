@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -104,10 +105,18 @@ class LSQWeight(WeightQuantizer):
 
 
 class LSQAct(ActQuantizer):
-    """LSQ for activations. Unsigned ([0, 2^b-1]) when the first batch is non-negative, else signed."""
+    """LSQ for activations. The first *training* batch initialises the step and decides the range:
+    signed [-2^(b-1), 2^(b-1)-1] if its minimum is below ``-sign_tol``, else unsigned [0, 2^b-1].
+    An eval-mode pass never initialises anything (a validation or sanity-check batch must not choose
+    the step); before the first training batch it quantizes with a step computed from its own batch
+    and stored nowhere, and warns. ``grad_numel``: N of the step gradient scale 1/sqrt(N Q_P) is the
+    element count of one example (``"sample"``) or of the whole batch tensor (``"batch"``)."""
 
-    def __init__(self, bits, ch_axis=1):
+    sign_tol = 0.0
+
+    def __init__(self, bits, ch_axis=1, grad_numel="sample"):
         super().__init__(bits, ch_axis)
+        self.grad_numel = grad_numel
         self.step = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("signed", torch.zeros((), dtype=torch.bool))
@@ -115,29 +124,51 @@ class LSQAct(ActQuantizer):
     def surrogate_round(self, t):
         return round_ste(t)
 
-    def _range(self):
-        if self.signed:
+    def _range(self, signed=None):
+        signed = bool(self.signed) if signed is None else signed
+        if signed:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return 0, 2 ** self.bits - 1
 
-    def params(self, x):
-        if x is not None and not self.initialized:
+    @torch.no_grad()
+    def _first_batch(self, x):
+        """(signed, step) that the first training batch ``x`` gives (LSQ's initialisation)."""
+        signed = bool(x.min() < -self.sign_tol)
+        qp = self._range(signed)[1]
+        return signed, (2 * x.abs().mean() / math.sqrt(qp)).clamp(min=1e-8)
+
+    def _state(self, x):
+        """(signed, step parameter or a temporary step): initialise from a training batch."""
+        if x is None or self.initialized:
+            return bool(self.signed), self.step
+        signed, step = self._first_batch(x.detach())
+        if self.training:
             with torch.no_grad():
-                self.signed.fill_(bool(x.min() < 0))
-                qp = self._range()[1]
-                self.step.copy_((2 * x.abs().mean() / math.sqrt(qp)).clamp(min=1e-8))
-                self.initialized.fill_(True)
-        qmin, qmax = self._range()
-        return dict(scale=self.step.detach().abs().clamp(min=1e-8), offset=0.0, zero=0.0,
-                    qmin=qmin, qmax=qmax)
+                self.signed.fill_(signed), self.step.copy_(step), self.initialized.fill_(True)
+            return signed, self.step
+        warnings.warn(f"{type(self).__name__}: the step is not initialised (no training batch seen); "
+                      "this eval pass uses a step from its own batch and stores nothing. Run a training "
+                      "batch first, or load a trained checkpoint.", stacklevel=3)
+        return signed, step
+
+    def params(self, x):
+        signed, step = self._state(x)
+        qmin, qmax = self._range(signed)
+        return dict(scale=step.detach().abs().clamp(min=1e-8), offset=0.0, zero=0.0, qmin=qmin, qmax=qmax)
+
+    def step_grad_factor(self, x, qmax) -> float:
+        """LSQ's gradient scale g = 1/sqrt(N Q_P), N per ``grad_numel``."""
+        n = x.numel() if self.grad_numel == "batch" else x[0].numel()
+        return 1.0 / math.sqrt(n * qmax)
 
     def forward(self, x):
-        p = self.params(x)
-        qmin, qmax = p["qmin"], p["qmax"]
-        s = grad_scale(self.step.abs().clamp(min=1e-8), 1.0 / math.sqrt(x[0].numel() * qmax))
+        signed, step = self._state(x)
+        qmin, qmax = self._range(signed)
+        s = grad_scale(step.abs().clamp(min=1e-8), self.step_grad_factor(x, qmax))
         surrogate = self.surrogate_round(torch.clamp(x / s, qmin, qmax)) * s
-        v = affine_codes(x.detach(), p["scale"], 0.0, qmin, qmax)
-        return ste(v * p["scale"], surrogate)
+        scale = step.detach().abs().clamp(min=1e-8)  # the exact value the packed layer exports
+        v = affine_codes(x.detach(), scale, 0.0, qmin, qmax)
+        return ste(v * scale, surrogate)
 
 
 @register_quantizer(LSQ, "weight")
@@ -149,23 +180,28 @@ def _lsq_w(spec, layer):
 
 @register_quantizer(LSQ, "act")
 def _lsq_a(spec, layer):
-    return LSQAct(spec.bits)
+    return LSQAct(spec.bits, grad_numel=spec.grad_numel)
 
 
 # ----------------------------------------------------------------------------- DoReFa
 class DoReFaWeight(WeightQuantizer):
-    """w_q = 2 * quant_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1 (per tensor)."""
+    """w_q = 2 * quant_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1 (per tensor); with ``rescale`` times
+    max|tanh(w)| (a constant for the gradient), the SR variant."""
+
+    def __init__(self, bits, ch_axis=0, rescale=False):
+        super().__init__(bits, ch_axis)
+        self.rescale = rescale
 
     def codes(self, w):
         n = 2 ** self.bits - 1
         t = torch.tanh(w)
-        x = t / (2 * t.abs().max().clamp(min=1e-8)) + 0.5
-        surrogate = 2 * x - 1
+        m = t.abs().max().clamp(min=1e-8)
+        x = t / (2 * m) + 0.5
+        r = m.detach() if self.rescale else torch.ones((), dtype=w.dtype, device=w.device)
+        surrogate = r * (2 * x - 1)
         with torch.no_grad():
             q = torch.round(x * n)
-        scale = torch.full((), 2.0 / n, device=w.device)
-        zero = torch.full((), n / 2.0, device=w.device)
-        return q, scale, zero, surrogate
+        return q, 2.0 * r / n, torch.full((), n / 2.0, dtype=w.dtype, device=w.device), surrogate
 
 
 class DoReFaAct(ActQuantizer):
@@ -178,7 +214,7 @@ class DoReFaAct(ActQuantizer):
 
 @register_quantizer(DoReFa, "weight")
 def _dorefa_w(spec, layer):
-    return DoReFaWeight(spec.bits, getattr(layer, "ch_axis", 0))
+    return DoReFaWeight(spec.bits, getattr(layer, "ch_axis", 0), spec.rescale)
 
 
 @register_quantizer(DoReFa, "act")
@@ -188,7 +224,8 @@ def _dorefa_a(spec, layer):
 
 # ----------------------------------------------------------------------------- PACT
 class PACTAct(ActQuantizer):
-    """y = clip(x, 0, alpha) quantized to k bits; d y / d alpha = 1 where x >= alpha (STE)."""
+    """y = clip(x, 0, alpha) quantized to k bits; dy/dx = 1 on [0, alpha), dy/dalpha = 1 where
+    x >= alpha (PACT eq. 3; the rounding is straight-through)."""
 
     def __init__(self, bits, init_alpha=6.0, ch_axis=1):
         super().__init__(bits, ch_axis)
@@ -203,7 +240,7 @@ class PACTAct(ActQuantizer):
         p = self.params(x)
         v = affine_codes(x.detach(), p["scale"], 0.0, p["qmin"], p["qmax"])
         alpha = self.alpha.abs().clamp(min=1e-4)
-        surrogate = torch.minimum(torch.relu(x), alpha)
+        surrogate = torch.where(x >= alpha, alpha.expand_as(x), torch.where(x >= 0, x, torch.zeros_like(x)))
         return ste(v * p["scale"], surrogate)
 
 

@@ -16,12 +16,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ..quantizers import QuantConfig, quantize, set_progress
+from ..quantizers import QuantConfig, quantize, set_progress, set_weight_quant
 from ..quantizers.base import Quantizer
 from ..registry import create_model
 from ..wrapper import ZooModel
 
 log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "linear")
 
 
 def load_float_weights(model: ZooModel, source: str) -> None:
@@ -53,6 +55,17 @@ def load_float_weights(model: ZooModel, source: str) -> None:
                  source, len(missing), missing[:5])
 
 
+def float_teacher(source: str, student_float: ZooModel) -> ZooModel:
+    """The frozen float teacher for distillation: the ``init_from`` checkpoint in its *own*
+    architecture (a binary student's blocks differ from the float net it starts from), or, for a
+    Lightning ``.ckpt``, a copy of the student's float model with those weights."""
+    from ..checkpoint import load
+
+    if Path(source).suffix == ".ckpt":
+        return copy.deepcopy(student_float)
+    return load(source)
+
+
 class QuantTask(L.LightningModule):
     task_name = "base"
     datamodules: dict = {}
@@ -78,10 +91,53 @@ class QuantTask(L.LightningModule):
         """What ``zoo.train`` prints about a finished release (and any files it writes next to it)."""
         return f"metrics: {model.metrics}"
 
+    # ------------------------------------------------------------------ release hooks
+    # What the shared machinery asks of a task (cards, summary tables, ``zoo.predict``, the checkpoint
+    # benchmark); each task package implements them in its ``release.py``.
+    card_sample: tuple[str, str] | None = None  # (caption, alt text) of a release's sample.png
+    predict = None  # fn(model, images, out_dir, args) -> written paths; None: no zoo.predict support
+
+    @staticmethod
+    def card_lines(cfg: dict, metrics: dict, train: dict) -> list[str]:
+        """Task-specific card bullets (data, test metrics)."""
+        return []
+
+    @staticmethod
+    def card_usage(name: str) -> list[str]:
+        """Lines after the card's usage snippet (e.g. the ``zoo.predict`` command)."""
+        return []
+
+    @classmethod
+    def summary_table(cls, rows: list) -> str:
+        """Markdown table of ``[(checkpoint dir, config)]``: the monitored test metric and sizes."""
+        from ..cards import float_reference_bytes, seed_cell
+
+        key = "test_" + cls.monitor[0].split("/", 1)[1]
+        out = [f"| model | {key} | over seeds | weights file bytes | vs FP32 file |", "|---|---|---|---|---|"]
+        for path, cfg in rows:
+            v = cfg.get("metrics", {}).get(key)
+            wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
+            out.append(f"| [{path.name}]({path}/README.md) | {'n/a' if v is None else f'{v:.4f}'} | "
+                       f"{seed_cell(cfg, key, digits=4) or '—'} | {wb:,} | 1/{fb / wb:.1f} |")
+        return "\n".join(out)
+
+    @staticmethod
+    def predict_args(parser) -> None:
+        """Add this task's ``zoo.predict`` options to ``parser`` (an argparse group)."""
+
+    @staticmethod
+    def benchmark_loader(model, data: str | None = None, limit: int | None = None):
+        """(test DataLoader, description) on which to re-measure a shipped ``model``: the built-in
+        test split, or ``data``, a folder in the task's user format."""
+        raise NotImplementedError  # abstract: each task provides it
+
     def __init__(self, arch: str, model_args: dict, input_contract: dict, quant: dict | None = None,
                  lr: float = 0.1, weight_decay: float = 5e-4, optimizer: str = "sgd",
-                 init_from: str | None = None, distill: float = 0.0, distill_temperature: float = 1.0):
+                 init_from: str | None = None, distill: float = 0.0, distill_temperature: float = 1.0,
+                 schedule: str = "cosine", two_stage: bool = False):
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
         self.save_hyperparameters()
         self.model: ZooModel | None = None
         self._teacher: list = []  # kept out of the module tree: not saved, not optimised
@@ -104,10 +160,10 @@ class QuantTask(L.LightningModule):
         if self.hparams.init_from:
             load_float_weights(model, self.hparams.init_from)
         if self.hparams.distill > 0:
-            teacher = copy.deepcopy(model).eval()
+            teacher = float_teacher(self.hparams.init_from, model)
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            self._teacher = [teacher]
+            self._teacher = [teacher.eval()]
         qcfg = self.quant_config
         if qcfg is not None:
             quantize(model.net, qcfg)
@@ -126,9 +182,43 @@ class QuantTask(L.LightningModule):
         if self.teacher is not None:
             self.teacher.to(self.device)
 
-    def on_train_batch_start(self, batch, batch_idx):
+    # ------------------------------------------------------------------ stages
+    def stage_start(self) -> int:
+        """The first step of the final stage: 0, or with ``two_stage`` the first step of the second
+        half of the epochs (the first half trains with float weights and quantized activations)."""
+        if not self.hparams.two_stage:
+            return 0
+        epochs = max(int(self.trainer.max_epochs), 1)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        set_progress(self.model, self.global_step / total)
+        return total // epochs * (epochs // 2)
+
+    def stage_progress(self, step: int) -> tuple[bool, float]:
+        """(whether ``step`` is in the final stage, the fraction of its stage done). Schedules (the
+        learning rate, IR-Net's EDE) restart at the stage boundary, as a second run would."""
+        start, total = self.stage_start(), max(int(self.trainer.estimated_stepping_batches), 1)
+        if step < start:
+            return False, step / start
+        return True, min((step - start) / max(total - start, 1), 1.0)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        final, fraction = self.stage_progress(self.global_step)
+        set_progress(self.model, fraction)
+        if self.hparams.two_stage:
+            set_weight_quant(self.model, final)
+
+    def on_fit_end(self):
+        set_weight_quant(self.model, True)
+
+    def log_selection(self, metrics: dict, batch_size: int) -> None:
+        """With ``two_stage``, ``val/select`` is the monitored metric in the final stage and the worst
+        value before it, so the released checkpoint always has quantized weights."""
+        if not self.hparams.two_stage:
+            return
+        key, mode = self.monitor
+        final, _ = self.stage_progress(self.global_step - 1)  # the step just trained
+        value = metrics[key.split("/", 1)[1]] if final else torch.tensor(
+            float("-inf") if mode == "max" else float("inf"))
+        self.log("val/select", value, batch_size=batch_size)
 
     def distill_loss(self, student_logits, x):
         with torch.no_grad():
@@ -149,6 +239,7 @@ class QuantTask(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         _, metrics = self.loss_and_metrics(batch, "val")
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, batch_size=len(batch[0]))
+        self.log_selection(metrics, len(batch[0]))
 
     def test_step(self, batch, batch_idx):
         _, metrics = self.loss_and_metrics(batch, "test")
@@ -173,14 +264,15 @@ class QuantTask(L.LightningModule):
             opt = torch.optim.AdamW(groups, lr=self.hparams.lr)
         else:
             raise ValueError(f"unknown optimizer {name!r}; valid: ['sgd', 'adam', 'adamw']")
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = max(1, int(0.1 * total))
+        linear = self.hparams.schedule == "linear"
 
-        def warmup_cosine(step):  # recomputed from the trainer's total on resume, so more epochs work
-            if step < warmup:
-                return 0.1 + 0.9 * step / warmup
-            p = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * p))
+        def factor(step):  # recomputed from the trainer's total on resume, so more epochs work
+            _, p = self.stage_progress(step)
+            if linear:  # ReActNet: lr (1 - p), no warm-up
+                return 1.0 - p
+            if p < 0.1:  # warm-up over the first 10% of the stage, then cosine to 1% of lr
+                return 0.1 + 9.0 * p
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (p - 0.1) / 0.9))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

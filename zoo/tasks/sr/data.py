@@ -12,63 +12,10 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-# Built-in splits. Test images are never trained or validated on; grey photos become 3-channel.
-BUILTIN_TRAIN = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                 "retina", "stereo_motorcycle", "sklearn:china", "brick", "grass", "gravel", "moon")
-BUILTIN_VAL = ("coins", "clock")
-BUILTIN_TEST = ("chelsea", "sklearn:flower", "camera")
-
-
-def builtin_image(name: str) -> np.ndarray:
-    """A bundled photo as uint8 RGB HxWx3: ``skimage.data.<name>`` or ``sklearn:<china|flower>``."""
-    if name.startswith("sklearn:"):
-        from sklearn.datasets import load_sample_image
-
-        img = load_sample_image(name.split(":", 1)[1] + ".jpg")
-    else:
-        import skimage.data
-
-        img = getattr(skimage.data, name)()
-        if isinstance(img, tuple):  # stereo pairs: the left view
-            img = img[0]
-    img = np.asarray(img)
-    if img.dtype == bool:
-        img = img.astype(np.uint8) * 255
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
-
-
-def read_image(path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-def list_images(folder) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in {folder}")
-    return files
-
-
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> float 3xHxW in [0, 1]."""
-    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255.0)
-
-
-def to_uint8(t: torch.Tensor) -> np.ndarray:
-    """float 3xHxW (any range) -> uint8 HxWx3, clamped to [0, 1] and rounded like basicsr's tensor2img."""
-    return (t.detach().float().clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+from ...datasets import (BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, builtin_image, list_images, read_image,
+                         to_tensor)
 
 
 def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:

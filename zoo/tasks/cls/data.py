@@ -2,56 +2,13 @@
 it installs) and any ImageFolder tree of the user's. Batches are float images in [0, 1]."""
 from __future__ import annotations
 
-import gzip
-import os
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                  "Sneaker", "Bag", "Ankle boot"]
-FMNIST_MEAN, FMNIST_STD = [0.2860], [0.3530]
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an idx file (optionally gzipped): magic 0x0000 08 <ndim>, big-endian dims, uint8 data."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not a uint8 idx file (magic {data[:4].hex()})")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {body.size} values (truncated?)")
-    return body.reshape(dims)
-
-
-def _find(root: Path, stem: str) -> Path:
-    for name in (stem + ".gz", stem):
-        if (root / name).is_file():
-            return root / name
-    raise FileNotFoundError(
-        f"Fashion-MNIST file {stem}[.gz] not found in {root}. Install it with "
-        f"`apt-get install -y dataset-fashion-mnist`, or point data.root at a folder holding the idx files."
-    )
-
-
-def load_fmnist(root: str | os.PathLike = FMNIST_DIR, split: str = "train"):
-    """(images uint8 [N, 1, 28, 28], labels int64 [N]) of the train (60k) or test (10k) split."""
-    root = Path(root)
-    prefix = {"train": "train", "test": "t10k"}[split]
-    x = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
-    y = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
-    if len(x) != len(y):
-        raise ValueError(f"{root}: {len(x)} images but {len(y)} labels in the {split} split")
-    return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+from ...datasets import FMNIST_CLASSES, FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, load_fmnist
 
 
 def to_float_batch(batch):

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .images import FMNIST_DIR, load_fmnist
-from .sr import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, IMAGE_EXTS, builtin_image
+from ...datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, FMNIST_DIR, IMAGE_EXTS, builtin_image, load_fmnist
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SPLITS = ("train", "val", "test")

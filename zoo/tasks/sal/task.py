@@ -1,5 +1,5 @@
 """Salient-object detection: BCE + IoU loss on one-channel logits; MAE, max F-measure and S-measure
-(``sal_metrics``) per validation epoch and on the test split; a grid PNG (image | ground truth |
+(``metrics``) per validation epoch and on the test split; a grid PNG (image | ground truth |
 prediction) of fixed test samples after every validation epoch."""
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .base import QuantTask
-from .data.sal import CompositeSalData, FolderSalData
-from .sal_metrics import SaliencyMeter
+from ..base import QuantTask
+from . import release
+from .data import CompositeSalData, FolderSalData
+from .metrics import SaliencyMeter
 
 GRID_SAMPLES = 6
 
@@ -81,6 +82,12 @@ class SaliencyTask(QuantTask):
     datamodules = {"sal_composites": CompositeSalData, "sal_folder": FolderSalData}
     monitor = ("val/mae", "min")
     evaluate = staticmethod(evaluate)
+    card_lines = staticmethod(release.card_lines)
+    card_usage = staticmethod(release.card_usage)
+    card_sample = release.CARD_SAMPLE
+    summary_table = staticmethod(release.summary_table)
+    predict = staticmethod(release.predict)
+    benchmark_loader = staticmethod(release.benchmark_loader)
 
     @staticmethod
     def data_model_args(contract: dict) -> dict:

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .base import QuantTask
-from .data.images import FashionMNISTData, ImageFolderData
+from ..base import QuantTask
+from . import release
+from .data import FashionMNISTData, ImageFolderData
 
 
 @torch.no_grad()
@@ -28,6 +29,11 @@ class ClassificationTask(QuantTask):
     datamodules = {"fmnist": FashionMNISTData, "folder": ImageFolderData}
     monitor = ("val/acc", "max")
     evaluate = staticmethod(evaluate)
+    card_lines = staticmethod(release.card_lines)
+    card_usage = staticmethod(release.card_usage)
+    summary_table = staticmethod(release.summary_table)
+    predict = staticmethod(release.predict)
+    benchmark_loader = staticmethod(release.benchmark_loader)
 
     @staticmethod
     def data_model_args(contract: dict) -> dict:

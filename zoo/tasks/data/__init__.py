@@ -1,1 +1,0 @@
-"""LightningDataModules. Each owns its data; tasks pick one through the ``data=`` config group."""

@@ -1,0 +1,111 @@
+"""What a saliency release shows and does: card lines, the summary table, the predictor
+(``python -m zoo.predict``: a mask and an overlay per image) and the test data the checkpoint
+benchmark uses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ...cards import float_reference_bytes, packed_layer_bytes, seed_cell
+from ...datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, read_image, save_png
+
+CARD_SAMPLE = ("Fixed test composites: image | ground truth | this model's saliency map:",
+               "image | ground truth | prediction")
+
+
+def card_lines(cfg: dict, m: dict, train: dict) -> list[str]:
+    size = cfg["input_contract"].get("train_size")
+    data = train.get("data", "?")
+    if data == "sal_composites":
+        data = (f"sal_composites: 1-3 Fashion-MNIST items (exact masks) pasted over crops of bundled "
+                f"photos, {size[0]}x{size[1]}; train: items 0-49,999 over {', '.join(BUILTIN_TRAIN)}; "
+                f"validation: items 50,000-59,999 over {', '.join(BUILTIN_VAL)}; test: the Fashion-MNIST "
+                f"test items over {', '.join(BUILTIN_TEST)} (no item or photo shared between splits)")
+    lines = [f"- **Data:** {data}"]
+    if m.get("test_mae") is not None:
+        lines.append(f"- **Test** ({m.get('test_images', '?')} images; packed model as loaded by `zoo.load`): "
+                     f"**MAE {m['test_mae']:.4f}, max F-measure {m['test_maxf']:.4f}, "
+                     f"S-measure {m['test_smeasure']:.4f}** (training form: MAE "
+                     f"{m.get('test_mae_training_form', float('nan')):.4f})")
+    return lines
+
+
+def card_usage(name: str) -> list[str]:
+    return [f"or `python -m zoo.predict {name} photos/ --out masks/` (a mask and an overlay per image).", ""]
+
+
+def summary_table(rows) -> str:
+    fp = {c["arch"]: c["metrics"].get("test_mae") for _, c in rows if not c.get("quant")}
+    seeds = any(c.get("seeds") for _, c in rows)
+    out = ["| model | MAE | vs FP32 (same arch) |" + (" MAE over seeds (n) |" if seeds else "")
+           + " max F | S-measure | weights file bytes | vs FP32 file | low-bit layers vs FP32 |",
+           "|---|---|---|" + ("---|" if seeds else "") + "---|---|---|---|---|"]
+    for path, cfg in sorted(rows, key=lambda dc: (dc[1]["arch"], bool(dc[1].get("quant")), dc[0].name)):
+        m = cfg.get("metrics", {})
+        ref = fp.get(cfg["arch"])
+        gap = f"{m['test_mae'] - ref:+.4f}" if cfg.get("quant") and ref is not None else "—"
+        wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
+        layers = packed_layer_bytes(path)
+        low = min(layers) if layers else None
+        lb = f"1/{layers[low][1] / layers[low][0]:.1f} (W{low})" if low is not None else "—"
+        col = f" {seed_cell(cfg, 'test_mae', digits=4) or '—'} |" if seeds else ""
+        out.append(f"| [{path.name}]({path}/README.md) | {m['test_mae']:.4f} | {gap} |{col} {m['test_maxf']:.4f} | "
+                   f"{m['test_smeasure']:.4f} | {wb:,} | 1/{fb / wb:.1f} | {lb} |")
+    return "\n".join(out)
+
+
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
+                                           antialias=True)
+
+
+def overlay(img: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """uint8 HxWx3 image with the region prob > threshold tinted red and its border drawn."""
+    m = prob > threshold
+    out = img.astype(np.float32)
+    out[m] = 0.5 * out[m] + 0.5 * np.array([255.0, 0.0, 0.0])
+    edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+    out[edge] = (255.0, 255.0, 0.0)
+    return out.round().astype(np.uint8)
+
+
+def predict(model, images, out: Path, args) -> list[Path]:
+    """``<stem>_mask.png`` (0-255 at the image's own size) and ``<stem>_overlay.png`` per image,
+    computed at the model's training size and resized back, as SOD models are evaluated."""
+    size = model.input_contract.get("train_size") or [352, 352]
+    written = []
+    for path in tqdm(images, desc="saliency", unit="img"):
+        img = read_image(path)
+        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float().div_(255.0)
+        with torch.no_grad():
+            prob = model(_resize(x, size).to(args.device)).sigmoid().cpu()
+        prob = _resize(prob, img.shape[:2]).clamp_(0, 1)[0, 0].numpy()
+        mask_path, over_path = out / f"{path.stem}_mask.png", out / f"{path.stem}_overlay.png"
+        save_png((prob * 255).round().astype(np.uint8), mask_path)
+        save_png(overlay(img, prob), over_path)
+        written += [mask_path, over_path]
+    return written
+
+
+def benchmark_loader(model, data=None, limit=None):
+    """The built-in test composites, or ``data``: a DUTS-style folder (its ``test/`` split if it has
+    one, else every pair in it), resized to the model's training size."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .data import CompositeSalData, PairSet, check_readable, pair_files
+
+    size = model.input_contract["train_size"][0]
+    if data is None:
+        ds, desc = CompositeSalData(size=size).split("test"), f"built-in test composites ({size}x{size})"
+    else:
+        root = Path(data)
+        folder = root / "test" if (root / "test").is_dir() else root
+        pairs = pair_files(folder)
+        check_readable(pairs)
+        ds, desc = PairSet(pairs, size), f"{len(pairs)} image/mask pairs from {folder}, resized to {size}x{size}"
+    if limit:
+        ds = Subset(ds, range(min(limit, len(ds))))
+    return DataLoader(ds, batch_size=16), desc

@@ -1,0 +1,1 @@
+"""Super-resolution (``task=sr``, QuantSR): basicsr's EDSR / MSRResNet / SwinIR, PSNR / SSIM on Y."""
