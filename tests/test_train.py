@@ -45,8 +45,14 @@ def test_run_float_then_resume_without_lost_steps(tmp_path, tiny_fmnist):
     assert (tmp_path / "fp" / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "fp" / "csv").glob("*/metrics.csv"))
     assert list((tmp_path / "fp" / "tb").glob("*/events.*"))
+    import torch
+
+    ck = torch.load(tmp_path / "fp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    before = next(v for k, v in ck["callbacks"].items() if k.startswith("Timer"))["time_elapsed"]["train"]
     resumed = run(cfg_for(tmp_path / "fp", tiny_fmnist, "quant=none", "epochs=2", "ckpt_path=last"))
     assert resumed["global_step"] == 2 * steps_per_epoch
+    train = json.loads(open(f"{resumed['release_dir']}/config.json").read())["train"]
+    assert train["resumed"] and train["train_seconds"] >= round(before, 1) > 0  # the first part is counted
     # QAT from the float release, with distillation, then packed export at 2 bits
     q = run(cfg_for(tmp_path / "q", tiny_fmnist, "quant=lsq", "bits=2", f"init_from={rel}", "distill=0.5"))
     qcfg = json.loads(open(f"{q['release_dir']}/config.json").read())

@@ -148,7 +148,9 @@ def card_text(directory: str | Path) -> str:
     lines += [
         f"- **Trained on:** {train.get('hardware', '?')}, {train.get('epochs', '?')} epochs, "
         f"{train.get('global_step', '?')} steps, "
-        + (f"{train['train_seconds']} s" if train.get("train_seconds") is not None
+        + (f"{train['train_seconds']} s" + (" (summed over the interrupted run and its resume)"
+                                             if train.get("resumed") else "")
+           if train.get("train_seconds") is not None
            else "resumed from its last checkpoint, so the training time was not recorded")
         + f"; released weights: {train.get('selected', 'last epoch')}; torch {train.get('torch', '?')}; "
         f"{cfg.get('created', '')}",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import platform
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -110,7 +109,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     is the recipe recorded on the card (default: this process's ``python -m zoo.train`` arguments)."""
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from .cards import write_card, write_golden
@@ -133,7 +132,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     metric, mode = ("val/select", task_cls.monitor[1]) if cfg.two_stage else task_cls.monitor
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=metric, mode=mode,
                                  save_last=True, save_top_k=1),
-                 LearningRateMonitor(logging_interval="step")]
+                 LearningRateMonitor(logging_interval="step"), Timer(verbose=False)]
     loggers = [CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tb")]
     trainer = L.Trainer(max_epochs=cfg.epochs, callbacks=callbacks, logger=loggers,
                         default_root_dir=out, limit_train_batches=cfg.limit_train_batches,
@@ -145,10 +144,10 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         ckpt_path = ckpt_dir / "last.ckpt"
         if not ckpt_path.is_file():
             raise ConfigError(f"ckpt_path=last but {ckpt_path} does not exist (nothing to resume)")
-    t0 = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None,
                 weights_only=True if ckpt_path else None)
-    seconds = None if ckpt_path else round(time.time() - t0, 1)  # a resumed run timed only its tail
+    # fit time (training and validation); a resumed run adds the time its checkpoint had recorded
+    seconds = round(callbacks[2].time_elapsed("train"), 1)
     best = callbacks[0].best_model_path
     if best and Path(best).is_file():  # release the best validation epoch, not merely the last
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
@@ -161,7 +160,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     metrics["best_val"] = float(callbacks[0].best_model_score or float("nan"))
     release = save(module.model.cpu(), cfg.release_dir, metrics=metrics, extra={"train": {
         "command": command or _command(), "data": cfg.data.name, "epochs": int(cfg.epochs),
-        "global_step": int(trainer.global_step), "train_seconds": seconds,
+        "global_step": int(trainer.global_step), "train_seconds": seconds, "resumed": bool(ckpt_path),
         "selected": "best validation epoch" if best else "last epoch",
         "hardware": hardware(), "torch": torch.__version__}})
     # the release must load by itself and agree with the model we trained

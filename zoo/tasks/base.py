@@ -2,8 +2,11 @@
 
 It owns the model (a :class:`zoo.ZooModel`), quantizes it in ``configure_model`` (idempotent),
 loads a float checkpoint for QAT (``init_from``), keeps an optional frozen float teacher for
-distillation, drives quantizer schedules with the training progress, and sets up the optimizer.
-Subclasses implement ``loss_and_metrics`` and name their DataModules.
+distillation, drives quantizer schedules with the training progress, runs ReActNet-style
+two-stage training (``two_stage``: float weights first, then quantized), and sets up the optimizer
+and its cosine or linear schedule. Subclasses implement ``loss_and_metrics``, name their
+DataModules and provide the release hooks (``evaluate``, ``card_lines``, ``summary_table``,
+``predict``, ...) that the shared code reaches through the task registry (``zoo.tasks``).
 """
 from __future__ import annotations
 
