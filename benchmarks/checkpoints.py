@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from zoo.tasks import get_task, task_names
 from zoo.train import hardware
 
 
-def remeasure(task: str, data: str | None = None, limit: int | None = None) -> str:
-    """The task's summary table of every shipped model's metrics as measured now."""
+def remeasure(task: str, data: str | None = None, limit: int | None = None,
+              link_from: Path | None = None) -> str:
+    """The task's summary table of every shipped model's metrics as measured now; links to the
+    cards are relative to ``link_from`` (the folder the table is saved in) when given."""
     task_cls = get_task(task)
     rows, described, seconds = [], set(), {}
     for name in zoo.list_models(task=task):
@@ -45,7 +48,11 @@ def remeasure(task: str, data: str | None = None, limit: int | None = None) -> s
     lines = [f"Packed models through zoo.load (reference backend); {hardware()}, torch {torch.__version__}"]
     lines += [f"- {t}" for t in sorted(described)]
     lines += ["- evaluation seconds: " + ", ".join(f"{n} {s:.1f}" for n, s in seconds.items()), ""]
-    return "\n".join(lines) + "\n" + task_cls.summary_table(rows)
+    table = task_cls.summary_table(rows)
+    if link_from:
+        for d, _ in rows:
+            table = table.replace(f"]({d}/README.md)", f"]({os.path.relpath(d, link_from)}/README.md)")
+    return "\n".join(lines) + "\n" + table
 
 
 def main(argv=None):
@@ -57,7 +64,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     stem = f"{args.task}_checkpoints" + (f"_{Path(args.data).name}" if args.data else "")
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{stem}.md"
-    text = remeasure(args.task, args.data, args.limit)
+    text = remeasure(args.task, args.data, args.limit, link_from=out.parent.resolve())
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

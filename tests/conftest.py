@@ -45,3 +45,17 @@ def check_golden(name: str):
     assert out.shape == expected.shape
     assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
     return out, expected
+
+
+def check_seed_record(cfg: dict, key: str):
+    """A ``zoo.seeds`` release: 3 seeds, the released metrics are the median seed's, and the
+    recorded mean / sample std are those of the per-seed runs (recomputed here)."""
+    import statistics
+
+    s = cfg["seeds"]
+    vals = [r[key] for r in s["runs"].values()]
+    assert len(vals) == 3 and s["metric"] == key
+    assert cfg["metrics"] == s["runs"][str(s["selected"])]
+    assert cfg["metrics"][key] == statistics.median(vals)
+    assert s["mean"][key] == pytest.approx(statistics.mean(vals), abs=1e-9)
+    assert s["std"][key] == pytest.approx(statistics.stdev(vals), abs=1e-9)

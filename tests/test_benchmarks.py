@@ -57,6 +57,11 @@ def test_sr_checkpoints_benchmark_on_a_user_folder(tmp_path):
     assert len(rows) == len(zoo.list_models(task="sr")) > 0
     assert "2 images from" in out.stdout
     assert (tmp_path / "t.md").read_text().strip() == out.stdout.strip()
+    import re
+
+    links = [m.group(1) for r in rows for m in [re.search(r"\]\(([^)]+)\)", r)]]
+    assert len(links) == len(rows)  # relative to the saved table's folder, so they work where it is read
+    assert all(not Path(link).is_absolute() and (tmp_path / link).is_file() for link in links), links
 
 
 def test_sal_checkpoints_benchmark_on_a_user_folder(tmp_path):

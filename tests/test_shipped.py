@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zoo
-from tests.conftest import check_golden, needs_fmnist
+from tests.conftest import check_golden, check_seed_record, needs_fmnist
 from zoo.cards import read_golden
 from zoo.registry import resolve_checkpoint
 
@@ -14,7 +14,7 @@ SHIPPED = zoo.list_models(task="cls")
 
 def test_the_promised_checkpoints_are_shipped():
     tags = {n.split(".", 1)[1] for n in SHIPPED}
-    for tag in ("fp32_fmnist", "lsq_w8a8_fmnist", "lsq_w4a4_fmnist", "lsq_w2a2_fmnist", "n2uq_w2a2_fmnist",
+    for tag in ("fp32_fmnist", "lsq_w8a8_fmnist", "lsq_w4a4_fmnist", "lsq_w2a2_fmnist",
                 "irnet_w1a1_fmnist", "xnor_w1a1_fmnist", "react_w1a1_fmnist"):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
 
@@ -40,24 +40,53 @@ def _metrics(tag):
     return json.loads((d / "config.json").read_text())
 
 
-def test_binary_targets():
-    """IR-Net W1A1 within 6.0 points of FP32 and above XNOR trained at the same budget (test top-1
-    on the 10,000 test images, as each training command measured it on the packed model; the slow
-    test_full_test_split_reproduces_card re-measures them through zoo.load)."""
-    acc = {tag: _metrics(tag)["metrics"]["test_acc"] for tag in
-           ("fp32_fmnist", "irnet_w1a1_fmnist", "xnor_w1a1_fmnist", "react_w1a1_fmnist")}
-    assert acc["fp32_fmnist"] - acc["irnet_w1a1_fmnist"] <= 0.060, acc
-    assert acc["irnet_w1a1_fmnist"] > acc["xnor_w1a1_fmnist"], acc
-    recipe = {tag: _metrics(tag)["train"]["command"].split("quant=")[1].split(" ", 1)[1].split(" output_dir")[0]
-              for tag in ("irnet_w1a1_fmnist", "xnor_w1a1_fmnist", "react_w1a1_fmnist")}
+def _acc(tag):
+    """Test top-1 on the 10,000 test images, as the training command measured it on the packed
+    model (the slow test_full_test_split_reproduces_card re-measures it through zoo.load)."""
+    return _metrics(tag)["metrics"]["test_acc"]
+
+
+def _recipe(command):
+    """A training command less what names the method (the quantizer and its own options) and
+    where it writes: what must be equal for two methods to have had the same budget."""
+    words = command.split("zoo.train", 1)[1].split()
+    return " ".join(w for w in words if not w.lstrip("+").startswith(("quant=", "quant.", "output_dir=",
+                                                                        "release_dir=", "trainer.")))
+
+
+def test_recipe_ignores_only_the_method_and_paths():
+    a = "python -m zoo.train task=cls quant=irnet +quant.weight.t_max=1 bits=1 epochs=12 output_dir=x"
+    assert _recipe(a) == "task=cls bits=1 epochs=12"
+    assert _recipe(a) != _recipe(a.replace("epochs=12", "epochs=4"))
+
+
+BINARY = ("irnet_w1a1_fmnist", "xnor_w1a1_fmnist", "react_w1a1_fmnist")
+
+
+def test_binary_releases_share_one_recipe():
+    recipe = {tag: _recipe(_metrics(tag)["train"]["command"]) for tag in BINARY}
     assert len(set(recipe.values())) == 1, recipe  # the same budget and recipe for all three
+    assert {"epochs=12", "two_stage=true", "distill=1.0"} <= set(recipe["irnet_w1a1_fmnist"].split())
 
 
-@pytest.mark.parametrize("tag", ["lsq_w2a2_fmnist", "n2uq_w2a2_fmnist"])
-def test_two_bit_comparison_is_over_three_seeds(tag):
-    seeds = _metrics(tag)["seeds"]
-    assert len(seeds["runs"]) == 3 and seeds["metric"] == "test_acc"
-    assert _metrics(tag)["metrics"] == seeds["runs"][str(seeds["selected"])]
+def test_irnet_w1a1_within_six_points_of_fp32():
+    assert _acc("fp32_fmnist") - _acc("irnet_w1a1_fmnist") <= 0.060, (_acc("fp32_fmnist"), _acc("irnet_w1a1_fmnist"))
+
+
+def test_irnet_w1a1_above_xnor_at_the_same_recipe():
+    assert _acc("irnet_w1a1_fmnist") > _acc("xnor_w1a1_fmnist"), (_acc("irnet_w1a1_fmnist"), _acc("xnor_w1a1_fmnist"))
+
+
+SEEDED = [n.split(".", 1)[1] for n in SHIPPED if _metrics(n.split(".", 1)[1]).get("seeds")]
+
+
+def test_lsq_w2a2_is_over_three_seeds():
+    assert "lsq_w2a2_fmnist" in SEEDED
+
+
+@pytest.mark.parametrize("tag", SEEDED)
+def test_seed_record_is_consistent(tag):
+    check_seed_record(_metrics(tag), "test_acc")
 
 
 def test_binary_weights_file_is_under_a_tenth_of_float():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zoo
-from tests.conftest import check_golden, needs_basicsr
+from tests.conftest import check_golden, check_seed_record, needs_basicsr
 from zoo.cards import read_golden
 from zoo.registry import resolve_checkpoint
 
@@ -55,8 +55,38 @@ def test_test_split_reproduces_card_and_beats_bicubic(name):
     card = _cfg(name)["metrics"]
     for k in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim"):
         assert res[k] == pytest.approx(card["test_" + k], abs=1e-3), k
-    if "dorefa" not in name:  # the DoReFa baseline is below bicubic (see its card and the README)
-        assert res["psnr"] > res["bicubic_psnr"]
+    assert res["psnr"] > res["bicubic_psnr"]
+
+
+@pytest.mark.parametrize("scale", [4, 2])
+def test_quantsr_w2a2_above_the_sr_dorefa_baseline(scale):
+    qsr = _cfg(f"edsr.quantsr_w2a2_x{scale}")["metrics"]["test_psnr"]
+    dorefa = _cfg(f"edsr.dorefa_w2a2_x{scale}")
+    assert dorefa["quant"]["weight"]["rescale"] is True  # the SR variant, not the classification one
+    assert qsr > dorefa["metrics"]["test_psnr"], (qsr, dorefa["metrics"]["test_psnr"])
+
+
+# a measured miss, kept visible (strict: the mark must go when a retrained model meets the bar)
+@pytest.mark.xfail(strict=True, reason="QuantSR W2A2 x4 30.527 (3-seed mean) vs DoReFa-SR 30.34 dB: "
+                                       "+0.19 dB, not 0.5 (see the README's SR section for why)")
+def test_quantsr_w2a2_x4_is_half_a_db_above_dorefa():
+    """The issue's bar: QuantSR W2A2 x4 (mean over its seeds) >= 0.5 dB above DoReFa W2A2 on the
+    built-in test photos, which no training saw."""
+    qsr = _cfg("edsr.quantsr_w2a2_x4")["seeds"]["mean"]["test_psnr"]
+    assert qsr - _cfg("edsr.dorefa_w2a2_x4")["metrics"]["test_psnr"] >= 0.5
+
+
+SEEDED = [n for n in SHIPPED if _cfg(n).get("seeds")]
+
+
+def test_quantsr_and_pams_w2a2_x4_are_over_three_seeds():
+    for name in ("edsr.quantsr_w2a2_x4", "edsr.pams_w2a2_x4"):
+        assert name in SEEDED, name
+
+
+@pytest.mark.parametrize("name", SEEDED)
+def test_seed_record_is_consistent(name):
+    check_seed_record(_cfg(name), "test_psnr")
 
 
 QUANTIZED = [n for n in SHIPPED if "fp32" not in n]

@@ -53,6 +53,12 @@ def test_run_float_then_resume_without_lost_steps(tmp_path, tiny_fmnist):
     assert resumed["global_step"] == 2 * steps_per_epoch
     train = json.loads(open(f"{resumed['release_dir']}/config.json").read())["train"]
     assert train["resumed"] and train["train_seconds"] >= round(before, 1) > 0  # the first part is counted
+    # a checkpoint from before the Timer existed: the total is unknown, so none is recorded
+    ck["callbacks"] = {k: v for k, v in ck["callbacks"].items() if not k.startswith("Timer")}
+    torch.save(ck, tmp_path / "fp" / "checkpoints" / "last.ckpt")
+    old = run(cfg_for(tmp_path / "fp", tiny_fmnist, "quant=none", "epochs=2", "ckpt_path=last"))
+    train = json.loads(open(f"{old['release_dir']}/config.json").read())["train"]
+    assert train["resumed"] and train["train_seconds"] is None
     # QAT from the float release, with distillation, then packed export at 2 bits
     q = run(cfg_for(tmp_path / "q", tiny_fmnist, "quant=lsq", "bits=2", f"init_from={rel}", "distill=0.5"))
     qcfg = json.loads(open(f"{q['release_dir']}/config.json").read())

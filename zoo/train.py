@@ -144,10 +144,15 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         ckpt_path = ckpt_dir / "last.ckpt"
         if not ckpt_path.is_file():
             raise ConfigError(f"ckpt_path=last but {ckpt_path} does not exist (nothing to resume)")
+    # a checkpoint written before the Timer callback existed carries no elapsed time: then the
+    # resumed run's total is unknown and is recorded as such rather than as its tail alone
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path else {}
+    timed = not ckpt_path or any(k.startswith("Timer") for k in saved.get("callbacks", {}))
+    del saved
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None,
                 weights_only=True if ckpt_path else None)
     # fit time (training and validation); a resumed run adds the time its checkpoint had recorded
-    seconds = round(callbacks[2].time_elapsed("train"), 1)
+    seconds = round(callbacks[2].time_elapsed("train"), 1) if timed else None
     best = callbacks[0].best_model_path
     if best and Path(best).is_file():  # release the best validation epoch, not merely the last
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])

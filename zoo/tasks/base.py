@@ -230,6 +230,14 @@ class QuantTask(L.LightningModule):
         return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(t_logits / t, -1),
                         log_target=True, reduction="batchmean") * t * t
 
+    def with_distill(self, loss, student_out, x, stage: str):
+        """``(1 - distill) * loss + distill * distill_loss(student_out, x)`` in training when a
+        teacher is set (``distill > 0``); the task's own loss otherwise."""
+        if stage != "train" or self.teacher is None:
+            return loss
+        w = self.hparams.distill
+        return (1 - w) * loss + w * self.distill_loss(student_out, x)
+
     def loss_and_metrics(self, batch, stage: str) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError  # implemented by each task
 

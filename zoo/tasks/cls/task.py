@@ -43,9 +43,6 @@ class ClassificationTask(QuantTask):
         x, y = batch
         logits = self.model(x)
         ce = F.cross_entropy(logits, y)
-        loss = ce
-        if stage == "train" and self.teacher is not None:
-            w = self.hparams.distill
-            loss = (1 - w) * ce + w * self.distill_loss(logits, x)
+        loss = self.with_distill(ce, logits, x, stage)
         acc = (logits.argmax(-1) == y).float().mean()
         return loss, {"loss": ce.detach(), "acc": acc}

@@ -117,9 +117,7 @@ class SaliencyTask(QuantTask):
         logits = self.model(x)
         loss = sal_loss(logits, mask)
         metrics = {"loss": loss.detach()}
-        if stage == "train" and self.teacher is not None:
-            w = self.hparams.distill
-            loss = (1 - w) * loss + w * self.distill_loss(logits, x)
+        loss = self.with_distill(loss, logits, x, stage)
         p = logits.detach().sigmoid()
         metrics["mae"] = (p - mask).abs().mean()
         if stage != "train":

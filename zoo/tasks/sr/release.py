@@ -57,7 +57,7 @@ def summary_table(rows) -> str:
         psnr, ref = m.get("test_psnr"), fp.get((cfg["arch"], s))
         gap = f"{psnr - ref:+.2f}" if psnr is not None and ref is not None else "n/a"
         bic = f"{psnr - m['test_bicubic_psnr']:+.2f}" if psnr is not None else "n/a"
-        col = f" {seed_cell(cfg, 'test_psnr') or '—'} |" if seeds else ""
+        col = f" {seed_cell(cfg, 'test_psnr', digits=3) or '—'} |" if seeds else ""
         wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
         out.append(f"| [{path.name}]({path}/README.md) | x{s} | {psnr:.2f} | {gap} | {bic} |{col} "
                    f"{m.get('test_ssim', float('nan')):.4f} | {wb:,} | 1/{fb / wb:.1f} |")

@@ -143,10 +143,7 @@ class SuperResolutionTask(QuantTask):
         lr, hr = batch
         sr = self.model(lr)
         l1 = F.l1_loss(sr, hr)
-        loss = l1
-        if stage == "train" and self.teacher is not None:
-            w = self.hparams.distill
-            loss = (1 - w) * l1 + w * self.distill_loss(sr, lr)
+        loss = self.with_distill(l1, sr, lr, stage)
         metrics = {"loss": l1.detach()}
         if stage != "train":
             s = self.hparams.input_contract["scale"]
