@@ -184,3 +184,26 @@ def test_create_model_errors():
     with pytest.raises(ValueError, match="unknown architecture 'resnet99'; valid: .*resnet20"):
         zoo.create_model("resnet99")
     assert isinstance(zoo.create_model("resnet20.some_tag", num_classes=3).fc, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("arch, match", [("edsr", "does not describe a buildable model: .*unexpected keyword"),
+                                         ("nope", "does not describe a buildable model: unknown architecture 'nope'"),
+                                         ("resnet32", "do not match architecture 'resnet32'")])
+def test_config_edited_to_another_arch_is_a_checkpoint_error(saved, arch, match):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["arch"] = arch
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match):
+        zoo.load(saved)
+
+
+def test_shipped_cards_say_what_data_the_model_knows():
+    from zoo.registry import resolve_checkpoint
+    from zoo.tasks import get_task
+
+    for name in zoo.list_models():
+        d = resolve_checkpoint(name)
+        cfg = json.loads((d / "config.json").read_text())
+        domain = get_task(cfg["task"]).domain(cfg)
+        assert domain, name  # every shipped model is trained on built-in data
+        assert f"- **Domain:** {domain}" in (d / "README.md").read_text(), name

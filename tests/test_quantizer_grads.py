@@ -546,7 +546,8 @@ def test_packed_n2uq_and_rescaled_dorefa_match_the_training_form():
                         m.a.uniform_(0.2, 1.0), m.start.fill_(0.1), m.beta1.fill_(1.7)
         net.eval()
         x = torch.rand(3, 5, 4, 4)
-        y = net(x)
+        with torch.no_grad():
+            y = net(x)
         packed = to_packed(copy.deepcopy(net))
         assert packed[0].act_mode == ("threshold" if isinstance(lq.act, N2UQ) else "affine")
         torch.testing.assert_close(packed(x), y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))

@@ -43,15 +43,17 @@ def test_init_from_float_checkpoint_and_teacher(tmp_path):
     p_t = torch.softmax(fp.model(x), -1)  # KL(teacher || student), temperature 1
     kl = (p_t * (p_t.log() - torch.log_softmax(student, -1))).sum(-1).mean()
     torch.testing.assert_close(t.distill_loss(student, x), kl)
-    # a quantized release cannot be a QAT starting point
+    # a quantized release is a fine-tuning starting point: its training form comes back exactly
     zoo.save(t.model, tmp_path / "q")
-    bad = ClassificationTask("resnet20", ARGS, CONTRACT, quant=q, init_from=str(tmp_path / "q"))
-    try:
-        bad.configure_model()
-    except ValueError as e:
-        assert "quantized checkpoint" in str(e)
-    else:
-        raise AssertionError("expected a ValueError")
+    student_args = {**ARGS, "act": "hardtanh", "per_conv_shortcut": True}
+    ft = ClassificationTask("resnet20", student_args, CONTRACT, quant=q, init_from=str(tmp_path / "q"))
+    ft.configure_model()
+    released = zoo.load(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(ft.model.eval()(x), released(x), rtol=1e-5, atol=1e-5)
+    # built with other model arguments: refused, naming them
+    with pytest.raises(ValueError, match=r"other model_args: act='hardtanh' in the release, None here"):
+        ClassificationTask("resnet20", ARGS, CONTRACT, quant=q, init_from=str(tmp_path / "q")).configure_model()
 
 
 def test_progress_drives_ede_schedule():

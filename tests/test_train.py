@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,8 +94,8 @@ def test_run_rejects_bad_config(tmp_path, tiny_fmnist, overrides, match):
 
 @pytest.mark.parametrize("args, match", [
     (["bits=9"], "valid: integers 1..8"),
-    (["quant=nope"], "Could not find 'quant/nope'"),
-    (["task=nope"], "Could not find 'task/nope'"),
+    (["quant=nope"], "quant='nope' is not available; valid: ['dorefa', "),
+    (["task=nope"], "task='nope' is not available; valid: ['cls', 'sal', 'sr']"),
     (["arch=nope"], "unknown arch 'nope'"),
 ])
 def test_cli_exits_nonzero_naming_valid_choices(args, match):
@@ -156,3 +157,94 @@ def test_seeds_cli_errors(args, match, capsys):
 
     assert seeds_main(args) == 2
     assert match in capsys.readouterr().err
+
+
+def _folder(root, classes=("cat", "dog", "owl"), n=6):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for k, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 40, (28, 28)) + 70 * k  # brightness ~ class
+                Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_fine_tune_a_quantized_release(tmp_path, tiny_fmnist, caplog):
+    """init_from=<quantized release>: its quantization and model arguments are kept unless the
+    command sets them, the run gets a name of its own, another number of classes re-initialises only
+    the classifier (with a log line), another number of channels is refused naming the layer."""
+    import logging
+
+
+    from zoo.train import validate
+
+    base = run(cfg_for(tmp_path / "q", tiny_fmnist, "quant=lsq", "bits=2", "+model_args.act=hardtanh"),
+               overrides=["quant=lsq", "bits=2"])
+    rel = base["release_dir"]
+    released = json.loads(open(f"{rel}/config.json").read())
+    cfg = cfg_for(tmp_path / "ft", tiny_fmnist, f"init_from={rel}")
+    task_cls, _, q, model_args = validate(cfg, [f"init_from={rel}"])
+    assert q == released["quant"] and cfg.name == "release_ft_fmnist"
+    assert model_args["act"] == "hardtanh" and "num_classes" not in model_args  # the data decides it
+    # the command chooses another quantization: it wins
+    cfg4 = cfg_for(tmp_path / "ft4", tiny_fmnist, f"init_from={rel}", "bits=4")
+    assert validate(cfg4, [f"init_from={rel}", "bits=4"])[2]["weight"]["bits"] == 4
+
+    ft = run(cfg_for(tmp_path / "ft", tiny_fmnist, f"init_from={rel}", "limit_train_batches=2"),
+             overrides=[f"init_from={rel}"])
+    again = zoo.load(ft["release_dir"])
+    assert again.quant.to_dict() == released["quant"] and again.model_args["act"] == "hardtanh"
+
+    # a 3-class, 1-channel folder: the classifier starts afresh, the rest comes from the release
+    folder = _folder(tmp_path / "imgs")
+    ov = ["data=folder", f"data.root={folder}", "data.channels=1", "data.size=[28,28]", f"init_from={rel}"]
+    with caplog.at_level(logging.WARNING):
+        out = run(cfg_for(tmp_path / "ft3", tiny_fmnist, *ov, "limit_train_batches=1"), overrides=ov)
+    assert "layer fc re-initialised (weight (10, 16) in the release, (3, 16) here)" in caplog.text
+    m3 = zoo.load(out["release_dir"])
+    assert m3.net.fc.weight_shape[0] == 3
+    card = (Path(out["release_dir"]) / "README.md").read_text()
+    assert f"- **Splits (folder from `{folder}`):** train 18 / validation 18 / test 18 images" in card
+    assert "55,000" not in card
+    # 3 channels: the first conv does not fit and is named
+    ov3 = [o for o in ov if o != "data.channels=1"]
+    with pytest.raises(ConfigError, match=r"mismatching layers: stem \(weight \(4, 1, 3, 3\) in the "
+                                          r"release, \(4, 3, 3, 3\) here\)"):
+        run(cfg_for(tmp_path / "bad", tiny_fmnist, *ov3), overrides=ov3)
+
+
+@pytest.mark.parametrize("task, arch, contract, preferred, expected", [
+    ("cls", "resnet20", {"channels": 1}, "resnet20.fp32_fmnist", "resnet20.fp32_fmnist"),
+    ("cls", "resnet20", {"channels": 3}, "resnet20.fp32_fmnist", None),  # RGB folder: none fits
+    ("sr", "edsr", {"channels": 3, "scale": 3}, "edsr.fp32_x3", None),  # no x3 model is shipped
+    ("sr", "edsr", {"channels": 3, "scale": 2}, "edsr.fp32_x2", "edsr.fp32_x2"),
+    ("sal", "unet_r18", {"channels": 3}, "unet_r18.fp32_sal_folder", "unet_r18.fp32_sal_composites"),
+    ("sal", "linknet_r18", {"channels": 3}, "linknet_r18.fp32_sal_folder", "linknet_r18.fp32_sal_composites"),
+])
+def test_default_init_from_is_a_shipped_float_model_that_fits(task, arch, contract, preferred, expected, caplog):
+    import logging
+
+    from zoo.tasks import get_task
+    from zoo.train import default_init
+
+    with caplog.at_level(logging.INFO):
+        assert default_init(get_task(task), arch, contract, preferred) == expected
+    if expected is None:
+        assert "no shipped float" in caplog.text and "training from scratch" in caplog.text
+    elif expected != preferred:
+        assert f"starting from {expected}" in caplog.text
+
+
+def test_user_data_release_names_never_collide_with_shipped_ones():
+    with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
+        names = {tuple(ov): compose("train", overrides=ov).name for ov in (
+            ["task=sr", "bits=2", "data=sr_folder", "data.root=/x"], ["task=sr", "bits=2", "scale=2"],
+            ["task=sal", "bits=2", "data=sal_folder", "data.root=/x"], ["data=folder", "data.root=/x"])}
+    shipped = set(zoo.list_models())
+    assert names[("task=sr", "bits=2", "scale=2")] in shipped  # the built-in data: the shipped name
+    assert [n for ov, n in names.items() if any("folder" in o for o in ov) and n in shipped] == []
+    assert names[("task=sr", "bits=2", "data=sr_folder", "data.root=/x")] == "edsr.quantsr_w2a2_sr_folder_x4"

@@ -136,7 +136,9 @@ def card_text(directory: str | Path) -> str:
         "",
         f"- **Quantization:** {_quant_line(cfg.get('quant'))}",
     ]
-    lines += task.card_lines(cfg, m, train) + seeds_lines(cfg)
+    lines += task.card_lines(cfg, m, train) + data_lines(train) + seeds_lines(cfg)
+    if task.domain(cfg):
+        lines.append(f"- **Domain:** {task.domain(cfg)}")
     lines += [
         f"- **Weights file:** {wbytes:,} bytes; the same net in float32: {fbytes:,} bytes "
         f"({fbytes / wbytes:.1f}x smaller)",
@@ -176,6 +178,17 @@ def card_text(directory: str | Path) -> str:
     lines += [f"`{GOLDEN}` holds an input batch and the packed model's output; `tests/test_shipped.py` checks it.",
               ""]
     return "\n".join(lines)
+
+
+def data_lines(train: dict) -> list[str]:
+    """The data a release was trained on, as the run measured it: images per split and the root."""
+    splits = train.get("splits")
+    if not splits:
+        return []
+    names = {"train": "train", "val": "validation", "test": "test"}
+    sizes = " / ".join(f"{names.get(k, k)} {v:,}" for k, v in splits.items())
+    root = f" from `{train['data_root']}`" if train.get("data_root") else ""
+    return [f"- **Splits ({train.get('data', '?')}{root}):** {sizes} images"]
 
 
 def write_card(directory: str | Path) -> Path:

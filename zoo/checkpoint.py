@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .kernels.dispatch import check_backend, check_binary_kernel
 from .quantizers import QuantConfig, quantize, set_backend, to_packed
+from .quantizers.packed import PackedLayer
 from .registry import create_model, resolve_checkpoint
 from .wrapper import ZooModel
 
@@ -49,22 +51,40 @@ def packed_copy(model: ZooModel) -> ZooModel:
     return m
 
 
-def save(model: ZooModel, directory: str | os.PathLike, metrics: dict | None = None,
-         extra: dict | None = None) -> Path:
-    """Write ``model`` (training or packed form) as a release checkpoint into ``directory``."""
-    if not isinstance(model, ZooModel):
-        raise TypeError(f"save() takes a zoo.ZooModel, got {type(model).__name__}")
+def save(model: nn.Module, directory: str | os.PathLike, metrics: dict | None = None,
+         extra: dict | None = None, *, builder: str | None = None, kwargs: dict | None = None,
+         quant: QuantConfig | None = None) -> Path:
+    """Write ``model`` (training or packed form) as a release checkpoint into ``directory``.
+
+    A :class:`ZooModel` describes itself. Any other quantized ``nn.Module`` (torchvision, timm, smp,
+    your own) is saved with its ``QuantConfig`` (the one ``zoo.quantize`` recorded on it, or
+    ``quant=``) and, optionally, how to rebuild its float skeleton: ``builder="package.module:factory"``
+    and JSON ``kwargs``. The rebuild is tried here, so a builder, kwargs or config that would not give
+    back this model fails now rather than at load time. Without a builder, load it with
+    ``zoo.load(directory, model=<float skeleton>)``."""
+    if isinstance(model, ZooModel):
+        if builder is not None or quant is not None:
+            raise TypeError("a zoo.ZooModel describes itself: builder= and quant= are for other models")
+        packed = packed_copy(model)
+        header = {**model.config()}
+        arch = model.arch
+    else:
+        header = _module_header(model, builder, kwargs, quant)
+        packed = copy.deepcopy(model).eval()
+        to_packed(packed)
+        if builder is not None:
+            _check_rebuild(packed, header)
+        arch = builder or type(model).__name__
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    packed = packed_copy(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in packed.state_dict().items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION),
-                                                          "arch": model.arch})
+                                                          "arch": arch})
         cfg = {
             "format_version": FORMAT_VERSION,
-            **model.config(),
+            **header,
             "metrics": metrics or {},
             "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS),
                         "bytes": (tmp / WEIGHTS).stat().st_size},
@@ -90,6 +110,69 @@ def save(model: ZooModel, directory: str | os.PathLike, metrics: dict | None = N
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+ALLOWED_BUILDERS: set[str] = set()  # module prefixes whose factories zoo.load may call (opt-in)
+
+
+def allow_builder(*prefixes: str) -> None:
+    """Let ``zoo.load`` call checkpoint builders from these modules (``"torchvision.models"``,
+    ``"timm"``, your package): a checkpoint naming a builder runs that code, so you opt in."""
+    ALLOWED_BUILDERS.update(prefixes)
+
+
+def _import_builder(target: str):
+    import importlib
+
+    module, _, name = str(target).partition(":")
+    if not module or not name:
+        raise ValueError(f"builder={target!r} must be 'package.module:factory'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"builder={target!r} cannot be imported: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"builder={target!r} is not callable")
+    return fn
+
+
+def _module_header(model: nn.Module, builder, kwargs, quant) -> dict:
+    from .quantizers.quantize import QUANT_CONFIG_ATTR, quantized_layers
+
+    quant = quant if quant is not None else getattr(model, QUANT_CONFIG_ATTR, None)
+    has_quant = bool(quantized_layers(model)) or any(isinstance(m, PackedLayer) for m in model.modules())
+    if quant is None and has_quant:
+        raise TypeError(f"save(): the {type(model).__name__} has quantized layers but no QuantConfig: pass "
+                        f"quant= (the config given to zoo.quantize)")
+    if kwargs is not None and builder is None:
+        raise TypeError("save(): kwargs= without builder= (the factory they are for)")
+    if builder is not None:
+        _import_builder(builder)
+        try:
+            json.dumps(kwargs or {})
+        except TypeError as e:
+            raise TypeError(f"save(): kwargs must be JSON (numbers, strings, lists, dicts): {e}") from None
+    return {"kind": "module", "builder": builder, "kwargs": kwargs or {},
+            "quant": quant.to_dict() if quant is not None else None}
+
+
+def _rebuild(header: dict, skeleton: nn.Module | None = None) -> nn.Module:
+    """The packed model a generic-module config describes: ``skeleton`` (a float model, quantized
+    here in place) or the builder's model."""
+    net = skeleton if skeleton is not None else _import_builder(header["builder"])(**header.get("kwargs", {}))
+    if header.get("quant"):
+        net = quantize(net, QuantConfig.from_dict(header["quant"]))
+    net.eval()
+    return to_packed(net)
+
+
+def _check_rebuild(packed: nn.Module, header: dict) -> None:
+    rebuilt = _rebuild(header).state_dict()
+    mine = packed.state_dict()
+    bad = sorted(set(rebuilt) ^ set(mine)) + sorted(k for k in mine if k in rebuilt and rebuilt[k].shape != mine[k].shape)
+    if bad:
+        raise ValueError(f"save(): {header['builder']}(**{header['kwargs']}) quantized with this config does not "
+                         f"give back this model; differing tensors: {bad[:6]}{' ...' if len(bad) > 6 else ''}")
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -121,7 +204,7 @@ def build_from_config(cfg: dict) -> ZooModel:
 
 def load(name_or_directory: str | os.PathLike, backend: str = "auto",
          map_location: str | torch.device = "cpu", binary_kernel: str = "auto",
-         depth: int | None = None) -> ZooModel:
+         depth: int | None = None, model: nn.Module | None = None) -> nn.Module:
     """Load a shipped model by name (``resnet20.irnet_w1a1_fmnist``) or a checkpoint directory.
 
     Returns an eval-mode :class:`ZooModel` taking float images in [0, 1]; its quantized layers run
@@ -129,6 +212,10 @@ def load(name_or_directory: str | os.PathLike, backend: str = "auto",
     tensors, the pure-torch reference elsewhere), ``"triton"`` or ``"reference"``; W1A1 layers on
     Triton use ``binary_kernel`` ``"popcount"``, ``"dot"`` or ``"auto"``. ``depth`` runs only that
     many quantized residual blocks of a depth-dynamic (QuantSR DQA) model; None runs all.
+
+    A checkpoint of another model (``zoo.save(torchvision_net, ...)``) comes back as that model in
+    packed form: rebuilt by its recorded builder if you allowed it (:func:`allow_builder`), or from
+    ``model=``, a float skeleton you build (it is quantized and packed in place).
     """
     check_backend(backend)
     check_binary_kernel(binary_kernel)
@@ -146,16 +233,40 @@ def load(name_or_directory: str | os.PathLike, backend: str = "auto",
         state = load_file(str(wpath), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{wpath} is not a readable safetensors file: {e}") from None
-    model = build_from_config(cfg)
+    if cfg.get("kind") == "module":
+        net, what = _module_net(cfg, wpath, model), "the given model" if model is not None else cfg["builder"]
+    else:
+        if model is not None:
+            raise TypeError(f"model= is for checkpoints of other models; {directory} is a zoo {cfg.get('arch')} model")
+        try:
+            net = build_from_config(cfg)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{directory / CONFIG} does not describe a buildable model: {e}") from None
+        what = f"architecture {cfg['arch']!r} with args {cfg.get('model_args')}"
     try:
-        model.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"weights in {wpath} do not match architecture {cfg['arch']!r} with "
-                              f"args {cfg.get('model_args')}: {str(e).splitlines()[0]} ...\n{e}") from None
-    set_backend(model, backend, binary_kernel)
+        raise CheckpointError(f"weights in {wpath} do not match {what}: {str(e).splitlines()[0]}") from None
+    set_backend(net, backend, binary_kernel)
     if depth is not None:
         from .models.sr import set_depth
 
-        set_depth(model, depth)
-    model.metrics = cfg.get("metrics", {})
-    return model.to(map_location).eval()
+        set_depth(net, depth)
+    net.metrics = cfg.get("metrics", {})
+    return net.to(map_location).eval()
+
+
+def _module_net(cfg: dict, wpath: Path, skeleton: nn.Module | None) -> nn.Module:
+    """The packed, not yet loaded model of a generic-module checkpoint: ``skeleton`` quantized, or
+    the recorded builder's model if the user allowed that builder."""
+    builder = cfg.get("builder")
+    if skeleton is None:
+        if builder is None:
+            raise CheckpointError(f"{wpath.parent} records no builder: pass model=<the float model>, e.g. "
+                                  f"zoo.load(path, model=torchvision.models.resnet18(num_classes=10))")
+        module = builder.partition(":")[0]
+        if not any(module == p or module.startswith(p + ".") for p in ALLOWED_BUILDERS):
+            raise CheckpointError(f"{wpath.parent} is built by {builder!r}, which is not allowed: call "
+                                  f"zoo.allow_builder({module.split('.')[0]!r}) if you trust this checkpoint, "
+                                  f"or pass model=<the float model>")
+    return _rebuild(cfg, skeleton)

@@ -21,19 +21,58 @@ from .datasets import IMAGE_EXTS
 
 
 def collect_images(inputs) -> list[Path]:
-    """Image files named directly or found (non-recursively) in the named folders, in order."""
-    out = []
+    """Image files named directly or found (non-recursively) in the named folders, in order; a file
+    named twice (or found in a folder also named) is listed once."""
+    out, seen = [], set()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
         elif p.is_file():
-            out.append(p)
+            found = [p]
         else:
             raise FileNotFoundError(f"{p} is neither an image file nor a folder")
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
     if not out:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in {list(map(str, inputs))}")
     return out
+
+
+MAX_PIXELS = 64_000_000  # larger images are refused (PIL's decompression-bomb guard is at 89M)
+
+
+def check_image(path: Path) -> str | None:
+    """Why ``path`` cannot be processed (unreadable, truncated, too large), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                return f"{w} x {h} pixels is more than the {MAX_PIXELS:,} this tool processes"
+            im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; each is reported
+        return f"not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})"
+    return None
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can use it here; a ValueError naming the valid choices otherwise."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device; valid: cpu, cuda, cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not supported; valid: cpu, cuda, cuda:N")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,23 +93,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from . import load
+    from .checkpoint import read_config
+    from .registry import resolve_checkpoint
     from .tasks import get_task, task_names
 
     args = build_parser().parse_args(argv)
     try:
+        check_device(args.device)
         model = load(args.model, backend=args.backend, map_location=args.device)
         task = get_task(model.task)
         if task.predict is None:
             raise ValueError(f"no predictor for task {model.task!r}; tasks with one: "
                              f"{[t for t in task_names() if get_task(t).predict is not None]}")
         images = collect_images(args.images)
+        domain = task.domain(read_config(resolve_checkpoint(args.model)))
+        if domain:
+            print(f"note: {args.model} knows {domain}", file=sys.stderr)
+        bad = {p: why for p in images if (why := check_image(p))}
+        good = [p for p in images if p not in bad]
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        written = task.predict(model, images, out, args)
-    except (ValueError, FileNotFoundError) as e:
+        written = task.predict(model, good, out, args) if good else []
+    except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(written)} file(s) to {out}")
+    print(f"wrote {len(written)} file(s) for {len(good)} image(s) to {out}")
+    if bad:
+        for p, why in bad.items():
+            print(f"skipped {p}: {why}", file=sys.stderr)
+        print(f"error: {len(bad)} of {len(images)} image(s) could not be processed (listed above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

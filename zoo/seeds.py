@@ -109,7 +109,7 @@ def run_seeds(seeds: list[int], overrides: list[str]) -> dict:
     from .train import ConfigError, run, validate
 
     base = compose(overrides)
-    task_cls = validate(base)[0]
+    task_cls = validate(base, overrides)[0]
     key, mode = test_metric(task_cls)
     out = Path(base.output_dir)
     runs, seconds = {}, {}
@@ -125,7 +125,7 @@ def run_seeds(seeds: list[int], overrides: list[str]) -> dict:
         last = out / f"seed{s}" / "checkpoints" / "last.ckpt"
         cfg = compose(ov + (["ckpt_path=last"] if last.is_file() else []))
         print(f"seed {s}: {command}" + (" (resuming)" if last.is_file() else ""))
-        runs[s] = run(cfg, command=command)["metrics"]
+        runs[s] = run(cfg, command=command, overrides=ov)["metrics"]
         seconds[s] = _read(rel / "config.json")["train"].get("train_seconds")
         if key not in runs[s]:
             raise ConfigError(f"seed {s} reported no {key} (evaluate_packed=false?)")

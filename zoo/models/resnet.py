@@ -41,14 +41,23 @@ class ShortcutA(nn.Module):
         return x
 
 
+NORMS = ("bn", "gn")
+
+
+def _norm(kind: str, ch: int) -> nn.Module:
+    """BatchNorm, or GroupNorm (4 groups): batch-independent, for tiny per-device batches and for
+    data-parallel runs on CPU, where SyncBatchNorm is not available."""
+    return nn.BatchNorm2d(ch) if kind == "bn" else nn.GroupNorm(min(4, ch), ch)
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, in_ch, out_ch, stride, act, per_conv_shortcut):
+    def __init__(self, in_ch, out_ch, stride, act, per_conv_shortcut, norm="bn"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.bn1 = _norm(norm, out_ch)
         self.act1 = _act(act, out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.bn2 = _norm(norm, out_ch)
         self.act2 = _act(act, out_ch)
         self.shortcut = ShortcutA(in_ch, out_ch, stride)
         self.per_conv_shortcut = per_conv_shortcut
@@ -65,21 +74,23 @@ class BasicBlock(nn.Module):
 
 class ResNetCifar(nn.Module):
     def __init__(self, depth=20, num_classes=10, in_chans=3, width=16, act="relu",
-                 per_conv_shortcut=False):
+                 per_conv_shortcut=False, norm="bn"):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2 (20, 32, 44, 56), got {depth}")
         if act not in ACTS:
             raise ValueError(f"unknown act {act!r}; valid: {list(ACTS)}")
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; valid: {list(NORMS)}")
         n = (depth - 2) // 6
         self.stem = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
+        self.bn = _norm(norm, width)
         self.act = _act(act, width)
         blocks, ch = [], width
         for stage, out_ch in enumerate((width, 2 * width, 4 * width)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BasicBlock(ch, out_ch, stride, act, per_conv_shortcut))
+                blocks.append(BasicBlock(ch, out_ch, stride, act, per_conv_shortcut, norm))
                 ch = out_ch
         self.layers = nn.Sequential(*blocks)
         self.fc = nn.Linear(ch, num_classes)
@@ -94,10 +105,10 @@ class ResNetCifar(nn.Module):
 
 
 @register_model
-def resnet20(num_classes=10, in_chans=3, width=16, act="relu", per_conv_shortcut=False):
-    return ResNetCifar(20, num_classes, in_chans, width, act, per_conv_shortcut)
+def resnet20(num_classes=10, in_chans=3, width=16, act="relu", per_conv_shortcut=False, norm="bn"):
+    return ResNetCifar(20, num_classes, in_chans, width, act, per_conv_shortcut, norm)
 
 
 @register_model
-def resnet32(num_classes=10, in_chans=3, width=16, act="relu", per_conv_shortcut=False):
-    return ResNetCifar(32, num_classes, in_chans, width, act, per_conv_shortcut)
+def resnet32(num_classes=10, in_chans=3, width=16, act="relu", per_conv_shortcut=False, norm="bn"):
+    return ResNetCifar(32, num_classes, in_chans, width, act, per_conv_shortcut, norm)

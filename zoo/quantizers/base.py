@@ -46,6 +46,91 @@ def reduce_dims(ndim: int, axis: int) -> tuple:
     return tuple(d for d in range(ndim) if d != axis)
 
 
+def distributed() -> bool:
+    """Whether this process is one of several data-parallel ranks (torch.distributed running)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_ranks(t: torch.Tensor, op: str) -> torch.Tensor:
+    """``t`` reduced over the data-parallel ranks (``op``: "sum", "min" or "max") when
+    torch.distributed runs with more than one process; ``t`` itself otherwise. Quantizers call it on
+    the statistics they initialise or track from a training batch, so every rank ends with the state a
+    single process would get from the whole global batch."""
+    import torch.distributed as dist
+
+    if not distributed():
+        return t
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    t = t.detach().clone()
+    dist.all_reduce(t, op=ops[op])
+    return t
+
+
+def from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every data-parallel rank (a random choice all ranks must share)."""
+    import torch.distributed as dist
+
+    if not distributed():
+        return t
+    t = t.detach().clone()
+    dist.broadcast(t, src=0)
+    return t
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over every rank's batch (sum and count reduced, so shard sizes may differ)."""
+    s = all_ranks(torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype)]), "sum")
+    return s[0] / s[1]
+
+
+def global_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) standard deviation of ``x`` over every rank's batch, two-pass as
+    ``x.mean()``, ``x.std(unbiased=False)`` (which it is in a single process)."""
+    if not distributed():
+        return x.mean(), x.std(unbiased=False)
+    mu = global_mean(x)
+    return mu, global_mean((x - mu) ** 2).sqrt()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, axis: int) -> torch.Tensor:
+    """(q - zero_c) * scale_c for codes ``q`` and per-channel ``scale``/``zero`` along ``axis``."""
+    return (q - channel_view(zero, q.ndim, axis)) * channel_view(scale, q.ndim, axis)
+
+
+def nudge(f, target: torch.Tensor, guess: torch.Tensor, steps: int = 64) -> torch.Tensor:
+    """Per element, a float within ``steps`` representable values of ``guess`` with ``f(x) == target``
+    bit for bit (``guess`` where there is none): inverts a quantizer's float formula exactly, so a
+    rebuilt quantizer state exports the very same parameters."""
+    guess = torch.as_tensor(guess, dtype=target.dtype).clone()
+    best, found = guess.clone(), f(guess) == target
+    up, down = guess.clone(), guess.clone()
+    inf = torch.full_like(guess, float("inf"))
+    for _ in range(steps):
+        if bool(found.all()):
+            break
+        up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+        for c in (up, down):
+            ok = (f(c) == target) & ~found
+            best, found = torch.where(ok, c, best), found | ok
+    return best
+
+
+def fit_in_bins(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, normalise, margin: float,
+                iters: int = 2000) -> torch.Tensor:
+    """Values inside the open bins (lo, hi) that also satisfy the statistics ``normalise`` imposes
+    (e.g. a quantizer that derives its scale from the weights' mean and std): alternate the two
+    projections until the normalised values sit in their bins. Used to rebuild float weights from
+    packed codes; the caller checks the result re-quantizes to the same codes."""
+    for _ in range(iters):
+        t = normalise(t)
+        if bool(((t > lo) & (t < hi)).all()):
+            break
+        t = torch.maximum(torch.minimum(t, hi - margin), lo + margin)
+    return t
+
+
 class Quantizer(nn.Module):
     """Base class. Missing quantizer state in a loaded state dict keeps its initial value, so a
     float checkpoint loads strictly into a quantized model (the quantizer then initialises from
@@ -84,6 +169,13 @@ class WeightQuantizer(Quantizer):
         return ste((q - zero) * scale, surrogate)
 
     @torch.no_grad()
+    def restore(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """The inverse of packing, for fine-tuning a release: given codes ``q`` (float, shaped like
+        the weight) and per-channel ``scale``/``zero`` [C], set this quantizer's own state and return
+        a float weight that it quantizes back to exactly these codes, scale and zero."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be rebuilt from packed codes")
+
+    @torch.no_grad()
     def integer_form(self, w: torch.Tensor):
         """(q uint8 same shape as w, scale [C], zero [C]) with (q - zero) * scale == forward(w)."""
         q, scale, zero, _ = self.codes(w)
@@ -115,6 +207,13 @@ class ActQuantizer(Quantizer):
         lo = (p["qmin"] - p["zero"]) * p["scale"]
         hi = (p["qmax"] - p["zero"]) * p["scale"]
         return ste((v - p["zero"]) * p["scale"], torch.clamp(x, lo, hi))
+
+    @torch.no_grad()
+    def restore(self, params: dict) -> None:
+        """The inverse of :meth:`export`, for fine-tuning a release: set this quantizer's state from
+        the packed layer's activation parameters (float tensors: scale, offset, zero, qmin, qmax of
+        shape [1], and the vectors it exported) so it quantizes exactly as the packed layer does."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be rebuilt from packed parameters")
 
     @torch.no_grad()
     def export(self) -> dict:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ActQuantizer, WeightQuantizer, channel_view, reduce_dims, sign_codes, ste
+from .base import ActQuantizer, WeightQuantizer, channel_view, dequantize, reduce_dims, sign_codes, ste
 from .config import XNOR, IRNet, ReAct, register_quantizer
 
 
@@ -56,6 +56,10 @@ class XNORWeight(WeightQuantizer):
             q = (w >= 0).to(w.dtype)
         return q, 2 * alpha.detach(), torch.full_like(alpha, 0.5), self.surrogate(w, alpha)
 
+    @torch.no_grad()
+    def restore(self, q, scale, zero):
+        return dequantize(q, scale, zero, self.ch_axis)  # +-alpha: mean|w| is alpha again
+
 
 class ReActWeight(XNORWeight):
     """ReActNet's weights: the same forward as XNOR (alpha * sign(w), alpha = mean|w| per output
@@ -88,6 +92,10 @@ class SignAct(ActQuantizer):
     def export(self) -> dict:
         return {}
 
+    @torch.no_grad()
+    def restore(self, params):
+        pass  # sign(x): no state
+
 
 class IRNetWeight(_EDESchedule, WeightQuantizer):
     """Libra-PB: balance and standardise each output channel, binarize, scale by 2^round(log2 E|w|);
@@ -107,6 +115,34 @@ class IRNetWeight(_EDESchedule, WeightQuantizer):
             q = (wstd >= 0).to(w.dtype)
         surrogate = shift * self.k * torch.tanh(self.t * wstd)
         return q, 2 * shift, torch.full_like(shift, 0.5), surrogate
+
+    @torch.no_grad()
+    def restore(self, q, scale, zero):
+        """Per channel: +-1 by the codes, except one +M and one -M (M found by bisection) so that
+        E|standardised w| rounds to the stored power of two; the pair leaves the mean (and so every
+        sign after centring) unchanged."""
+        w = (2 * q.double() - 1).movedim(self.ch_axis, 0).reshape(q.shape[self.ch_axis], -1).clone()
+        target = torch.log2(scale.double() / 2)
+        for c in range(w.shape[0]):
+            row, pos, neg = w[c], (w[c] > 0).nonzero(), (w[c] < 0).nonzero()
+            if len(pos) == 0 or len(neg) == 0:
+                continue  # one sign only: not something Libra-PB produces; the check reports it
+
+            def level(m):
+                row[pos[0]], row[neg[0]] = m, -m
+                z = (row - row.mean()) / row.std()
+                return float(torch.log2(z.abs().mean()))
+            lo, hi = 1.0, 1e6
+            if abs(level(lo) - target[c]) > 0.5:
+                for _ in range(200):  # E|z| falls as M grows
+                    mid = (lo * hi) ** 0.5
+                    if level(mid) > target[c]:
+                        lo = mid
+                    else:
+                        hi = mid
+                level((lo * hi) ** 0.5)
+        w = w.reshape(q.movedim(self.ch_axis, 0).shape).movedim(0, self.ch_axis)
+        return w.to(scale.dtype)
 
 
 class IRNetAct(_EDESchedule, SignAct):
@@ -138,6 +174,10 @@ class RSign(SignAct):
     @torch.no_grad()
     def export(self) -> dict:
         return {"shift": self.beta.detach().clone().float()}
+
+    @torch.no_grad()
+    def restore(self, params):
+        self.beta.copy_(params["shift"])
 
 
 class RPReLU(nn.Module):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ActQuantizer, WeightQuantizer, channel_view, reduce_dims, ste
+from .base import ActQuantizer, WeightQuantizer, channel_view, fit_in_bins, nudge, reduce_dims
 from .config import N2UQ, register_quantizer
 
 MIN_LENGTH = 1e-3  # the paper keeps every interval length a_i above this
@@ -39,6 +39,24 @@ class N2UQWeight(WeightQuantizer):
             q = torch.round((torch.clamp(w / s_c, -1, 1) + 1) * n / 2)
         # w_q = s_c (2 q / n - 1) = (2 s_c / n) (q - n / 2)
         return q, 2 * s_c / n, torch.full_like(s_c, n / 2), w / s_c
+
+    @torch.no_grad()
+    def restore(self, q, scale, zero):
+        """w = s_c u with u in code q's bin ((2q - 1)/n - 1, (2q + 1)/n - 1) (the outer ones open)
+        and mean|u| = 1 / gamma per channel, so gamma mean|w| gives s_c back."""
+        n = 2 ** self.bits - 1
+        gamma = n / 2 ** (self.bits - 1)
+        qd = q.double()
+        inf = torch.full_like(qd, float("inf"))
+        lo = torch.where(qd <= 0, -inf, (2 * qd - 1) / n - 1)
+        hi = torch.where(qd >= n, inf, (2 * qd + 1) / n - 1)
+        dims = reduce_dims(q.ndim, self.ch_axis)
+
+        def normalise(u):
+            return u / (gamma * u.abs().mean(dim=dims, keepdim=True)).clamp(min=1e-12)
+        u = fit_in_bins(2 * qd / n - 1, lo, hi, normalise, margin=0.02 / n)
+        s_c = channel_view(scale.double() * n / 2, q.ndim, self.ch_axis)
+        return (s_c * u).to(scale.dtype)
 
 
 class N2UQAct(ActQuantizer):
@@ -72,22 +90,82 @@ class N2UQAct(ActQuantizer):
         return dict(scale=(self.beta2.detach() * self.delta), offset=0.0, zero=0.0, qmin=0, qmax=n)
 
     def forward(self, x):
-        n = 2 ** self.bits - 1
-        k = torch.bucketize(x.detach().contiguous(), self.thresholds().to(x.dtype)).to(x.dtype)
-        # G-STE surrogate (in integer units) on u = beta1 x
-        a = self.lengths()
-        d = torch.cat([self.start.reshape(1), self.start + torch.cumsum(a, 0)])  # d_0 .. d_n
-        u = x * self.input_scale()
-        j = torch.bucketize(u.detach().contiguous(), d.detach())  # d_(j-1) < u <= d_j
-        i = j.clamp(1, n) - 1
-        inside = (u - d[i]) / a[i] + i.to(x.dtype)
-        sur = torch.where(j == 0, torch.zeros_like(u), torch.where(j > n, torch.full_like(u, float(n)), inside))
-        value = k * (self.beta2.detach() * self.delta)
-        return ste(value, (k + sur - sur.detach()) * self.beta2 * self.delta)
+        return _GSTE.apply(x, self.thresholds().to(x.dtype), self.start, self.lengths(), self.input_scale(),
+                           self.beta2, self.delta)
 
     @torch.no_grad()
     def export(self) -> dict:
         return {**super().export(), "thresholds": self.thresholds().float().cpu().clone()}
+
+    @torch.no_grad()
+    def restore(self, params):
+        """beta2 from the output step; beta1 = 1 (thresholds in input units) and interval lengths
+        whose mid-points are the stored thresholds: a_i + a_(i+1) = 2 (T_(i+1) - T_i) leaves a_1
+        free, chosen mid-way in the range that keeps every a_i >= 1e-3 (beta1 grows if needed)."""
+        t = params["thresholds"].double()
+        scale = params["scale"][:1]
+        self.beta2.copy_(nudge(lambda b: b * self.delta, scale, scale / self.delta)[0])
+        gaps = 2 * (t[1:] - t[:-1])
+        # a_i = sign_i a_1 + c_i with alternating signs; bounds on a_1 from a_i >= 0
+        sign, c, lo, hi = [1.0], [0.0], 0.0, float("inf")
+        for g in gaps.tolist():
+            sign.append(-sign[-1]), c.append(g - c[-1])
+        for sg, ci in zip(sign, c):
+            lo, hi = (max(lo, -ci), hi) if sg > 0 else (lo, min(hi, ci))
+        a1 = (lo + hi) / 2 if hi < float("inf") else lo + self.delta
+        a = torch.tensor([sg * a1 + ci for sg, ci in zip(sign, c)], dtype=torch.float64)
+        beta1 = max(1.0, 2 * MIN_LENGTH / float(a.min())) if a.min() > 0 else 1.0
+        a = a * beta1
+        self.beta1.fill_(beta1)
+        self.a.copy_(a)
+        self.start.fill_(float(t[0]) * beta1 - float(a[0]) / 2)
+
+
+def _count_above(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """#{m : x > edges_m} per element (torch.bucketize's value for increasing edges, one compare per
+    edge: much faster than a binary search over 2^b - 1 edges on CPU)."""
+    k = torch.zeros_like(x)
+    for e in edges.tolist():
+        k += (x > e).to(x.dtype)
+    return k
+
+
+class _GSTE(torch.autograd.Function):
+    """Forward ``beta2 Delta k``; backward the G-STE surrogate's gradients, written out per interval
+    (the autograd form gathers d_i and a_i per element, several times slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, thresholds, start, a, b1, beta2, delta):
+        k = _count_above(x, thresholds)
+        ctx.save_for_backward(x, k, start, a, b1, beta2)
+        ctx.delta = delta
+        return k * (beta2.detach() * delta)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, k, start, a, b1, beta2 = ctx.saved_tensors
+        delta = ctx.delta
+        n = a.numel()
+        u = x * b1
+        d = torch.cat([start.reshape(1), start + torch.cumsum(a, 0)]).tolist()  # d_0 .. d_n
+        gs = g * (beta2 * delta)  # dL/d(surrogate), integer units
+        du = torch.zeros_like(x)
+        dd = torch.zeros(n + 1, dtype=torch.float64)  # dL/dd_(i-1) per interval's lower edge
+        da = torch.zeros(n, dtype=torch.float64)
+        av = a.tolist()
+        for i in range(1, n + 1):  # interval i: d_(i-1) < u <= d_i, surrogate (u - d_(i-1)) / a_i + i - 1
+            gi = torch.where((u > d[i - 1]) & (u <= d[i]), gs, torch.zeros((), dtype=gs.dtype))
+            du += gi / av[i - 1]
+            sg = gi.sum().item()
+            dd[i - 1] = -sg / av[i - 1]
+            da[i - 1] = -(gi * (u - d[i - 1])).sum().item() / av[i - 1] ** 2
+        # d_(i-1) = start + a_1 + ... + a_(i-1): the lower edge's gradient reaches start and a_(<i)
+        dstart = dd.sum()
+        da += torch.flip(torch.cumsum(torch.flip(dd, [0]), 0), [0])[1:]  # sum over edges above a_l
+        dx = du * b1 if ctx.needs_input_grad[0] else None
+        db1 = (du * x).sum() if ctx.needs_input_grad[4] else None
+        dbeta2 = (g * k).sum() * delta if ctx.needs_input_grad[5] else None
+        return (dx, None, dstart.to(start.dtype).reshape(start.shape), da.to(a.dtype), db1, dbeta2, None)
 
 
 @register_quantizer(N2UQ, "weight")

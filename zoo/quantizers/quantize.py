@@ -22,18 +22,37 @@ def _set_child(root: nn.Module, name: str, new: nn.Module):
     setattr(parent, child, new)
 
 
+# float layers whose parent reads their ``weight`` directly instead of calling them (so a quantized
+# or packed layer there would be bypassed or break): left float
+_READ_BY_PARENT = (nn.MultiheadAttention,)
+QUANT_CONFIG_ATTR = "_zoo_quant_config"  # where quantize() records the config on the model it rewrote
+
+
 def quantize(model: nn.Module, cfg: QuantConfig | dict) -> nn.Module:
     """Replace every ``nn.Conv2d`` / ``nn.Linear`` / ``nn.ConvTranspose2d`` of ``model`` (in place)
     with its quantized form as ``cfg`` says for that layer's name. Idempotent: layers already
-    quantized are left alone. Returns ``model``."""
+    quantized are left alone. Returns ``model``; a bare layer (``quantize(nn.Conv2d(...), cfg)``)
+    cannot be replaced in place, so its quantized copy (sharing its parameters) is returned. The
+    projections inside ``nn.MultiheadAttention`` stay float (its forward reads their weights
+    directly). The config is recorded on ``model`` so ``zoo.save`` can write it."""
     if isinstance(cfg, dict):
         cfg = QuantConfig.from_dict(cfg)
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"cfg must be a QuantConfig or dict, got {type(cfg).__name__}")
+    root_cls = _float_type(model)
+    if root_cls is not None:  # a bare layer
+        spec = cfg.for_layer("")
+        if spec is None or (spec.weight is None and spec.act is None):
+            raise ValueError(f"the config quantizes nothing for a bare {type(model).__name__} (its name is '')")
+        new = LAYER_MAP[root_cls].from_float(model, spec)
+        setattr(new, QUANT_CONFIG_ATTR, cfg)
+        return new
+    skip = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, _READ_BY_PARENT)
+            for c, _ in m.named_children()}
     targets = []
     for name, mod in model.named_modules():
         float_cls = _float_type(mod)
-        if float_cls is None or not name:
+        if float_cls is None or not name or name in skip:
             continue
         spec = cfg.for_layer(name)
         if spec is None or (spec.weight is None and spec.act is None):
@@ -41,6 +60,7 @@ def quantize(model: nn.Module, cfg: QuantConfig | dict) -> nn.Module:
         targets.append((name, mod, LAYER_MAP[float_cls], spec))
     for name, mod, qcls, spec in targets:
         _set_child(model, name, qcls.from_float(mod, spec))
+    setattr(model, QUANT_CONFIG_ATTR, cfg)
     return model
 
 
@@ -63,3 +83,20 @@ def set_weight_quant(model: nn.Module, enabled: bool) -> None:
     with its float weights and still quantizes its input). Packing always quantizes the weights."""
     for _, m in quantized_layers(model):
         m.weight_quant_enabled = bool(enabled)
+
+
+def quantizer_state_digest(model: nn.Module) -> str:
+    """sha256 of every quantizer's parameters and buffers (steps, clips, shifts, thresholds, EMA
+    ranges, flags), in module order: equal digests mean identical quantizer state (data-parallel
+    ranks must agree)."""
+    import hashlib
+
+    from .base import Quantizer
+
+    h = hashlib.sha256()
+    for name, m in model.named_modules():
+        if isinstance(m, Quantizer):
+            for key, t in sorted(m.state_dict().items()):
+                h.update(f"{name}.{key}".encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ActQuantizer, WeightQuantizer, affine_codes, channel_view, round_ste, ste
+from .base import ActQuantizer, WeightQuantizer, affine_codes, all_ranks, channel_view, dequantize, nudge, round_ste, ste
 from .config import PAMS, RLQ, register_quantizer
 from .uniform import LSQAct, LSQWeight
 
@@ -65,6 +65,11 @@ class RLQAct(LSQAct):
         # the packed form quantizes x - shift; x - (-tau) == x + tau exactly in floating point
         return {**super().export(), "shift": (-self.tau.detach()).float().cpu().clone()}
 
+    @torch.no_grad()
+    def restore(self, params):
+        super().restore(params)
+        self.tau.copy_(-params["shift"])
+
 
 @register_quantizer(RLQ, "weight")
 def _rlq_w(spec, layer):
@@ -90,6 +95,10 @@ class PAMSWeight(WeightQuantizer):
             q = torch.clamp(torch.round(w / scale), -n, n) + n
         return q, scale, torch.full_like(scale, float(n)), w
 
+    @torch.no_grad()
+    def restore(self, q, scale, zero):
+        return dequantize(q, scale, zero, self.ch_axis)  # max|w| has code 0 or 2n: same step
+
 
 class PAMSAct(ActQuantizer):
     """y = round(clip(x, -alpha, alpha) / s) * s, s = alpha / (2^(b-1) - 1), alpha learnable
@@ -105,7 +114,7 @@ class PAMSAct(ActQuantizer):
     def params(self, x):
         if x is not None and self.training and not self.initialized:
             with torch.no_grad():
-                self.alpha.copy_(x.detach().abs().max().clamp(min=1e-4))
+                self.alpha.copy_(all_ranks(x.detach().abs().max(), "max").clamp(min=1e-4))
                 self.initialized.fill_(True)
         n = 2 ** (self.bits - 1) - 1
         return dict(scale=self.alpha.detach().abs().clamp(min=1e-4) / n, offset=0.0, zero=0.0,
@@ -117,6 +126,13 @@ class PAMSAct(ActQuantizer):
         alpha = self.alpha.abs().clamp(min=1e-4)
         s = alpha / p["qmax"]
         return ste(v * p["scale"], round_ste(torch.clamp(x, -alpha, alpha) / s) * s)
+
+    @torch.no_grad()
+    def restore(self, params):
+        n = 2 ** (self.bits - 1) - 1
+        self.alpha.copy_(nudge(lambda a: a.abs().clamp(min=1e-4) / n, params["scale"][:1],
+                               params["scale"][:1] * n)[0])
+        self.initialized.fill_(True)
 
 
 @register_quantizer(PAMS, "weight")

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .base import ActQuantizer, WeightQuantizer, channel_view, reduce_dims
+from .base import ActQuantizer, WeightQuantizer, channel_view, fit_in_bins, global_mean_std, nudge, reduce_dims
 from .config import UL2Q, register_quantizer
 
 
@@ -76,6 +76,29 @@ class UL2QWeight(WeightQuantizer):
             q = torch.clamp(torch.round((w - mu) / alpha - 0.5), -half, half - 1) + half
         return q, alpha, zero, w
 
+    @torch.no_grad()
+    def restore(self, q, scale, zero):
+        """w = mu + alpha t with t in code v's bin (v, v + 1) (the outer bins open) and, per channel
+        (or tensor), mean(t) = 0 and std(t) = 1 / lambda: then the weights' own mu and sigma give
+        back alpha and zero."""
+        half = 2 ** (self.bits - 1)
+        v = q.double() - half
+        axis = self.ch_axis
+        alpha = channel_view(scale.double(), q.ndim, axis)
+        mu = channel_view(((half - 0.5) - zero.double()) * scale.double(), q.ndim, axis)
+        dims = reduce_dims(q.ndim, axis) if self.per_channel else tuple(range(q.ndim))
+        inf = torch.full_like(v, float("inf"))
+        lo = torch.where(v <= -half, -inf, v)
+        hi = torch.where(v >= half - 1, inf, v + 1)
+
+        def normalise(t):
+            t = t - t.mean(dim=dims, keepdim=True)
+            return t / t.std(dim=dims, keepdim=True, unbiased=False).clamp(min=1e-12) / self.lam
+        t = fit_in_bins(v + 0.5, lo, hi, normalise, margin=0.02)
+        # the weights' float32 mean and std give back alpha and zero to within an ulp or two (the
+        # codes exactly): unlike a stored step, a statistic cannot be set bit for bit
+        return (mu + alpha * t).to(scale.dtype)
+
 
 class UL2QAct(ActQuantizer):
     """Activations: mu and sigma tracked by EMA in training, frozen for inference."""
@@ -91,7 +114,7 @@ class UL2QAct(ActQuantizer):
     def params(self, x):
         if x is not None and self.training:
             with torch.no_grad():
-                mu, sigma = x.mean(), x.std(unbiased=False)
+                mu, sigma = global_mean_std(x)  # over every data-parallel rank's batch
                 if not self.initialized:
                     self.mu.copy_(mu), self.sigma.copy_(sigma), self.initialized.fill_(True)
                 else:
@@ -101,6 +124,14 @@ class UL2QAct(ActQuantizer):
         # codes v in [-half, half-1]: v = round((x - mu)/alpha - 1/2); value alpha * (v + 1/2) + mu
         return dict(scale=alpha, offset=-self.mu / alpha - 0.5, zero=-0.5 - self.mu / alpha,
                     qmin=-half, qmax=half - 1)
+
+    @torch.no_grad()
+    def restore(self, params):
+        scale, zero = params["scale"][:1], params["zero"][:1]
+        self.sigma.copy_(nudge(lambda s: (self.lam * s).clamp(min=1e-8), scale, scale / self.lam)[0])
+        alpha = (self.lam * self.sigma).clamp(min=1e-8)
+        self.mu.copy_(nudge(lambda m: -0.5 - m / alpha, zero, -(zero + 0.5) * alpha)[0])
+        self.initialized.fill_(True)
 
 
 @register_quantizer(UL2Q, "weight")

@@ -7,8 +7,8 @@ import warnings
 import torch
 from torch import nn
 
-from .base import (ActQuantizer, WeightQuantizer, affine_codes, channel_view, grad_scale,
-                   reduce_dims, round_ste, ste)
+from .base import (ActQuantizer, WeightQuantizer, affine_codes, all_ranks, channel_view, dequantize,
+                   global_mean, grad_scale, nudge, reduce_dims, round_ste, ste)
 from .config import LSQ, PACT, DoReFa, MinMax, register_quantizer
 
 
@@ -36,6 +36,19 @@ class MinMaxWeight(WeightQuantizer):
             q = torch.clamp(torch.round(w / scale) + zero, 0, n)
         return q, scale, zero, w
 
+    @torch.no_grad()
+    def restore(self, q, scale, zero):
+        """The dequantized weights: the extremes have codes 0 and 2^b - 1, so they span the range;
+        the top code's value is moved by a few ulps so (max - min) / n is the stored scale exactly."""
+        n = 2 ** self.bits - 1
+        w = dequantize(q, scale, zero, self.ch_axis)
+        if not self.per_channel:
+            scale, zero = scale[:1], zero[:1]
+        mn = -zero * scale
+        mx = nudge(lambda hi: ((hi - mn) / n).clamp(min=1e-8), scale, mn + n * scale)
+        top = channel_view(mx, q.ndim, self.ch_axis) if self.per_channel else mx.reshape(())
+        return torch.where(q == n, top.expand_as(w), w)
+
 
 class MinMaxAct(ActQuantizer):
     """Asymmetric uniform quantizer whose range is an EMA of the batch min/max, frozen in eval."""
@@ -50,7 +63,7 @@ class MinMaxAct(ActQuantizer):
     def params(self, x):
         if x is not None and self.training:
             with torch.no_grad():
-                lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+                lo, hi = all_ranks(x.min(), "min").clamp(max=0), all_ranks(x.max(), "max").clamp(min=0)
                 if not self.initialized:
                     self.lo.copy_(lo), self.hi.copy_(hi), self.initialized.fill_(True)
                 else:
@@ -59,6 +72,14 @@ class MinMaxAct(ActQuantizer):
         scale = ((self.hi - self.lo) / n).clamp(min=1e-8)
         zero = torch.round(-self.lo / scale)
         return dict(scale=scale, offset=zero, zero=zero, qmin=0, qmax=n)
+
+    @torch.no_grad()
+    def restore(self, params):
+        n, scale = 2 ** self.bits - 1, params["scale"][:1]
+        lo = -params["zero"][:1] * scale
+        self.lo.copy_(lo[0])
+        self.hi.copy_(nudge(lambda hi: ((hi - lo) / n).clamp(min=1e-8), scale, lo + n * scale)[0])
+        self.initialized.fill_(True)
 
 
 @register_quantizer(MinMax, "weight")
@@ -103,6 +124,12 @@ class LSQWeight(WeightQuantizer):
             q = torch.clamp(torch.round(w / s), -self.qn, self.qp) + self.qn
         return q, s.detach(), torch.full_like(s.detach(), float(self.qn)), surrogate
 
+    @torch.no_grad()
+    def restore(self, q, scale, zero):
+        self.step.copy_(scale if self.step.numel() > 1 else scale[:1])
+        self.initialized.fill_(True)
+        return dequantize(q, scale, zero, self.ch_axis)
+
 
 class LSQAct(ActQuantizer):
     """LSQ for activations. The first *training* batch initialises the step and decides the range:
@@ -131,17 +158,21 @@ class LSQAct(ActQuantizer):
         return 0, 2 ** self.bits - 1
 
     @torch.no_grad()
-    def _first_batch(self, x):
-        """(signed, step) that the first training batch ``x`` gives (LSQ's initialisation)."""
-        signed = bool(x.min() < -self.sign_tol)
+    def _first_batch(self, x, global_batch: bool = False):
+        """(signed, step) that the first training batch ``x`` gives (LSQ's initialisation); with
+        ``global_batch``, over every data-parallel rank's batch."""
+        if global_batch:
+            signed, mean_abs = bool(all_ranks(x.min(), "min") < -self.sign_tol), global_mean(x.abs())
+        else:
+            signed, mean_abs = bool(x.min() < -self.sign_tol), x.abs().mean()
         qp = self._range(signed)[1]
-        return signed, (2 * x.abs().mean() / math.sqrt(qp)).clamp(min=1e-8)
+        return signed, (2 * mean_abs / math.sqrt(qp)).clamp(min=1e-8)
 
     def _state(self, x):
         """(signed, step parameter or a temporary step): initialise from a training batch."""
         if x is None or self.initialized:
             return bool(self.signed), self.step
-        signed, step = self._first_batch(x.detach())
+        signed, step = self._first_batch(x.detach(), global_batch=self.training)
         if self.training:
             with torch.no_grad():
                 self.signed.fill_(signed), self.step.copy_(step), self.initialized.fill_(True)
@@ -169,6 +200,12 @@ class LSQAct(ActQuantizer):
         scale = step.detach().abs().clamp(min=1e-8)  # the exact value the packed layer exports
         v = affine_codes(x.detach(), scale, 0.0, qmin, qmax)
         return ste(v * scale, surrogate)
+
+    @torch.no_grad()
+    def restore(self, params):
+        self.step.copy_(params["scale"][0])
+        self.signed.fill_(bool(params["qmin"][0] < 0))
+        self.initialized.fill_(True)
 
 
 @register_quantizer(LSQ, "weight")
@@ -203,6 +240,14 @@ class DoReFaWeight(WeightQuantizer):
             q = torch.round(x * n)
         return q, 2.0 * r / n, torch.full((), n / 2.0, dtype=w.dtype, device=w.device), surrogate
 
+    @torch.no_grad()
+    def restore(self, q, scale, zero):
+        # w = atanh(c (2q/n - 1)): max|tanh w| = c (the largest |tanh w| has code 0 or n), so the
+        # normalised value is q/n again; c is the stored max|tanh w| (rescale) or any c < 1
+        n = 2 ** self.bits - 1
+        c = float(scale.double().mean()) * n / 2 if self.rescale else 0.5
+        return torch.atanh(c * (2 * q.double() / n - 1)).to(scale.dtype)
+
 
 class DoReFaAct(ActQuantizer):
     """Activations clipped to [0, 1], then quantized to k bits."""
@@ -210,6 +255,10 @@ class DoReFaAct(ActQuantizer):
     def params(self, x):
         n = 2 ** self.bits - 1
         return dict(scale=1.0 / n, offset=0.0, zero=0.0, qmin=0, qmax=n)
+
+    @torch.no_grad()
+    def restore(self, params):
+        pass  # no state: the range is fixed
 
 
 @register_quantizer(DoReFa, "weight")
@@ -242,6 +291,12 @@ class PACTAct(ActQuantizer):
         alpha = self.alpha.abs().clamp(min=1e-4)
         surrogate = torch.where(x >= alpha, alpha.expand_as(x), torch.where(x >= 0, x, torch.zeros_like(x)))
         return ste(v * p["scale"], surrogate)
+
+    @torch.no_grad()
+    def restore(self, params):
+        n = 2 ** self.bits - 1
+        self.alpha.copy_(nudge(lambda a: a.abs().clamp(min=1e-4) / n, params["scale"][:1],
+                               params["scale"][:1] * n)[0])
 
 
 @register_quantizer(PACT, "act")

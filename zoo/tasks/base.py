@@ -10,10 +10,8 @@ DataModules and provide the release hooks (``evaluate``, ``card_lines``, ``summa
 """
 from __future__ import annotations
 
-import copy
 import math
 import logging
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -23,61 +21,30 @@ from ..quantizers import QuantConfig, quantize, set_progress, set_weight_quant
 from ..quantizers.base import Quantizer
 from ..registry import create_model
 from ..wrapper import ZooModel
+from .init_from import float_teacher, load_float_weights, quantized_release, restore_release
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "linear")
 
 
-def load_float_weights(model: ZooModel, source: str) -> None:
-    """Load float weights into ``model`` (before quantization) from a zoo checkpoint directory or
-    shipped name holding a float model, or from a Lightning ``.ckpt`` (read with weights_only)."""
-    from ..checkpoint import WEIGHTS, read_config
-    from ..registry import resolve_checkpoint
-
-    path = Path(source)
-    if path.suffix == ".ckpt" and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    else:
-        directory = resolve_checkpoint(source)
-        cfg = read_config(directory)
-        if cfg.get("quant"):
-            raise ValueError(f"init_from={source!r} is a quantized checkpoint; QAT starts from a float one")
-        from safetensors.torch import load_file
-
-        state = load_file(str(directory / WEIGHTS))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"init_from={source!r} does not match {model.arch}: {e}") from None
-    if unexpected:
-        raise ValueError(f"init_from={source!r} does not match {model.arch}: unexpected keys {unexpected[:5]}")
-    if missing:  # parameters the float net lacks (e.g. RPReLU shifts) keep their initial values
-        log.info("init_from=%s: %d parameters not in the float checkpoint keep their init: %s",
-                 source, len(missing), missing[:5])
-
-
-def float_teacher(source: str, student_float: ZooModel) -> ZooModel:
-    """The frozen float teacher for distillation: the ``init_from`` checkpoint in its *own*
-    architecture (a binary student's blocks differ from the float net it starts from), or, for a
-    Lightning ``.ckpt``, a copy of the student's float model with those weights."""
-    from ..checkpoint import load
-
-    if Path(source).suffix == ".ckpt":
-        return copy.deepcopy(student_float)
-    return load(source)
-
-
 class QuantTask(L.LightningModule):
     task_name = "base"
     datamodules: dict = {}
     monitor = ("val/loss", "min")
+    head_layers: tuple[str, ...] = ()  # layer globs the data decides: re-initialised if a release's differ
 
     @staticmethod
     def data_model_args(contract: dict) -> dict:
         """Model arguments the data decides (input channels, number of classes)."""
         return {}
+
+    @staticmethod
+    def contract_fits(release: dict, data: dict) -> bool:
+        """Whether a model made for the input contract ``release`` can start training on data with
+        the contract ``data``: the same channels and (super-resolution) scale; the classifier may
+        differ (it is re-initialised)."""
+        return all(release.get(k) == data.get(k) for k in ("channels", "scale"))
 
     @staticmethod
     def evaluate(model, loader, progress: bool = True) -> dict:
@@ -106,6 +73,11 @@ class QuantTask(L.LightningModule):
         return []
 
     @staticmethod
+    def domain(cfg: dict) -> str | None:
+        """What inputs a release knows (from its training data), for its card and ``zoo.predict``."""
+        return None
+
+    @staticmethod
     def card_usage(name: str) -> list[str]:
         """Lines after the card's usage snippet (e.g. the ``zoo.predict`` command)."""
         return []
@@ -123,6 +95,12 @@ class QuantTask(L.LightningModule):
             out.append(f"| [{path.name}]({path}/README.md) | {'n/a' if v is None else f'{v:.4f}'} | "
                        f"{seed_cell(cfg, key, digits=4) or '—'} | {wb:,} | 1/{fb / wb:.1f} |")
         return "\n".join(out)
+
+    # fn(root: Path, variant: str) -> dict(release=, data=, overrides=[...], datamodule={...}): writes
+    # a user-style data folder under ``root`` for ``benchmarks/finetune.py`` and says how to fine-tune
+    # a shipped release on it; ``finetune_variants`` names the folders it can write (first: default)
+    finetune_demo = None
+    finetune_variants: tuple[str, ...] = ()
 
     @staticmethod
     def predict_args(parser) -> None:
@@ -160,14 +138,18 @@ class QuantTask(L.LightningModule):
         if self.model is not None:
             return
         model = self.build_float_model()
-        if self.hparams.init_from:
-            load_float_weights(model, self.hparams.init_from)
+        qcfg = self.quant_config
+        source = self.hparams.init_from
+        if source and quantized_release(source) is not None:  # fine-tune a quantized release
+            restore_release(model, source, qcfg, self.head_layers,
+                            tuple(self.data_model_args(self.hparams.input_contract)))
+        elif source:
+            load_float_weights(model, source, self.head_layers)
         if self.hparams.distill > 0:
-            teacher = float_teacher(self.hparams.init_from, model)
+            teacher = float_teacher(source, model)
             for p in teacher.parameters():
                 p.requires_grad_(False)
             self._teacher = [teacher.eval()]
-        qcfg = self.quant_config
         if qcfg is not None:
             quantize(model.net, qcfg)
             model.quant = qcfg
@@ -221,7 +203,7 @@ class QuantTask(L.LightningModule):
         final, _ = self.stage_progress(self.global_step - 1)  # the step just trained
         value = metrics[key.split("/", 1)[1]] if final else torch.tensor(
             float("-inf") if mode == "max" else float("inf"))
-        self.log("val/select", value, batch_size=batch_size)
+        self.log("val/select", value, batch_size=batch_size, sync_dist=True)
 
     def distill_loss(self, student_logits, x):
         with torch.no_grad():
@@ -249,12 +231,14 @@ class QuantTask(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         _, metrics = self.loss_and_metrics(batch, "val")
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, batch_size=len(batch[0]))
+        # sync_dist: data-parallel ranks see shards; the monitored value must be the same on all
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, batch_size=len(batch[0]),
+                      sync_dist=True)
         self.log_selection(metrics, len(batch[0]))
 
     def test_step(self, batch, batch_idx):
         _, metrics = self.loss_and_metrics(batch, "test")
-        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, batch_size=len(batch[0]))
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, batch_size=len(batch[0]), sync_dist=True)
 
     def configure_optimizers(self):
         quant_params = {id(p) for m in self.model.modules() if isinstance(m, Quantizer)

@@ -12,9 +12,20 @@ from ...cards import float_reference_bytes, seed_cell
 from ...datasets import read_image
 
 
+def domain(cfg: dict) -> str | None:
+    if cfg.get("train", {}).get("data") != "fmnist":
+        return None
+    return ("Fashion-MNIST only: 28x28 grayscale photos of single clothing items on black (10 classes). "
+            "Any other image is out of its domain: it still answers one of these 10 classes (a photo "
+            "of a scene often comes out as 'Bag'), so its answer means nothing there.")
+
+
 def card_lines(cfg: dict, m: dict, train: dict) -> list[str]:
-    lines = [f"- **Data:** {train.get('data', '?')} (train 55,000 / validation 5,000 held out of the "
-             f"train split; test: the {m.get('test_images', '?')}-image test split)"]
+    data = train.get("data", "?")
+    if data == "fmnist" and not train.get("splits"):  # releases from before the splits were recorded
+        data += (f" (train 55,000 / validation 5,000 held out of the train split; test: the "
+                 f"{m.get('test_images', '?')}-image test split)")
+    lines = [f"- **Data:** {data}"]
     if m.get("test_acc") is not None:
         lines.append(f"- **Test top-1 (packed model, as loaded by `zoo.load`):** {100 * m['test_acc']:.2f}% "
                      f"(training form: {100 * m.get('test_acc_training_form', float('nan')):.2f}%)")
@@ -75,3 +86,27 @@ def benchmark_loader(model, data=None, limit=None):
     dm = FashionMNISTData(batch_size=500, limit_test=limit, **({"root": data} if data else {}))
     dm.setup()
     return dm.test_dataloader(), f"Fashion-MNIST test split ({len(dm.test_set):,} images)"
+
+
+FINETUNE_VARIANTS = ("digits",)
+
+
+def finetune_demo(root: Path, variant: str) -> dict:
+    """scikit-learn's 1,797 8x8 handwritten digits as a 1-channel ImageFolder of 28x28 PNGs (train
+    1,200 / val 200 / test 397, split by image with seed 0). Fine-tunes ``resnet20.lsq_w2a2_fmnist``
+    for 200 steps (20 epochs of 10 batches)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    order = np.random.default_rng(0).permutation(len(d.target))
+    for split, idx in {"train": order[:1200], "val": order[1200:1400], "test": order[1400:]}.items():
+        for i in idx:
+            folder = root / split / str(d.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            img = (d.images[i] / 16 * 255).astype(np.uint8)
+            Image.fromarray(img).resize((28, 28), Image.BICUBIC).save(folder / f"{i}.png")
+    return {"release": "resnet20.lsq_w2a2_fmnist", "data": "folder",
+            "datamodule": {"channels": 1, "size": (28, 28)},
+            "overrides": ["epochs=20", "data.channels=1", "data.size=[28,28]", "data.augment=false"]}

@@ -28,9 +28,13 @@ class ClassificationTask(QuantTask):
     task_name = "cls"
     datamodules = {"fmnist": FashionMNISTData, "folder": ImageFolderData}
     monitor = ("val/acc", "max")
+    head_layers = ("fc",)  # another number of classes re-initialises the classifier
     evaluate = staticmethod(evaluate)
     card_lines = staticmethod(release.card_lines)
     card_usage = staticmethod(release.card_usage)
+    domain = staticmethod(release.domain)
+    finetune_demo = staticmethod(release.finetune_demo)
+    finetune_variants = release.FINETUNE_VARIANTS
     summary_table = staticmethod(release.summary_table)
     predict = staticmethod(release.predict)
     benchmark_loader = staticmethod(release.benchmark_loader)

@@ -16,6 +16,15 @@ CARD_SAMPLE = ("Fixed test composites: image | ground truth | this model's salie
                "image | ground truth | prediction")
 
 
+def domain(cfg: dict) -> str | None:
+    if cfg.get("train", {}).get("data") != "sal_composites":
+        return None
+    size = cfg.get("input_contract", {}).get("train_size") or ["?", "?"]
+    return (f"synthetic {size[0]}x{size[1]} composites: Fashion-MNIST silhouettes pasted over photo crops. "
+            "On ordinary photos it is out of its domain and its masks are poor; resize inputs to its size "
+            "(zoo.predict does).")
+
+
 def card_lines(cfg: dict, m: dict, train: dict) -> list[str]:
     size = cfg["input_contract"].get("train_size")
     data = train.get("data", "?")

@@ -84,6 +84,7 @@ class SaliencyTask(QuantTask):
     evaluate = staticmethod(evaluate)
     card_lines = staticmethod(release.card_lines)
     card_usage = staticmethod(release.card_usage)
+    domain = staticmethod(release.domain)
     card_sample = release.CARD_SAMPLE
     summary_table = staticmethod(release.summary_table)
     predict = staticmethod(release.predict)

@@ -114,6 +114,11 @@ class SRData(L.LightningDataModule):
     def input_contract(self) -> dict:
         return {"channels": 3, "scale": self.scale, "range": [0.0, 1.0], "size": None}
 
+    def split_sizes(self) -> dict:
+        """Images per split (training samples random patches of the train images)."""
+        self.setup()
+        return {k: len(pairs) for k, (pairs, _) in self._splits.items()}
+
     def split(self, name: str) -> ImagePairs:
         self.setup()
         pairs, names = self._splits[name]

@@ -12,6 +12,13 @@ from ...cards import float_reference_bytes, seed_cell
 from ...datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, read_image, save_png, to_tensor, to_uint8
 
 
+def domain(cfg: dict) -> str | None:
+    if cfg.get("train", {}).get("data") != "sr_images":
+        return None
+    return ("natural photos whose low-resolution version is a clean MATLAB-style bicubic downscale; "
+            "noise, JPEG artefacts or blur in the input are outside what it learned (it sharpens them).")
+
+
 def card_lines(cfg: dict, m: dict, train: dict) -> list[str]:
     s = cfg["input_contract"].get("scale", "?")
     data = train.get("data", "?")
@@ -125,3 +132,38 @@ def benchmark_loader(model, data=None, limit=None):
         ds = ImagePairs([make_pair(read_image(f), scale) for f in files], [f.name for f in files])
         desc = f"{len(files)} images from {data}"
     return DataLoader(ds, batch_size=1), f"x{scale}: {desc}"
+
+
+OPENCV = Path("/usr/share/doc/opencv-doc/examples/data")
+FINETUNE_SPLITS = {  # opencv-doc's sample photos (none is in the built-in SR data), split by file
+    "train": ["aero1.jpg", "aero3.jpg", "baboon.jpg", "building.jpg", "butterfly.jpg", "fruits.jpg",
+              "home.jpg", "leuvenA.jpg", "messi5.jpg", "stuff.jpg", "board.jpg", "HappyFish.jpg",
+              "graf1.png", "starry_night.jpg", "blox.jpg"],
+    "val": ["smarties.png", "basketball1.png"],
+    "test": ["aloeL.jpg", "apple.jpg", "orange.jpg", "squirrel_cls.jpg", "pic1.png", "rubberwhale1.png"],
+}
+FINETUNE_VARIANTS = ("bicubic", "blur")
+
+
+def finetune_demo(root: Path, variant: str, scale: int = 4) -> dict:
+    """A user SR folder of opencv-doc photos (train / val / test by file). ``bicubic``: the LR images
+    are made as the shipped model's were (MATLAB-style bicubic, by the DataModule); ``blur``: paired
+    ``<split>_lr`` images from a softer lens, a Gaussian blur (radius 1.5 px) before PIL's bicubic
+    x1/scale. Fine-tunes ``edsr.quantsr_w2a2_x4`` for 200 steps at lr 5e-5."""
+    from PIL import Image, ImageFilter
+
+    if not OPENCV.is_dir():
+        raise FileNotFoundError(f"{OPENCV} not found: apt-get install -y opencv-doc")
+    for split, files in FINETUNE_SPLITS.items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            hr = Image.open(OPENCV / f).convert("RGB")
+            hr = hr.crop((0, 0, hr.width - hr.width % scale, hr.height - hr.height % scale))
+            hr.save(root / split / (Path(f).stem + ".png"))
+            if variant == "blur":
+                (root / f"{split}_lr").mkdir(exist_ok=True)
+                lr = hr.filter(ImageFilter.GaussianBlur(1.5)).resize((hr.width // scale, hr.height // scale),
+                                                                      Image.BICUBIC)
+                lr.save(root / f"{split}_lr" / (Path(f).stem + ".png"))
+    return {"release": "edsr.quantsr_w2a2_x4", "data": "sr_folder", "datamodule": {"scale": scale},
+            "overrides": ["epochs=2", "data.steps_per_epoch=100", "lr=5e-5"]}  # 200 steps of 16 patches

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ...datasets import to_uint8
 from ...models.sr import DynamicBody, set_depth
+from ...quantizers.base import from_rank0
 from ..base import QuantTask
 from . import release
 from .data import BuiltinSRData, FolderSRData, bicubic
@@ -88,6 +89,9 @@ class SuperResolutionTask(QuantTask):
     evaluate = staticmethod(evaluate)
     card_lines = staticmethod(release.card_lines)
     card_usage = staticmethod(release.card_usage)
+    domain = staticmethod(release.domain)
+    finetune_demo = staticmethod(release.finetune_demo)
+    finetune_variants = release.FINETUNE_VARIANTS
     card_sample = release.CARD_SAMPLE
     summary_table = staticmethod(release.summary_table)
     predict = staticmethod(release.predict)
@@ -130,9 +134,11 @@ class SuperResolutionTask(QuantTask):
             return super().training_step(batch, batch_idx)
         # DQA: the full depth half of the time, otherwise one of the smaller depths
         choices = bodies[0].depth_choices
-        depth = None
+        pick = 0  # index into choices; data-parallel ranks all take rank 0's draw
         if len(choices) > 1 and torch.rand(()).item() < 0.5:
-            depth = choices[1 + int(torch.randint(len(choices) - 1, ()).item())]
+            pick = 1 + int(torch.randint(len(choices) - 1, ()).item())
+        pick = int(from_rank0(torch.tensor(pick, device=self.device)).item())
+        depth = choices[pick] if pick else None
         set_depth(self.model, depth)
         try:
             return super().training_step(batch, batch_idx)
