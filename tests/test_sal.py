@@ -47,8 +47,11 @@ def test_builtin_composites_are_fixed_and_splits_share_nothing():
     assert [len(dm.split(s)) for s in ("train", "val", "test")] == [20, 4, 6]
     a, b = dm.split("test")[5], CompositeSalData(test_size=6, size=32, seed=3).split("test")[5]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # a pure function of (seed, split, i)
-    c = CompositeSalData(test_size=6, size=32, seed=4).split("test")[5]
-    assert not torch.equal(a[0], c[0])
+    # the run's seed varies the training composites only: every seed is tested on the same images
+    other = CompositeSalData(train_size=20, val_size=4, test_size=6, size=32, seed=4)
+    for split in ("val", "test"):
+        assert all(torch.equal(dm.split(split)[i][0], other.split(split)[i][0]) for i in range(4)), split
+    assert not torch.equal(dm.split("train")[5][0], other.split("train")[5][0])
     x, m = next(iter(dm.train_dataloader()))
     assert x.shape == (16, 3, 32, 32) and m.shape == (16, 1, 32, 32) and 0 <= x.min() and x.max() <= 1
     # no foreground item and no background photo is shared between splits
@@ -103,6 +106,10 @@ def test_folder_pairs_by_stem_and_holds_out_missing_splits(tmp_path):
     names = {s: [p[0].stem for p in dm.split(s).pairs] for s in ("train", "val", "test")}
     assert [len(names[s]) for s in ("train", "val", "test")] == [16, 2, 2]
     assert len(set(sum(names.values(), []))) == 20  # every pair used once
+    again = FolderSalData(root=tmp_path, size=16, holdout=0.1, batch_size=4, seed=7)
+    again.setup()  # another run seed holds out the same pairs
+    assert {s: [p[0].stem for p in again.split(s).pairs] for s in ("val", "test")} == \
+        {s: names[s] for s in ("val", "test")}
     x, m = dm.split("val")[0]
     assert x.shape == (3, 16, 16) and m.shape == (1, 16, 16) and set(m.unique().tolist()) == {0.0, 1.0}
     # explicit splits are used as they are

@@ -14,7 +14,7 @@ SHIPPED = zoo.list_models(task="cls")
 
 def test_the_promised_checkpoints_are_shipped():
     tags = {n.split(".", 1)[1] for n in SHIPPED}
-    for tag in ("fp32_fmnist", "lsq_w8a8_fmnist", "lsq_w4a4_fmnist", "lsq_w2a2_fmnist",
+    for tag in ("fp32_fmnist", "lsq_w8a8_fmnist", "lsq_w4a4_fmnist", "lsq_w2a2_fmnist", "n2uq_w2a2_fmnist",
                 "irnet_w1a1_fmnist", "xnor_w1a1_fmnist", "react_w1a1_fmnist"):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
 
@@ -49,7 +49,7 @@ def _acc(tag):
 def _recipe(command):
     """A training command less what names the method (the quantizer and its own options) and
     where it writes: what must be equal for two methods to have had the same budget."""
-    words = command.split("zoo.train", 1)[1].split()
+    words = command.split(" -m zoo.", 1)[1].split()[1:]  # after "zoo.train" or "zoo.seeds"
     return " ".join(w for w in words if not w.lstrip("+").startswith(("quant=", "quant.", "output_dir=",
                                                                         "release_dir=", "trainer.")))
 
@@ -82,6 +82,18 @@ SEEDED = [n.split(".", 1)[1] for n in SHIPPED if _metrics(n.split(".", 1)[1]).ge
 
 def test_lsq_w2a2_is_over_three_seeds():
     assert "lsq_w2a2_fmnist" in SEEDED
+
+
+def test_n2uq_and_lsq_w2a2_share_one_recipe_and_seeds():
+    n2uq, lsq = _metrics("n2uq_w2a2_fmnist"), _metrics("lsq_w2a2_fmnist")
+    assert _recipe(n2uq["train"]["command"]) == _recipe(lsq["train"]["command"])
+    assert sorted(n2uq["seeds"]["runs"]) == sorted(lsq["seeds"]["runs"]) == ["0", "1", "2"]
+
+
+def test_n2uq_w2a2_above_lsq_w2a2_on_the_mean_over_seeds():
+    """The README's claim, on the means the seed records hold."""
+    n2uq, lsq = (_metrics(t)["seeds"]["mean"]["test_acc"] for t in ("n2uq_w2a2_fmnist", "lsq_w2a2_fmnist"))
+    assert n2uq > lsq, (n2uq, lsq)
 
 
 @pytest.mark.parametrize("tag", SEEDED)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ...datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, FMNIST_DIR, IMAGE_EXTS, builtin_image, load_fmnist
 
+EVAL_SEED = 0  # validation / test data never depend on the run's seed
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SPLITS = ("train", "val", "test")
 ITEM_THRESHOLD = 0.2       # an item's pixel belongs to its mask where its (resized) intensity > this
@@ -155,8 +156,11 @@ class CompositeSalData(SaliencyData):
         if self.sets:
             return
         for split in SPLITS:
+            # the run's seed varies the training composites only: validation and test are the same
+            # images for every seed, so seeds (and methods) are compared on one test set
+            seed = self.seed if split == "train" else EVAL_SEED
             self.sets[split] = CompositeSet(self.backgrounds(split), self.items(split), self.counts[split],
-                                            self.size, self.seed, split, jitter=split == "train" and self.augment)
+                                            self.size, seed, split, jitter=split == "train" and self.augment)
 
 
 # ----------------------------------------------------------------------------- DUTS-style folders
@@ -256,7 +260,7 @@ class FolderSalData(SaliencyData):
         train = pairs["train"]
         missing = [s for s in ("val", "test") if s not in pairs]
         if missing:
-            order = np.random.default_rng(self.seed).permutation(len(train))
+            order = np.random.default_rng(EVAL_SEED).permutation(len(train))  # the same hold-out for every seed
             k = max(1, int(round(self.holdout * len(train))))
             if len(train) <= k * len(missing):
                 raise ValueError(f"{len(train)} training pairs are too few to hold out {missing} "
