@@ -8,28 +8,16 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 import torch
 
 import zoo
-from tests.test_data import _write_idx
-
-
-@pytest.fixture(scope="module")
-def tiny_fmnist(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmnist_ddp")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 96), ("t10k", 32)):
-        y = rng.integers(0, 10, (n,))
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 60, (n, 28, 28)) + y[:, None, None] * 19)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", y)
-    return root
+from tests.test_train import tiny_fmnist  # noqa: F401, F811  (the shared tiny Fashion-MNIST fixture)
 
 
 def train(tmp, root, *extra):
     args = [sys.executable, "-m", "zoo.train", f"data.root={root}", "data.val_size=32", "data.augment=false",
-            "epochs=3", "quant=lsq", "bits=2", "+model_args.width=4", "+model_args.norm=gn", "init_from=null", f"output_dir={tmp}",
+            "epochs=3", "quant=lsq", "bits=2", "+model_args.width=4", "+model_args.norm=gn", "init_from=null",
+            f"output_dir={tmp}",
             "trainer.log_every_n_steps=1", "+trainer.enable_progress_bar=false", *extra]
     out = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
