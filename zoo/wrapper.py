@@ -35,10 +35,13 @@ class ZooModel(nn.Module):
                             f"{type(x).__name__ if not torch.is_tensor(x) else x.dtype}")
         if x.ndim != 4 or x.shape[1] != ic["channels"]:
             raise ValueError(f"expected images of shape N x {ic['channels']} x H x W, got {tuple(x.shape)}")
-        lo, hi = torch.aminmax(x.detach()) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
-        if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
-            raise ValueError(f"expected images in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]"
-                             + (" (0-255 images: divide by 255)" if hi > 2 else ""))
+        # the range is checked in eval mode (training data comes from the DataModules, in range, and
+        # skipping it there avoids a device sync per step)
+        if not self.training and x.numel():
+            lo, hi = torch.aminmax(x.detach())
+            if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
+                raise ValueError(f"expected images in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]"
+                                 + (" (0-255 images: divide by 255)" if hi > 2 else ""))
         size = ic.get("size")
         if size and tuple(x.shape[-2:]) != tuple(size):
             raise ValueError(f"this model takes {size[0]} x {size[1]} images, got "

@@ -123,10 +123,10 @@ class N2UQAct(ActQuantizer):
 
 def _count_above(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """#{m : x > edges_m} per element (torch.bucketize's value for increasing edges, one compare per
-    edge: much faster than a binary search over 2^b - 1 edges on CPU)."""
+    edge: much faster than a binary search over 2^b - 1 edges on CPU; no host sync on a GPU)."""
     k = torch.zeros_like(x)
-    for e in edges.tolist():
-        k += (x > e).to(x.dtype)
+    for m in range(edges.numel()):
+        k += (x > edges[m]).to(x.dtype)
     return k
 
 
@@ -145,23 +145,22 @@ class _GSTE(torch.autograd.Function):
     def backward(ctx, g):
         x, k, start, a, b1, beta2 = ctx.saved_tensors
         delta = ctx.delta
-        n = a.numel()
         u = x * b1
-        d = torch.cat([start.reshape(1), start + torch.cumsum(a, 0)]).tolist()  # d_0 .. d_n
+        d = torch.cat([start.reshape(1), start + torch.cumsum(a, 0)])  # d_0 .. d_n
         gs = g * (beta2 * delta)  # dL/d(surrogate), integer units
+        zero = torch.zeros((), dtype=gs.dtype, device=gs.device)
         du = torch.zeros_like(x)
-        dd = torch.zeros(n + 1, dtype=torch.float64)  # dL/dd_(i-1) per interval's lower edge
-        da = torch.zeros(n, dtype=torch.float64)
-        av = a.tolist()
-        for i in range(1, n + 1):  # interval i: d_(i-1) < u <= d_i, surrogate (u - d_(i-1)) / a_i + i - 1
-            gi = torch.where((u > d[i - 1]) & (u <= d[i]), gs, torch.zeros((), dtype=gs.dtype))
-            du += gi / av[i - 1]
-            sg = gi.sum().item()
-            dd[i - 1] = -sg / av[i - 1]
-            da[i - 1] = -(gi * (u - d[i - 1])).sum().item() / av[i - 1] ** 2
+        dd, da = [], []  # per interval i: dL/d(lower edge d_(i-1)) and dL/da_i through its own slope
+        for i in range(1, a.numel() + 1):  # d_(i-1) < u <= d_i: surrogate (u - d_(i-1)) / a_i + i - 1
+            lo, ai = d[i - 1], a[i - 1]
+            gi = torch.where((u > lo) & (u <= d[i]), gs, zero)
+            du += gi / ai
+            dd.append(-gi.sum() / ai)
+            da.append(-(gi * (u - lo)).sum() / ai ** 2)
+        dd, da = torch.stack(dd), torch.stack(da)
         # d_(i-1) = start + a_1 + ... + a_(i-1): the lower edge's gradient reaches start and a_(<i)
         dstart = dd.sum()
-        da += torch.flip(torch.cumsum(torch.flip(dd, [0]), 0), [0])[1:]  # sum over edges above a_l
+        da = da + torch.flip(torch.cumsum(torch.flip(dd, [0]), 0), [0]) - dd  # edges above a_l
         dx = du * b1 if ctx.needs_input_grad[0] else None
         db1 = (du * x).sum() if ctx.needs_input_grad[4] else None
         dbeta2 = (g * k).sum() * delta if ctx.needs_input_grad[5] else None
