@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,3 +60,17 @@ def check_seed_record(cfg: dict, key: str):
     assert cfg["metrics"][key] == statistics.median(vals)
     assert s["mean"][key] == pytest.approx(statistics.mean(vals), abs=1e-9)
     assert s["std"][key] == pytest.approx(statistics.stdev(vals), abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def tiny_fmnist(tmp_path_factory):
+    from tests.test_data import _write_idx
+
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 96), ("t10k", 32)):
+        y = rng.integers(0, 10, (n,))
+        x = rng.integers(0, 60, (n, 28, 28)) + (y[:, None, None] * 19)  # learnable: brightness ~ label
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", x)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", y)
+    return root

@@ -11,7 +11,6 @@ import sys
 import torch
 
 import zoo
-from tests.test_train import tiny_fmnist  # noqa: F401, F811  (the shared tiny Fashion-MNIST fixture)
 
 
 def train(tmp, root, *extra):

@@ -134,3 +134,12 @@ def test_irnet_weights_with_a_small_power_of_two_scale_rebuild_exactly():
     q2, scale2, zero2 = wq.integer_form(rebuilt)
     assert torch.equal(q2, q)
     torch.testing.assert_close(scale2, scale, rtol=0, atol=0)
+
+
+def test_a_quantizer_without_restore_is_named():
+    cfg = QuantConfig(weight=LSQ(2), act=LSQ(2))
+    packed = to_packed(copy.deepcopy(trained(cfg)))
+    fresh = quantize(tiny_net(), cfg)
+    fresh[3].wq.restore = lambda *a: (_ for _ in ()).throw(NotImplementedError("MyQuant cannot be rebuilt"))
+    with pytest.raises(ValueError, match="layer 3: MyQuant cannot be rebuilt; give it a restore()"):
+        restore_from_packed(fresh, packed)

@@ -77,7 +77,11 @@ def test_missing_quant_config_fails_at_save(trained_resnet18, tmp_path):
     with pytest.raises(TypeError, match="has quantized layers but no QuantConfig: pass quant="):
         zoo.save(trained_resnet18, tmp_path / "x")
     zoo.save(trained_resnet18, tmp_path / "x", quant=CFG)  # given explicitly, it works
-    assert zoo.load(tmp_path / "x", model=tv.models.resnet18(weights=None, num_classes=10)) is not None
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = zoo.to_packed(__import__("copy").deepcopy(trained_resnet18))(x)
+        got = zoo.load(tmp_path / "x", model=tv.models.resnet18(weights=None, num_classes=10))(x)
+    torch.testing.assert_close(got, ref)
 
 
 def test_quantize_a_bare_layer_returns_the_quantized_layer():

@@ -9,20 +9,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 import zoo
-from tests.test_data import _write_idx
 from zoo.train import ConfigError, run
-
-
-@pytest.fixture(scope="module")
-def tiny_fmnist(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 96), ("t10k", 32)):
-        y = rng.integers(0, 10, (n,))
-        x = rng.integers(0, 60, (n, 28, 28)) + (y[:, None, None] * 19)  # learnable: brightness ~ label
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", x)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", y)
-    return root
 
 
 def cfg_for(tmp, root, *overrides):

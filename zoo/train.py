@@ -116,9 +116,9 @@ def default_init(task_cls, arch: str, contract: dict, preferred: str | None) -> 
             if name != preferred:
                 log.info("init_from: %s is not shipped or does not fit this data; starting from %s", preferred, name)
             return name
-    log.warning("init_from: no shipped float %s model fits this data (channels %s%s; shipped: %s): "
+    log.warning("init_from: no shipped float %s model fits this data (input contract %s; shipped: %s): "
                 "training from scratch (give init_from= to start from a checkpoint)", arch,
-                contract.get("channels"), f", scale {contract['scale']}" if "scale" in contract else "", names)
+                {k: v for k, v in contract.items() if k not in ("classes", "mean", "std")}, names)
     return None
 
 

@@ -41,11 +41,14 @@ def restore_from_packed(train: nn.Module, packed: nn.Module) -> dict[str, str]:
             misfit[name] = f"quantized as {layer.extra_repr()} here, {pm.extra_repr()} in the release"
             continue
         q = pm.codes().to(layer.weight.dtype)
-        layer.weight.copy_(layer.wq.restore(q, pm.w_scale, pm.w_zero))
+        try:
+            layer.weight.copy_(layer.wq.restore(q, pm.w_scale, pm.w_zero))
+            if layer.aq is not None:
+                layer.aq.restore({k: v.detach().clone() for k, v in pm.act_params().items()})
+        except NotImplementedError as e:  # a user-registered quantizer without a restore()
+            raise ValueError(f"layer {name}: {e}; give it a restore() to fine-tune from a release") from None
         if layer.bias is not None and pm.bias is not None:
             layer.bias.copy_(pm.bias)
-        if layer.aq is not None:
-            layer.aq.restore({k: v.detach().clone() for k, v in pm.act_params().items()})
     source = packed.state_dict()
     target = train.state_dict()
     for key, value in target.items():

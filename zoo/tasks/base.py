@@ -42,9 +42,9 @@ class QuantTask(L.LightningModule):
     @staticmethod
     def contract_fits(release: dict, data: dict) -> bool:
         """Whether a model made for the input contract ``release`` can start training on data with
-        the contract ``data``: the same channels and (super-resolution) scale; the classifier may
-        differ (it is re-initialised)."""
-        return all(release.get(k) == data.get(k) for k in ("channels", "scale"))
+        the contract ``data``: the same number of channels (tasks add what else must match); the
+        classifier may differ (it is re-initialised)."""
+        return release.get("channels") == data.get("channels")
 
     @staticmethod
     def evaluate(model, loader, progress: bool = True) -> dict:

@@ -103,6 +103,11 @@ class SuperResolutionTask(QuantTask):
         return {"upscale": contract["scale"], "in_chans": contract["channels"]}
 
     @staticmethod
+    def contract_fits(release: dict, data: dict) -> bool:
+        """The same channels and the same scale (an x2 model is no starting point for x3)."""
+        return QuantTask.contract_fits(release, data) and release.get("scale") == data.get("scale")
+
+    @staticmethod
     def golden_input(dm) -> torch.Tensor:
         lr, _ = dm.split("test")[0]
         h, w = lr.shape[-2:]
