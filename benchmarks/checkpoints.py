@@ -43,7 +43,7 @@ def remeasure(task: str, data: str | None = None, limit: int | None = None,
         res = task_cls.evaluate(model, loader)
         seconds[name] = time.time() - t
         cfg = {**{k: v for k, v in cfg.items() if k != "seeds"},  # this run's numbers only
-               "metrics": {f"test_{k}": v for k, v in res.items()}}
+               "metrics": {**{f"test_{k}": v for k, v in res.items()}, **task_cls.extra_metrics(model)}}
         rows.append((d, cfg))
     lines = [f"Packed models through zoo.load (reference backend); {hardware()}, torch {torch.__version__}"]
     lines += [f"- {t}" for t in sorted(described)]

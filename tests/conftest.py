@@ -20,6 +20,11 @@ def has_fmnist() -> bool:
 
 
 needs_fmnist = pytest.mark.skipif(not has_fmnist(), reason="apt-get install -y dataset-fashion-mnist")
+# the default saliency data (sal_scenes) and the sal_real photos
+needs_scenes = pytest.mark.skipif(
+    not (has_fmnist() and os.path.isdir("/usr/share/openclipart/png")
+         and os.path.isdir("/usr/share/doc/opencv-doc/examples/data")),
+    reason="apt-get install -y dataset-fashion-mnist openclipart-png opencv-doc")
 
 
 def has_basicsr() -> bool:

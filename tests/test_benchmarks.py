@@ -82,7 +82,7 @@ def test_sal_checkpoints_benchmark_on_a_user_folder(tmp_path):
         Image.fromarray((rng.random((40, 52)) > 0.5).astype(np.uint8) * 255).save(tmp_path / "d" / "masks" / f"{i}.png")
     out = _run("checkpoints.py", "--task", "sal", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "t.md"))
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| [") and "_sal_composites" in ln]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| [") and "_sal_scenes" in ln]
     assert len(rows) == len(zoo.list_models(task="sal"))
     assert "2 image/mask pairs from" in out.stdout  # every model evaluated on the user's two pairs
     assert (tmp_path / "t.md").read_text().strip() == out.stdout.strip()

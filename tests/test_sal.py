@@ -15,7 +15,7 @@ from zoo.quantizers.quantize import quantized_layers
 from zoo.tasks.sal.data import CompositeSalData, FolderSalData, composite, pair_files
 from zoo.tasks.sal.metrics import SaliencyMeter, f_curve, mae, s_measure
 
-from .conftest import needs_fmnist
+from .conftest import needs_fmnist, needs_scenes
 
 pytest.importorskip("segmentation_models_pytorch")
 
@@ -82,9 +82,9 @@ def test_colour_jitter_permutes_channels_and_scales_saturation():
     assert len(fits) == 1 and 0.3 <= fits[0] <= 2.5  # one channel order, one saturation factor
 
 
-def test_size_must_be_a_multiple_of_8():
-    with pytest.raises(ValueError, match="multiple of 8"):
-        CompositeSalData(size=60)
+def test_size_must_be_a_multiple_of_16():
+    with pytest.raises(ValueError, match="data.size=56 must be a multiple of 16"):
+        CompositeSalData(size=56)
 
 
 # ----------------------------------------------------------------------------- DUTS folders
@@ -282,15 +282,16 @@ def sal_cfg(tmp, *overrides):
 def test_sal_defaults_compose():
     with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
         cfg = compose("train", overrides=["task=sal", "bits=4"])
-    assert cfg.quant.name == "ul2q" and cfg.data.name == "sal_composites" and cfg.arch == "unet_r18"
-    assert cfg.name == "unet_r18.ul2q_w4a4_sal_composites" and cfg.init_from == "unet_r18.fp32_sal_composites"
+    assert cfg.quant.name == "ul2q" and cfg.data.name == "sal_scenes" and cfg.arch == "unet_r18"
+    assert cfg.name == "unet_r18.ul2q_w4a4_sal_scenes" and cfg.init_from == "unet_r18.fp32_sal_scenes"
+    assert cfg.data.size == 128 and cfg.model_args == {} and cfg.task.model_args == {"encoder_depth": 4}
     assert cfg.keep_bits == 8 and list(cfg.task.keep_layers) == ["encoder.conv1", "segmentation_head.*"]
     with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
         cfg = compose("train", overrides=["task=sal", "bits=2", "quant=lsq", "arch=linknet_r18"])
-    assert cfg.name == "linknet_r18.lsq_w2a2_sal_composites"
+    assert cfg.name == "linknet_r18.lsq_w2a2_sal_scenes"
 
 
-@needs_fmnist
+@needs_scenes
 def test_run_sal_two_steps_end_to_end(tmp_path):
     from zoo.train import run
 
@@ -300,6 +301,7 @@ def test_run_sal_two_steps_end_to_end(tmp_path):
     for k in ("test_mae", "test_maxf", "test_smeasure", "test_mae_training_form"):
         assert k in m and np.isfinite(m[k])
     assert m["test_images"] == 4
+    assert m["real_images"] == 6 and 0 <= m["real_mae"] <= 1  # sal_real is measured on every release
     rel = Path(out["release_dir"])
     loaded = zoo.load(rel)
     assert loaded.task == "sal" and loaded.quant.weight.bits == 2 and type(loaded.quant.weight).__name__ == "UL2Q"
@@ -307,6 +309,7 @@ def test_run_sal_two_steps_end_to_end(tmp_path):
     assert (tmp_path / "samples" / "epoch_000.png").is_file()  # the grid of the validation epoch
     card = (rel / "README.md").read_text()
     assert f"MAE {m['test_mae']:.4f}" in card and "2-bit layers" in card and "8-bit layers" in card
+    assert f"S-measure {m['real_smeasure']:.4f}" in card and "](real.png)" in card and (rel / "real.png").is_file()
     csv = next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
     assert "val/maxf" in csv and "val/smeasure" in csv and "val/mae" in csv
 

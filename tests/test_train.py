@@ -209,8 +209,8 @@ def test_fine_tune_a_quantized_release(tmp_path, tiny_fmnist, caplog):
     ("cls", "resnet20", {"channels": 3}, "resnet20.fp32_fmnist", None),  # RGB folder: none fits
     ("sr", "edsr", {"channels": 3, "scale": 3}, "edsr.fp32_x3", None),  # no x3 model is shipped
     ("sr", "edsr", {"channels": 3, "scale": 2}, "edsr.fp32_x2", "edsr.fp32_x2"),
-    ("sal", "unet_r18", {"channels": 3}, "unet_r18.fp32_sal_folder", "unet_r18.fp32_sal_composites"),
-    ("sal", "linknet_r18", {"channels": 3}, "linknet_r18.fp32_sal_folder", "linknet_r18.fp32_sal_composites"),
+    ("sal", "unet_r18", {"channels": 3}, "unet_r18.fp32_sal_folder", "unet_r18.fp32_sal_scenes"),
+    ("sal", "linknet_r18", {"channels": 3}, "linknet_r18.fp32_sal_folder", "linknet_r18.fp32_sal_scenes"),
 ])
 def test_default_init_from_is_a_shipped_float_model_that_fits(task, arch, contract, preferred, expected, caplog):
     import logging

@@ -172,9 +172,9 @@ def card_text(directory: str | Path) -> str:
         "",
     ]
     lines += task.card_usage(name)
-    if (directory / "sample.png").is_file() and task.card_sample:
-        caption, alt = task.card_sample
-        lines += [caption, "", f"![{alt}](sample.png)", ""]
+    for file, caption, alt in task.card_images:
+        if (directory / file).is_file():
+            lines += [caption, "", f"![{alt}]({file})", ""]
     lines += [f"`{GOLDEN}` holds an input batch and the packed model's output; `tests/test_shipped.py` checks it.",
               ""]
     return "\n".join(lines)

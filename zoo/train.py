@@ -329,6 +329,7 @@ def run(cfg: DictConfig, command: str | None = None, overrides=None) -> dict:
         packed = packed_copy(module.model.cpu())
         res = task_cls.evaluate(packed, dm.test_dataloader())
         metrics.update({f"test_{k}": v for k, v in res.items()})
+        metrics.update(task_cls.extra_metrics(packed))
     metrics["best_val"] = float(callbacks[0].best_model_score or float("nan"))
     release = save(module.model.cpu(), cfg.release_dir, metrics=metrics, extra={"train": {
         "command": command, "data": cfg.data.name, "data_root": cfg.data.get("root"),

@@ -2,8 +2,9 @@
 
 The factories only choose arguments: a ResNet-18/34 encoder with random initialisation
 (``encoder_weights=None``: nothing is downloaded) and, by default, a CPU-sized network: the first
-``encoder_depth=3`` stages of the encoder (down to stride 8) and a narrow decoder. Pass
-``encoder_depth=5`` and smp's default ``decoder_channels`` for the full-size models. smp is imported
+``encoder_depth=3`` stages of the encoder (down to stride 8) and a narrow decoder; ``task=sal``
+builds them with ``encoder_depth=4`` (stride 16, its ``task.model_args``). Pass ``encoder_depth=5``
+and smp's default ``decoder_channels`` for the full-size models. smp is imported
 only when one of these is built.
 """
 from __future__ import annotations

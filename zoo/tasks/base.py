@@ -52,6 +52,12 @@ class QuantTask(L.LightningModule):
         raise NotImplementedError  # abstract
 
     @staticmethod
+    def extra_metrics(model) -> dict:
+        """Metrics of a (packed) model beyond its test split, stored in the release's config and
+        shown on its card (e.g. saliency on real photos); {} when there are none."""
+        return {}
+
+    @staticmethod
     def golden_input(dm) -> torch.Tensor:
         """A small input batch from the test split for the release's golden input/output pair."""
         return next(iter(dm.test_dataloader()))[0][:8]
@@ -64,7 +70,7 @@ class QuantTask(L.LightningModule):
     # ------------------------------------------------------------------ release hooks
     # What the shared machinery asks of a task (cards, summary tables, ``zoo.predict``, the checkpoint
     # benchmark); each task package implements them in its ``release.py``.
-    card_sample: tuple[str, str] | None = None  # (caption, alt text) of a release's sample.png
+    card_images: tuple[tuple[str, str, str], ...] = ()  # (file, caption, alt text) shown on a card if present
     predict = None  # fn(model, images, out_dir, args) -> written paths; None: no zoo.predict support
 
     @staticmethod

@@ -14,6 +14,7 @@ Batches are ``(images [N, 3, S, S] float in [0, 1], masks [N, 1, S, S] float in 
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -46,6 +47,22 @@ def jitter_colours(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return (grey + float(rng.uniform(0.3, 2.5)) * (img - grey)).clamp_(0, 1)
 
 
+def random_crop(rng: np.random.Generator, backgrounds, size: int, smallest: float = 0.3,
+                jitter: bool = False) -> torch.Tensor:
+    """A random square crop (side ``smallest``-1 x the photo's shorter side) of a random background,
+    resized to ``size``, flipped half the time and (``jitter``) colour-randomised."""
+    bg = backgrounds[int(rng.integers(len(backgrounds)))]
+    h, w = bg.shape[1:]
+    side = max(8, int(rng.uniform(smallest, 1.0) * min(h, w)))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    img = _resize(bg[:, y:y + side, x:x + side], (size, size)).clamp_(0, 1)
+    if rng.random() < 0.5:
+        img = img.flip(-1)
+    if jitter:
+        img = jitter_colours(img, rng)
+    return img
+
+
 def composite(rng: np.random.Generator, backgrounds, items: torch.Tensor, size: int,
               objects=(1, 3), scale=(0.35, 0.65), jitter: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample: a random crop of a random background with ``objects`` items pasted on it
@@ -53,15 +70,7 @@ def composite(rng: np.random.Generator, backgrounds, items: torch.Tensor, size: 
 
     Returns (image [3, size, size] in [0, 1], mask [1, size, size] in {0, 1}); the mask is exactly
     the set of pixels whose colour came from an item."""
-    bg = backgrounds[int(rng.integers(len(backgrounds)))]
-    h, w = bg.shape[1:]
-    side = max(8, int(rng.uniform(0.3, 1.0) * min(h, w)))
-    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    img = _resize(bg[:, y:y + side, x:x + side], (size, size)).clamp_(0, 1)
-    if rng.random() < 0.5:
-        img = img.flip(-1)
-    if jitter:
-        img = jitter_colours(img, rng)
+    img = random_crop(rng, backgrounds, size, 0.3, jitter)
     mask = torch.zeros(1, size, size)
     for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
         item = items[int(rng.integers(len(items)))].float().div(255.0)
@@ -79,13 +88,14 @@ def composite(rng: np.random.Generator, backgrounds, items: torch.Tensor, size: 
     return img, mask
 
 
-class CompositeSet(Dataset):
-    """``n`` composites of one split; sample ``i`` is a pure function of (seed, split, i)."""
+class SeededSet(Dataset):
+    """``n`` synthetic samples of one split: sample ``i`` is ``make(rng)`` with ``rng`` seeded by
+    (seed, split, i), so it is a pure function of them (``make``: a picklable callable, e.g. a
+    ``functools.partial`` of :func:`composite`)."""
 
-    def __init__(self, backgrounds, items, n: int, size: int, seed: int, split: str, jitter: bool = False):
-        self.backgrounds, self.items, self.n, self.size = backgrounds, items, int(n), int(size)
+    def __init__(self, make, n: int, seed: int, split: str):
+        self.make, self.n = make, int(n)
         self.key = (int(seed), SPLITS.index(split))
-        self.jitter = jitter
 
     def __len__(self):
         return self.n
@@ -93,8 +103,7 @@ class CompositeSet(Dataset):
     def __getitem__(self, i):
         if not 0 <= i < self.n:
             raise IndexError(i)
-        rng = np.random.default_rng([*self.key, int(i)])
-        return composite(rng, self.backgrounds, self.items, self.size, jitter=self.jitter)
+        return self.make(np.random.default_rng([*self.key, int(i)]))
 
 
 class SaliencyData(L.LightningDataModule):
@@ -102,13 +111,13 @@ class SaliencyData(L.LightningDataModule):
 
     def __init__(self, batch_size=16, size=64, num_workers=0, seed=0):
         super().__init__()
-        if int(size) % 8:
-            raise ValueError(f"data.size={size!r} must be a multiple of 8 (the encoder's stride)")
+        if int(size) % 16:
+            raise ValueError(f"data.size={size!r} must be a multiple of 16 (the depth-4 encoder's stride)")
         self.batch_size, self.size, self.num_workers, self.seed = batch_size, int(size), num_workers, seed
         self.sets: dict[str, Dataset] = {}
 
     def input_contract(self) -> dict:
-        # any H, W divisible by 8 runs; zoo.predict resizes images to the training size
+        # any H, W divisible by 2**encoder_depth runs; zoo.predict resizes images to the training size
         return {"channels": 3, "size": None, "train_size": [self.size, self.size], "range": [0.0, 1.0],
                 "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
@@ -159,8 +168,9 @@ class CompositeSalData(SaliencyData):
             # the run's seed varies the training composites only: validation and test are the same
             # images for every seed, so seeds (and methods) are compared on one test set
             seed = self.seed if split == "train" else EVAL_SEED
-            self.sets[split] = CompositeSet(self.backgrounds(split), self.items(split), self.counts[split],
-                                            self.size, seed, split, jitter=split == "train" and self.augment)
+            make = partial(composite, backgrounds=self.backgrounds(split), items=self.items(split), size=self.size,
+                           jitter=split == "train" and self.augment)
+            self.sets[split] = SeededSet(make, self.counts[split], seed, split)
 
 
 # ----------------------------------------------------------------------------- DUTS-style folders

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..base import QuantTask
 from . import release
 from .data import CompositeSalData, FolderSalData
+from .scenes import SceneSalData
 from .metrics import SaliencyMeter
 
 GRID_SAMPLES = 6
@@ -79,13 +80,14 @@ def fixed_samples(dm, n: int = GRID_SAMPLES) -> tuple[torch.Tensor, torch.Tensor
 
 class SaliencyTask(QuantTask):
     task_name = "sal"
-    datamodules = {"sal_composites": CompositeSalData, "sal_folder": FolderSalData}
+    datamodules = {"sal_scenes": SceneSalData, "sal_composites": CompositeSalData, "sal_folder": FolderSalData}
     monitor = ("val/mae", "min")
     evaluate = staticmethod(evaluate)
+    extra_metrics = staticmethod(release.extra_metrics)
     card_lines = staticmethod(release.card_lines)
     card_usage = staticmethod(release.card_usage)
     domain = staticmethod(release.domain)
-    card_sample = release.CARD_SAMPLE
+    card_images = release.CARD_IMAGES
     summary_table = staticmethod(release.summary_table)
     predict = staticmethod(release.predict)
     benchmark_loader = staticmethod(release.benchmark_loader)
@@ -102,10 +104,17 @@ class SaliencyTask(QuantTask):
     def report(model, dm, release_dir) -> str:
         png = sample_grid(model, *fixed_samples(dm), Path(release_dir) / "sample.png")
         m = model.metrics
+        real = []
+        if m.get("real_mae") is not None:
+            from .real import real_grid
+
+            grid = real_grid(model, Path(release_dir) / "real.png")
+            real = [f"sal_real ({m.get('real_images', '?')} photos): MAE {m['real_mae']:.4f}  maxF "
+                    f"{m['real_maxf']:.4f}  S {m['real_smeasure']:.4f}; photo | mask | prediction: {grid}"]
         return "\n".join([
             f"{'MAE':>8} {'maxF':>7} {'S':>7}   ({m.get('test_images', '?')} test images)",
             f"{m['test_mae']:8.4f} {m['test_maxf']:7.4f} {m['test_smeasure']:7.4f}",
-            f"test samples (image | ground truth | prediction): {png}"])
+            f"test samples (image | ground truth | prediction): {png}", *real])
 
     # ------------------------------------------------------------------ training
     def distill_loss(self, student_logits, x):

@@ -45,7 +45,8 @@ def card_usage(name: str) -> list[str]:
     return [f"or `python -m zoo.predict {name} photo.png --out upscaled/`.", ""]
 
 
-CARD_SAMPLE = ("Centre crop of the first test image: bicubic | this model | ground truth:", "bicubic | model | HR")
+CARD_IMAGES = (("sample.png", "Centre crop of the first test image: bicubic | this model | ground truth:",
+                "bicubic | model | HR"),)
 
 
 def summary_table(rows) -> str:

@@ -92,7 +92,7 @@ class SuperResolutionTask(QuantTask):
     domain = staticmethod(release.domain)
     finetune_demo = staticmethod(release.finetune_demo)
     finetune_variants = release.FINETUNE_VARIANTS
-    card_sample = release.CARD_SAMPLE
+    card_images = release.CARD_IMAGES
     summary_table = staticmethod(release.summary_table)
     predict = staticmethod(release.predict)
     predict_args = staticmethod(release.predict_args)
