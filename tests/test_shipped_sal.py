@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zoo
-from tests.conftest import check_golden, check_seed_record, needs_scenes
+from tests.conftest import check_golden, needs_scenes
 from zoo.cards import packed_layer_bytes, read_golden
 from zoo.registry import resolve_checkpoint
 
@@ -92,14 +92,6 @@ def test_ul2q_w2a2_within_003_of_fp32_at_an_eighth_of_the_bytes(arch):
     assert mae["ul2q_w2a2"] - mae["fp32"] <= 0.03, mae
     packed, fp32 = packed_layer_bytes(resolve_checkpoint(f"{arch}.ul2q_w2a2_sal_scenes"))[2]
     assert packed * 8 <= fp32
-
-
-SEEDED = [n for n in SHIPPED if _config(n).get("seeds")]
-
-
-@pytest.mark.parametrize("name", SEEDED)
-def test_seed_record_is_consistent(name):
-    check_seed_record(_config(name), "test_mae")
 
 
 @pytest.mark.parametrize("arch", _marked(LSQ_MISSES))
