@@ -93,17 +93,23 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
 
 
 @torch.no_grad()
+def saliency_map(model, img: np.ndarray) -> torch.Tensor:
+    """The sigmoid map [1, 1, H, W] of uint8 HxWx3 ``img``: the model runs at its training size and
+    the map is resized back to the image's (what ``zoo.predict`` writes and ``sal_real`` scores)."""
+    size = model.input_contract.get("train_size") or [352, 352]
+    device = next(model.parameters()).device
+    x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float().div_(255.0)
+    return _resize(model(_resize(x, size).to(device)).sigmoid().cpu(), img.shape[:2]).clamp_(0, 1)
+
+
+@torch.no_grad()
 def evaluate_real(model, root: str = OPENCV_DATA, per_photo: bool = False) -> dict:
     """Mean MAE / max F / S-measure over the ``sal_real`` photos (at their own size, see above);
     ``per_photo`` adds ``{stem: {mae, maxf, smeasure}}`` under ``"photos"``."""
     model.eval()
-    size = model.input_contract.get("train_size") or [352, 352]
-    device = next(model.parameters()).device
     meter, photos = SaliencyMeter(), {}
     for photo, mask_path in real_pairs(root):
-        img = read_image(photo)
-        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float().div_(255.0)
-        prob = _resize(model(_resize(x, size).to(device)).sigmoid().cpu(), img.shape[:2]).clamp_(0, 1)
+        prob = saliency_map(model, read_image(photo))
         gt = torch.from_numpy(read_image(mask_path, "L") >= 128).float()[None, None]
         meter.update(prob, gt)
         if per_photo:
@@ -122,14 +128,10 @@ def real_grid(model, path, root: str = OPENCV_DATA, height: int = 112) -> Path:
     from PIL import Image
 
     model.eval()
-    size = model.input_contract.get("train_size") or [352, 352]
-    device = next(model.parameters()).device
     rows = []
     for photo, mask_path in real_pairs(root):
         img = read_image(photo)
-        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float().div_(255.0)
-        prob = _resize(model(_resize(x, size).to(device)).sigmoid().cpu(), img.shape[:2]).clamp_(0, 1)
-        p = (prob[0, 0].numpy() * 255).round().astype(np.uint8)
+        p = (saliency_map(model, img)[0, 0].numpy() * 255).round().astype(np.uint8)
         m = read_image(mask_path, "L")
         w = round(img.shape[1] * height / img.shape[0])
         tiles = [np.asarray(Image.fromarray(a).resize((w, height), Image.BILINEAR)) for a in

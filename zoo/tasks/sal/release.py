@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ...cards import float_reference_bytes, packed_layer_bytes, seed_cell
@@ -110,11 +109,6 @@ def summary_table(rows) -> str:
     return "\n".join(out)
 
 
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
-                                           antialias=True)
-
-
 def overlay(img: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """uint8 HxWx3 image with the region prob > threshold tinted red and its border drawn."""
     m = prob > threshold
@@ -128,14 +122,12 @@ def overlay(img: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> np.nda
 def predict(model, images, out: Path, args) -> list[Path]:
     """``<stem>_mask.png`` (0-255 at the image's own size) and ``<stem>_overlay.png`` per image,
     computed at the model's training size and resized back, as SOD models are evaluated."""
-    size = model.input_contract.get("train_size") or [352, 352]
+    from .real import saliency_map
+
     written = []
     for path in tqdm(images, desc="saliency", unit="img"):
         img = read_image(path)
-        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float().div_(255.0)
-        with torch.no_grad():
-            prob = model(_resize(x, size).to(args.device)).sigmoid().cpu()
-        prob = _resize(prob, img.shape[:2]).clamp_(0, 1)[0, 0].numpy()
+        prob = saliency_map(model, img)[0, 0].numpy()
         mask_path, over_path = out / f"{path.stem}_mask.png", out / f"{path.stem}_overlay.png"
         save_png((prob * 255).round().astype(np.uint8), mask_path)
         save_png(overlay(img, prob), over_path)
