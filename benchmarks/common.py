@@ -62,6 +62,33 @@ def median_ms(fn, device, warmup: int = 10, reps: int = 100) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, device, warmup: int = 10, reps: int = 100) -> float | None:
+    """Median time of one replay of ``fn`` captured in a CUDA graph (CUDA events around each replay):
+    the GPU time of its kernels without Python's launch overhead. None off CUDA or if ``fn`` cannot
+    be captured (the reason is printed)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    for _ in range(warmup):  # compile, autotune and fill every cache before capturing
+        fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()  # one more eager call on the capture stream (lazy per-stream state)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # noqa: BLE001 - any capture failure is reported, not fatal
+        print(f"  (CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0]})")
+        torch.cuda.synchronize(device)
+        return None
+    return median_ms(graph.replay, device, warmup, reps)
+
+
 def markdown(headers, rows) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -10,7 +10,8 @@ and 64).
 "triton" runs the Triton kernels (what backend="auto" picks on CUDA; W1A1 models also with each
 binary kernel forced); "reference" is the pure-torch integer path; the float checkpoint runs in
 fp32 and in fp16 (the cuDNN baseline). Peak memory is torch.cuda.max_memory_allocated during one
-forward, weights included.
+forward, weights included. "graph" columns replay the forward captured in a CUDA graph (GPU time
+without Python's launch overhead; n/a where the path cannot be captured).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import RESULTS, device_name, markdown, median_ms, save, smoke_requested
+from common import RESULTS, device_name, graph_ms, markdown, median_ms, save, smoke_requested
 
 SMOKE = smoke_requested()
 
@@ -40,14 +41,33 @@ def peak_mib(fn, device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
-def measure(model, shape, batches, device, warmup, reps, dtype=torch.float32):
+def measure(model, shape, batches, device, warmup, reps, dtype=torch.float32, graph=True):
     out = {}
     for b in batches:
-        x = torch.rand(b, *shape, device=device, dtype=dtype)
+        x = torch.rand(b, *shape, generator=torch.Generator().manual_seed(b), dtype=dtype).to(device)
         with torch.no_grad():
             fn = lambda: model(x)  # noqa: E731
-            out[b] = (median_ms(fn, device, warmup, reps), peak_mib(fn, device))
+            out[b] = (median_ms(fn, device, warmup, reps), peak_mib(fn, device),
+                      graph_ms(fn, device, warmup, reps) if graph else None)
     return out
+
+
+def fp16_baseline(name, shape, batches, device, warmup, reps):
+    """The float checkpoint in fp16 on cuDNN/cuBLAS: ``.half()``, or autocast where a module keeps a
+    float32 tensor of its own (basicsr's SwinIR attention mask) that .half() leaves behind."""
+    model = zoo.load(name, map_location=device).half()
+    try:
+        return "cuDNN", "fp16", measure(model, shape, batches, device, warmup, reps, torch.float16)
+    except RuntimeError as e:
+        if "scalar type" not in str(e) and "dtype" not in str(e):
+            raise
+    model = zoo.load(name, map_location=device)
+
+    def run(x):
+        with torch.autocast("cuda", dtype=torch.float16):
+            return model(x)
+
+    return "cuDNN (autocast)", "fp16", measure(run, shape, batches, device, warmup, reps, torch.float16)
 
 
 def main(argv=None):
@@ -80,20 +100,23 @@ def main(argv=None):
         for backend, kernel in backends:
             model = zoo.load(name, backend=backend, binary_kernel=kernel, map_location=device)
             label = backend if kernel == "auto" else f"{backend} ({kernel})"
-            runs.append((name, label, "fp32", nbytes, measure(model, shape, batches, device, warmup, reps)))
+            # the reference path reads scalars back (a sync), which a CUDA graph cannot capture
+            runs.append((name, label, "fp32", nbytes, measure(model, shape, batches, device, warmup, reps,
+                                                              graph=backend != "reference")))
         if "fp32" in name and device.type == "cuda":
-            model = zoo.load(name, map_location=device).half()
-            runs.append((name, "cuDNN", "fp16", nbytes,
-                         measure(model, shape, batches, device, warmup, reps, torch.float16)))
+            label, dt, res = fp16_baseline(name, shape, batches, device, warmup, reps)
+            runs.append((name, label, dt, nbytes, res))
     headers = ["model", "backend", "input"] + [f"b{b} ms" for b in batches] + \
-        [f"b{b} peak MiB" for b in batches] + ["weights file B"]
+        [f"b{b} graph ms" for b in batches] + [f"b{b} peak MiB" for b in batches] + ["weights file B"]
     rows, records = [], []
+    na = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
     for name, backend, dt, nbytes, res in runs:
-        mib = [res[b][1] for b in batches]
         rows.append([name, backend, dt] + [f"{res[b][0]:.3f}" for b in batches]
-                    + ["n/a" if m is None else f"{m:.1f}" for m in mib] + [f"{nbytes:,}"])
+                    + [na(res[b][2], ".3f") for b in batches]
+                    + [na(res[b][1], ".1f") for b in batches] + [f"{nbytes:,}"])
         records.append(dict(model=name, backend=backend, input=dt, weights_bytes=nbytes,
                             **{f"b{b}_ms": res[b][0] for b in batches},
+                            **{f"b{b}_graph_ms": res[b][2] for b in batches},
                             **{f"b{b}_peak_mib": res[b][1] for b in batches}))
     desc = device_name(device)
     text = "\n".join([f"# Shipped {args.task} models end to end — {desc}", "",

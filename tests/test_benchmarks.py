@@ -19,8 +19,11 @@ def test_kernels_benchmark_smoke():
     out = _run("kernels.py", "--smoke")
     assert out.returncode == 0, out.stderr[-3000:]
     table = [ln for ln in out.stdout.splitlines() if ln.startswith("| ")]
-    assert len(table) == 1 + 2  # header + one conv + one linear row
-    assert "W1A1 dot" in table[0] and "not evaluated in a smoke run" in out.stdout
+    assert len(table) == 2 * (1 + 2)  # eager and graph tables: header + one conv + one linear row
+    assert "W1A1 dot" in table[0] and "W4A8 ref" in table[0] and "not evaluated in a smoke run" in out.stdout
+    # every kernel's output equals the reference backend's on the benchmarked input
+    assert table[0].rstrip(" |").endswith("not bit-exact vs reference")
+    assert all(row.rstrip(" |").endswith("| none") for row in table[1:3]), table
 
 
 @pytest.mark.slow

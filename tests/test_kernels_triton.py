@@ -22,8 +22,11 @@ tb = pytest.importorskip("zoo.kernels.triton_binary")
 tlb = pytest.importorskip("zoo.kernels.triton_lowbit")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-BIN_BLOCKS = {"popcount": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=2),
-              "dot": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=2)}
+BIN_BLOCKS = {"popcount": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=2, SPLIT_K=1),
+              "dot": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=2, SPLIT_K=1)}
+# the kernels take s_a as a float32 scalar (the layers' scales are float32 tensors)
+S_A = float(torch.tensor(0.1))
+S_A2 = float(torch.tensor(0.05))
 
 
 def _act(scale, zero, qmin, qmax, offset=None):
@@ -89,41 +92,107 @@ def _conv_case(bits, xs, ws, za, qmin, qmax, seed):
     return x, p, v, q, w_scale, w_zero, bias
 
 
+@pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"w{c[0]}-{c[1]}-{c[2]}-s{c[3]}")
-def test_lowbit_conv2d_bit_exact(case):
+def test_lowbit_conv2d_bit_exact(case, split):
+    """split=3: the K loop split over 3 programs per tile (BLOCK_K=32, the smallest int8 MMA depth;
+    with K=45 the third program has no K left and must still take part), partial sums combined in the
+    workspace, which must be left zeroed for the next launch."""
     bits, xs, ws, st, pd, dl, (qmin, qmax, za) = case
+    blocks = None if split == 1 else dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split)
     x, p, v, q, w_scale, w_zero, bias = _conv_case(bits, xs, ws, za, qmin, qmax, seed=bits)
     c = tlb.act_centre(qmin, qmax)
     a = tlb.quantize_act(x, "affine", p, c)
     qw = pack(q.reshape(q.shape[0], -1), bits)
     bsum = tlb.bias_free_colsum(qw, bits, q[0].numel())
-    sum_uq, sum_u = tlb.conv2d(a, za - c, qw, bits, q.shape, bsum, w_scale, w_zero, 0.1, bias, st, pd,
-                               dl, raw=True)
+    sum_uq, sum_u = tlb.conv2d(a, za - c, qw, bits, q.shape, bsum, w_scale, w_zero, S_A, bias, st, pd,
+                               dl, raw=True, blocks=blocks)
     ref_uq, ref_u = reference.int_conv2d(v - za, q.float(), st, pd, dl, 1)
     assert torch.equal(sum_uq.double(), ref_uq)
     assert torch.equal(sum_u.double(), ref_u.permute(0, 2, 3, 1).reshape(-1))
-    y = tlb.conv2d(a, za - c, qw, bits, q.shape, bsum, w_scale, w_zero, 0.1, bias, st, pd, dl)
-    y_ref = reference.conv2d(v, 0.1, za, q.float(), w_scale, w_zero, bias, st, pd, dl, 1).float()
+    y = tlb.conv2d(a, za - c, qw, bits, q.shape, bsum, w_scale, w_zero, S_A, bias, st, pd, dl, blocks=blocks)
+    y_ref = reference.conv2d(v, S_A, za, q.float(), w_scale, w_zero, bias, st, pd, dl, 1).float()
     assert y.shape == y_ref.shape and torch.equal(y, y_ref)
-    y_relu = tlb.conv2d(a, za - c, qw, bits, q.shape, bsum, w_scale, w_zero, 0.1, None, st, pd, dl,
-                        relu=True)
-    y_ref_nb = reference.conv2d(v, 0.1, za, q.float(), w_scale, w_zero, None, st, pd, dl, 1).float()
+    y_relu = tlb.conv2d(a, za - c, qw, bits, q.shape, bsum, w_scale, w_zero, S_A, None, st, pd, dl,
+                        relu=True, blocks=blocks)
+    y_ref_nb = reference.conv2d(v, S_A, za, q.float(), w_scale, w_zero, None, st, pd, dl, 1).float()
     assert torch.equal(y_relu, y_ref_nb.clamp(min=0))
+    if split > 1:
+        part, upart, count = tlb.split_workspace(a.device, 1, 1)
+        assert not part.any() and not upart.any() and not count.any()
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("bits,shape,za", [(4, (2, 12, 6, 5), 0), (8, (1, 20, 5, 5), 0),
+                                           (2, (1, 9, 7, 6), 0), (4, (2, 12, 6, 5), 3)])
+def test_lowbit_conv2d_centred_weights_bit_exact(bits, shape, za, split):
+    """Integer z_w with every q - z_w in int8: the kernel multiplies by q - z_w directly (no activation
+    row sums) when the activation pad code is 0; with za=3 (pad code 3) it must take the general path."""
+    g = torch.Generator().manual_seed(bits + za)
+    x = (torch.randn(*shape, generator=g) * 0.5).to(DEV)
+    p = _act(S_A, za, -8, 7) if za == 0 else _act(S_A, za, 0, 15)
+    v = reference.quantize_act(x, "affine", p)
+    q = torch.randint(0, 2 ** bits, (7, shape[1], 3, 3), generator=g, dtype=torch.uint8).to(DEV)
+    w_scale = (torch.rand(7, generator=g) + 0.05).to(DEV)
+    w_zero = torch.full((7,), 2.0 ** (bits - 1), device=DEV)
+    if bits < 8:
+        w_zero[1] = 0.0  # unsymmetric but q - z_w still in int8 range
+    qw = pack(q.reshape(7, -1), bits)
+    k = q[0].numel()
+    wzi = tlb.centred_zero(qw, bits, k, w_zero)
+    assert wzi is not None and torch.equal(wzi.float(), w_zero)
+    c = tlb.act_centre(float(p["qmin"]), float(p["qmax"]))
+    a = tlb.quantize_act(x, "affine", p, c)
+    blocks = None if split == 1 else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split)
+    bias = torch.randn(7, generator=g).to(DEV)
+    y = tlb.conv2d(a, za - c, qw, bits, q.shape, tlb.bias_free_colsum(qw, bits, k), w_scale, w_zero, S_A,
+                   bias, padding=(1, 1), blocks=blocks, wzi=wzi)
+    y_ref = reference.conv2d(v, S_A, za, q.float(), w_scale, w_zero, bias, 1, 1, 1, 1).float()
+    assert torch.equal(y, y_ref)
+
+
+def test_centred_zero_rules():
+    q = torch.tensor([[0, 255], [3, 4]], dtype=torch.uint8)
+    qw = pack(q, 8)
+    assert tlb.centred_zero(qw, 8, 2, torch.tensor([128.0, 0.0])).tolist() == [128, 0]
+    assert tlb.centred_zero(qw, 8, 2, torch.tensor([100.0, 0.0])) is None  # 255 - 100 > 127
+    assert tlb.centred_zero(qw, 8, 2, torch.tensor([128.0, 0.5])) is None  # non-integer z_w
+
+
+def test_half_output_rounds_like_torch():
+    """float64 -> float16 the way torch casts it (through float32, two roundings): a direct cast
+    differs on ~1 output in 10^4, so 65,536 outputs would all but surely catch it (P(miss) ~ e^-8)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 16, 64, 64, generator=g).to(DEV)
+    p = _act(S_A, 0, -128, 127)
+    v = reference.quantize_act(x, "affine", p)
+    q = torch.randint(0, 256, (16, 16, 1, 1), generator=g, dtype=torch.uint8).to(DEV)
+    w_scale = (torch.rand(16, generator=g) * 0.01 + 0.001).to(DEV)
+    w_zero = torch.full((16,), 128.0, device=DEV)
+    bias = torch.randn(16, generator=g).to(DEV)
+    qw = pack(q.reshape(16, -1), 8)
+    a = tlb.quantize_act(x, "affine", p, 0)
+    y = tlb.conv2d(a, 0, qw, 8, q.shape, tlb.bias_free_colsum(qw, 8, 16), w_scale, w_zero, S_A, bias,
+                   out_dtype=torch.float16)
+    y64 = reference.conv2d(v, S_A, 0.0, q.float(), w_scale, w_zero, bias)
+    assert torch.equal(y, y64.half())
+    direct = torch.from_numpy(y64.cpu().numpy().astype("float16")).to(DEV)  # one rounding
+    assert not torch.equal(direct, y64.half())  # the case this test is about does occur here
 
 
 @pytest.mark.parametrize("bits,k,lead", [(8, 200, (3,)), (4, 70, (2, 3)), (2, 64, (1,))])
 def test_lowbit_linear_bit_exact(bits, k, lead):
     g = torch.Generator().manual_seed(k)
     x = torch.randn(*lead, k, generator=g).to(DEV)
-    p = _act(0.05, 0, -8, 7)
+    p = _act(S_A2, 0, -8, 7)
     v = reference.quantize_act(x, "affine", p)
     q = torch.randint(0, 2 ** bits, (33, k), generator=g, dtype=torch.uint8).to(DEV)
     w_scale, w_zero = (torch.rand(33, generator=g) + 0.1).to(DEV), torch.full((33,), 2.0 ** (bits - 1), device=DEV)
     qw = pack(q, bits)
     a = tlb.quantize_act(x.reshape(-1, k), "affine", p, 0)
-    y = tlb.linear(a, 0, qw, bits, q.shape, tlb.bias_free_colsum(qw, bits, k), w_scale, w_zero, 0.05,
+    y = tlb.linear(a, 0, qw, bits, q.shape, tlb.bias_free_colsum(qw, bits, k), w_scale, w_zero, S_A2,
                    None)
-    y_ref = reference.linear(v.reshape(-1, k), 0.05, 0.0, q.float(), w_scale, w_zero, None).float()
+    y_ref = reference.linear(v.reshape(-1, k), S_A2, 0.0, q.float(), w_scale, w_zero, None).float()
     assert torch.equal(y, y_ref)
 
 
@@ -136,10 +205,12 @@ BIN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("impl", tb.IMPLS)
 @pytest.mark.parametrize("case", BIN_CASES, ids=lambda c: f"{c[0]}-{c[1]}-s{c[2]}")
-def test_binary_conv2d_bit_exact(case, impl):
+def test_binary_conv2d_bit_exact(case, impl, split):
     xs, ws, st, pd, dl = case
+    blocks = dict(BIN_BLOCKS[impl], BLOCK_K=1, SPLIT_K=2) if split == 2 else BIN_BLOCKS[impl]
     g = torch.Generator().manual_seed(xs[1])
     x = torch.randn(*xs, generator=g).to(DEV)
     shift = (torch.randn(xs[1], generator=g) * 0.3).to(DEV)
@@ -153,11 +224,11 @@ def test_binary_conv2d_bit_exact(case, impl):
     a = tb.pack_signs(x, shift)
     assert a.shape == (xs[0], xs[2], xs[3], -(-xs[1] // 32)) and a.dtype == torch.int32
     sum_uq, sum_u = tb.conv2d(a, xs[1], wbits, q.shape, w_scale, w_zero, 1.0, bias, st, pd, dl,
-                              impl=impl, raw=True, blocks=BIN_BLOCKS[impl])
+                              impl=impl, raw=True, blocks=blocks)
     ref_uq, ref_u = reference.int_conv2d(v, q.float(), st, pd, dl, 1)
     assert torch.equal(sum_uq.double(), ref_uq)
     assert torch.equal(sum_u.double(), ref_u.permute(0, 2, 3, 1).reshape(-1))
-    y = tb.conv2d(a, xs[1], wbits, q.shape, w_scale, w_zero, 1.0, bias, st, pd, dl, impl=impl)
+    y = tb.conv2d(a, xs[1], wbits, q.shape, w_scale, w_zero, 1.0, bias, st, pd, dl, impl=impl, blocks=blocks)
     y_ref = reference.conv2d(v, 1.0, 0.0, q.float(), w_scale, w_zero, bias, st, pd, dl, 1).float()
     assert torch.equal(y, y_ref)
 
@@ -307,3 +378,60 @@ def test_kernels_compile_for_hopper():
     lines = out.stdout.splitlines()
     assert len(lines) == 11, out.stdout  # header + 10 variants
     assert all("expected" not in ln for ln in lines)
+
+
+# ------------------------------------------------------------------------------ auto policy
+def _policy_table(monkeypatch, rows):
+    from zoo.kernels import auto_policy
+
+    monkeypatch.setattr(auto_policy, "table", lambda: {"device": "test", "rows": rows})
+    auto_policy.prefer_triton.cache_clear()
+    monkeypatch.setattr(auto_policy, "prefer_triton",
+                        auto_policy.prefer_triton.__wrapped__)  # no caching across tables
+    return auto_policy
+
+
+def _row(kind, kernel, m, n, k, triton, ref, fp16):
+    return dict(kind=kind, kernel=kernel, shape="", m=m, n=n, k=k, triton_us=triton, reference_us=ref,
+                fp16_us=fp16)
+
+
+def test_auto_policy_rule(monkeypatch):
+    ap = _policy_table(monkeypatch, [
+        _row("conv", "int8", 49, 512, 4608, 100.0, 50.0, 60.0),    # slow (0.6x), reference faster
+        _row("conv", "int8", 3136, 64, 576, 100.0, 300.0, 60.0),   # slow, reference slower still
+        _row("conv", "binary", 49, 512, 4608, 70.0, 50.0, 60.0),   # 0.86x fp16: fast enough
+        _row("linear", "int8", 256, 4096, 4096, 40.0, 30.0, 35.0)])
+    assert not ap.prefer_triton("conv", "int8", 49, 512, 4608)
+    assert not ap.prefer_triton("conv", "int8", 98, 512, 4608)     # nearest row: the first
+    assert ap.prefer_triton("conv", "int8", 3000, 64, 576)
+    assert ap.prefer_triton("conv", "binary", 49, 512, 4608)
+    assert ap.prefer_triton("linear", "int8", 256, 4096, 4096)     # 0.875x: fast enough
+    assert ap.prefer_triton("linear", "binary", 1, 10, 10)         # no measurement: Triton
+
+
+def test_shipped_auto_table_follows_the_rule():
+    from zoo.kernels import auto_policy
+
+    tab = auto_policy.table()
+    assert tab["device"] and {(r["kind"], r["kernel"]) for r in tab["rows"]} == {
+        ("conv", "int8"), ("conv", "binary"), ("linear", "int8"), ("linear", "binary")}
+    for r in tab["rows"]:
+        fallback = r["fp16_us"] / r["triton_us"] < 0.8 and r["reference_us"] < r["triton_us"]
+        assert auto_policy.prefer_triton(r["kind"], r["kernel"], r["m"], r["n"], r["k"]) is not fallback
+
+
+def test_auto_backend_consults_the_policy(monkeypatch):
+    from zoo.kernels import triton_layers
+
+    net = _packed_conv(QCFGS["lsq4"], padding=1)
+    x = torch.randn(1, 6, 9, 9, device=DEV)
+    ap = _policy_table(monkeypatch, [_row("conv", "int8", 81, 12, 54, 100.0, 10.0, 20.0)])
+    assert not ap.prefer_triton("conv", "int8", 81, 12, 54)
+    conv = net[0]
+    conv.backend = "reference"
+    y_ref = conv(x)
+    conv.backend = "auto"
+    assert triton_layers.conv2d(conv, x) is None  # measured slow there: the reference runs
+    conv.backend = "triton"
+    assert torch.equal(triton_layers.conv2d(conv, x), y_ref)  # an explicit choice is obeyed

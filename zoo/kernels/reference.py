@@ -51,9 +51,11 @@ def _epilogue(acc_q, acc_1, s_a, w_scale, w_zero, bias, ch_dim):
 
 
 def exact_dtype(u: torch.Tensor, q: torch.Tensor) -> torch.dtype:
-    """float32 if integer-valued u times q summed over a row of q can never reach 2^24, else float64."""
+    """float32 if integer-valued u times q summed over a row of q can never reach 2^24, else float64.
+    Always float64 on CUDA: with cudnn.benchmark on, cuDNN may pick FFT or Winograd convolutions,
+    whose float32 rounding errors can exceed 0.5 (float64's stay far below it; see ``_int_conv2d``)."""
     u = u.detach()
-    if u.numel() == 0 or not torch.equal(u, torch.round(u)):
+    if u.is_cuda or u.numel() == 0 or not torch.equal(u, torch.round(u)):
         return torch.float64
     k = q[0].numel()
     bound = k * float(u.abs().max()) * float(q.max() if q.numel() else 0)
@@ -77,6 +79,7 @@ def int_conv2d(u, q, stride, padding, dilation, groups):
 
 def _int_conv2d(u, q, stride, padding, dilation, groups):
     dt = exact_dtype(u, q)
+    integral = torch.equal(u, torch.round(u))
     u = u.to(dt)
     acc_q = F.conv2d(u, q.to(dt), None, stride, padding, dilation, groups)
     if groups == 1:
@@ -84,7 +87,10 @@ def _int_conv2d(u, q, stride, padding, dilation, groups):
         acc_1 = F.conv2d(u, ones, None, stride, padding, dilation, 1)
     else:
         acc_1 = F.conv2d(u, torch.ones_like(q, dtype=dt), None, stride, padding, dilation, groups)
-    return acc_q.double(), acc_1.double()
+    acc_q, acc_1 = acc_q.double(), acc_1.double()
+    if integral:  # the true sums are integers: undo any algorithm's rounding error (a no-op when exact)
+        acc_q, acc_1 = acc_q.round(), acc_1.round()
+    return acc_q, acc_1
 
 
 def conv2d(v, s_a, z_a, q, w_scale, w_zero, bias, stride=1, padding=0, dilation=1, groups=1):

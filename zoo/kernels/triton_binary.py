@@ -24,18 +24,19 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .packing import unpack
-from .triton_lowbit import INTERPRET, launch, store_output
+from .triton_lowbit import INTERPRET, TUNE_MS, launch, split_reduce, split_workspace, store_output
 
 IMPLS = ("popcount", "dot")
 # BLOCK_K counts 32-bit words. Interpreter defaults, and the GPU autotuning space per variant.
-INTERPRET_BLOCKS = {"popcount": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=4),
-                    "dot": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=2)}
-_SPACE = {"popcount": [(16, 64, 4, 4), (32, 64, 2, 4), (64, 64, 2, 4), (64, 32, 4, 4),
-                       (32, 128, 2, 8), (128, 64, 1, 8)],
-          "dot": [(16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 2, 4), (64, 64, 4, 4), (128, 64, 2, 8),
-                  (128, 128, 2, 8)]}
-CONFIGS = {impl: [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=3)
-                  for bm, bn, bk, w in space] for impl, space in _SPACE.items()}
+INTERPRET_BLOCKS = {"popcount": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=4, SPLIT_K=1),
+                    "dot": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=2, SPLIT_K=1)}
+# (BLOCK_M, BLOCK_N, BLOCK_K words, SPLIT_K, warps)
+_SPACE = {"popcount": [(16, 64, 4, 1, 4), (16, 64, 4, 4, 4), (32, 64, 2, 1, 4), (32, 64, 2, 8, 4),
+                       (64, 64, 2, 1, 4), (64, 32, 4, 4, 4), (32, 128, 2, 1, 8), (128, 64, 1, 1, 8)],
+          "dot": [(16, 64, 4, 1, 4), (16, 64, 4, 4, 4), (32, 64, 4, 1, 4), (32, 64, 4, 8, 4),
+                  (64, 64, 2, 1, 4), (64, 64, 4, 4, 4), (128, 64, 2, 1, 8), (128, 128, 2, 1, 8)]}
+CONFIGS = {impl: [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk), num_warps=w,
+                                num_stages=3) for bm, bn, bk, sk, w in space] for impl, space in _SPACE.items()}
 TUNE_KEY = ["M", "N", "KT", "KW", "DOT"]
 PACK_BLOCK = 64
 
@@ -75,11 +76,12 @@ def _pack_signs_kernel(x_ptr, out_ptr, shift_ptr, P, C, HW, CW, s_n, s_c, s_p,
 
 
 @triton.jit
-def _binary_kernel(a_ptr, w_ptr, y_ptr, usum_ptr, ws_ptr, wz_ptr, bias_ptr, s_a,
-                   M, N, C, H, W, OH, OW, CW, KT, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+def _binary_kernel(a_ptr, w_ptr, y_ptr, usum_ptr, ws_ptr, wz_ptr, bias_ptr, part_ptr, upart_ptr, count_ptr,
+                   s_a, M, N, C, H, W, OH, OW, CW, KT, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                    KW: tl.constexpr, DOT: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
                    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, RAW: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,7 +96,9 @@ def _binary_kernel(a_ptr, w_ptr, y_ptr, usum_ptr, ws_ptr, wz_ptr, bias_ptr, s_a,
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     usum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for k0 in range(0, KT, BLOCK_K):
+    k_len = tl.cdiv(tl.cdiv(KT, SPLIT_K), BLOCK_K) * BLOCK_K  # this program's share of the words
+    k_lo = tl.program_id(2) * k_len
+    for k0 in range(k_lo, tl.minimum(k_lo + k_len, KT), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < KT
         rs = offs_k // CW
@@ -122,12 +126,14 @@ def _binary_kernel(a_ptr, w_ptr, y_ptr, usum_ptr, ws_ptr, wz_ptr, bias_ptr, s_a,
             acc += tl.sum(tl.where(inside[:, :, None], nvalid[:, :, None] - 2 * pc, 0), axis=1)
             usum += tl.sum(2 * popcount32(a, USE_LIBDEVICE) - nvalid, axis=1)
 
+    acc, usum, last = split_reduce(acc, usum, part_ptr, upart_ptr, count_ptr, pid_m, pid_n, N,
+                                   BLOCK_M, BLOCK_N, SPLIT_K, True)
     sum_uq = (acc + usum[:, None]) // 2  # exact: dot + sum_u = 2 * sum(u * q)
     store_output(y_ptr, usum_ptr, ws_ptr, wz_ptr, bias_ptr, s_a, sum_uq, usum, img, pix, offs_m, offs_n,
-                 m_ok, n_ok, pid_n, N, OH * OW, HAS_BIAS, RELU, RAW)
+                 m_ok & last, n_ok, pid_n, N, OH * OW, HAS_BIAS, RELU, RAW)
 
 
-_tuned = {impl: _binary_kernel if INTERPRET else triton.autotune(cfgs, key=TUNE_KEY)(_binary_kernel)
+_tuned = {impl: _binary_kernel if INTERPRET else triton.autotune(cfgs, key=TUNE_KEY, **TUNE_MS)(_binary_kernel)
           for impl, cfgs in CONFIGS.items()}
 
 
@@ -189,8 +195,9 @@ def conv2d(a_bits: torch.Tensor, c_in: int, wbits: torch.Tensor, weight_shape, w
     usum = torch.empty(m if raw else 1, dtype=torch.int32, device=a_bits.device)
     if m == 0 or c_out == 0:
         return (y, usum) if raw else y
+    part, upart, count = split_workspace(a_bits.device, m, c_out)
     args = (a_bits, wbits, y, usum, w_scale, w_zero, bias if bias is not None else w_scale,
-            float(s_a), m, c_out, c_in, h, w, oh, ow, cw, kt, sh, sw, ph, pw, dh, dw)
+            part, upart, count, float(s_a), m, c_out, c_in, h, w, oh, ow, cw, kt, sh, sw, ph, pw, dh, dw)
     meta = dict(KW=kw, DOT=impl == "dot", USE_LIBDEVICE=not INTERPRET, HAS_BIAS=bias is not None,
                 RELU=relu, RAW=raw)
     launch(_binary_kernel, _tuned[impl], INTERPRET_BLOCKS[impl], blocks, m, c_out, args, meta)

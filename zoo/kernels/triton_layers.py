@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from . import triton_binary, triton_lowbit
+from . import auto_policy, triton_binary, triton_lowbit
 
 MAX_K = 32768  # |int32 partial sums| <= 3 * K * 128 * 128 < 2^31
 
@@ -62,8 +62,23 @@ def _int8_act_params(layer):
     return c, int(z) - c, p["scale"], p
 
 
+def _weight_sums(layer, k):
+    """(column sums for the padding trick, integer z_w for the centred variant or None), cached."""
+    bsum = _cached(layer, "bsum", lambda: triton_lowbit.bias_free_colsum(layer.qweight, layer.bits, k))
+    wzi = _cached(layer, "wzi", lambda: triton_lowbit.centred_zero(layer.qweight, layer.bits, k, layer.w_zero),
+                  [layer.qweight, layer.w_zero])
+    return bsum, wzi
+
+
 def _supported_input(x, ndim=None) -> bool:
     return x.is_floating_point() and (ndim is None or x.ndim == ndim) and x.numel() > 0
+
+
+def _auto_allows(layer, kind: str, binary: bool, m: int, k: int) -> bool:
+    """backend="auto": the measured per-shape rule of ``auto_policy`` (Triton unless it measured slow
+    there and the reference faster); "triton" always runs Triton."""
+    return layer.backend != "auto" or auto_policy.prefer_triton(
+        kind, "binary" if binary else "int8", m, layer.weight_shape[0], k)
 
 
 def conv2d(layer, x: torch.Tensor, relu: bool = False):
@@ -73,12 +88,15 @@ def conv2d(layer, x: torch.Tensor, relu: bool = False):
     if k > MAX_K or x.shape[1] != layer.weight_shape[1]:
         return None
     geom = dict(stride=_pair(layer.stride), padding=_pair(layer.padding), dilation=_pair(layer.dilation))
-    if layer.bits == 1 and layer.act_mode == "sign":
+    n, _, h, w = x.shape
+    m = n * _out(h, layer.weight_shape[2], geom, 0) * _out(w, layer.weight_shape[3], geom, 1)
+    binary = layer.bits == 1 and layer.act_mode == "sign"
+    if not _auto_allows(layer, "conv", binary, m, k):
+        return None
+    if binary:
         wbits = _cached(layer, "sign_words", lambda: triton_binary.repack_weight(layer.qweight,
                                                                                  layer.weight_shape))
         a = triton_binary.pack_signs(x, layer.act_params().get("shift"))
-        n, _, h, w = x.shape
-        m = n * _out(h, layer.weight_shape[2], geom, 0) * _out(w, layer.weight_shape[3], geom, 1)
         return triton_binary.conv2d(a, x.shape[1], wbits, layer.weight_shape, layer.w_scale,
                                     layer.w_zero, 1.0, layer.bias, relu=relu, out_dtype=x.dtype,
                                     impl=binary_impl(getattr(layer, "binary_kernel", "auto"), m), **geom)
@@ -86,11 +104,11 @@ def conv2d(layer, x: torch.Tensor, relu: bool = False):
     if act is None:
         return None
     c, pa, s_a, params = act
-    bsum = _cached(layer, "bsum", lambda: triton_lowbit.bias_free_colsum(layer.qweight, layer.bits, k))
+    bsum, wzi = _weight_sums(layer, k)
     a = triton_lowbit.quantize_act(x, layer.act_mode, params, c)
     return triton_lowbit.conv2d(a, pa, layer.qweight, layer.bits, layer.weight_shape, bsum,
                                 layer.w_scale, layer.w_zero, s_a, layer.bias, relu=relu,
-                                out_dtype=x.dtype, **geom)
+                                out_dtype=x.dtype, wzi=wzi, **geom)
 
 
 def linear(layer, x: torch.Tensor, relu: bool = False):
@@ -99,7 +117,10 @@ def linear(layer, x: torch.Tensor, relu: bool = False):
         return None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    if layer.bits == 1 and layer.act_mode == "sign":
+    binary = layer.bits == 1 and layer.act_mode == "sign"
+    if not _auto_allows(layer, "linear", binary, x2.shape[0], k):
+        return None
+    if binary:
         wbits = _cached(layer, "sign_words", lambda: triton_binary.repack_weight(
             layer.qweight, (layer.weight_shape[0], k, 1, 1)))
         a = triton_binary.pack_signs(x2, layer.act_params().get("shift"))
@@ -111,10 +132,10 @@ def linear(layer, x: torch.Tensor, relu: bool = False):
     if act is None:
         return None
     c, pa, s_a, params = act
-    bsum = _cached(layer, "bsum", lambda: triton_lowbit.bias_free_colsum(layer.qweight, layer.bits, k))
+    bsum, wzi = _weight_sums(layer, k)
     a = triton_lowbit.quantize_act(x2, layer.act_mode, params, c)
     y = triton_lowbit.linear(a, pa, layer.qweight, layer.bits, layer.weight_shape, bsum, layer.w_scale,
-                             layer.w_zero, s_a, layer.bias, relu=relu, out_dtype=x.dtype)
+                             layer.w_zero, s_a, layer.bias, relu=relu, out_dtype=x.dtype, wzi=wzi)
     return y.reshape(*lead, -1)
 
 
