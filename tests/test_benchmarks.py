@@ -26,6 +26,21 @@ def test_kernels_benchmark_smoke():
     assert all(row.rstrip(" |").endswith("| none") for row in table[1:3]), table
 
 
+def test_ptq_benchmark_runs_and_saves_its_table(tmp_path, tiny_fmnist):
+    out = _run("ptq.py", "--calib", "real", "--seeds", "0", "1", "--out", str(tmp_path), "--runs",
+               str(tmp_path / "runs"), f"data.root={tiny_fmnist}", "data.val_size=32", "calib.n=8", "bits=8")
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / "ptq_cls_w8a8.md").read_text()
+    rows = [ln for ln in table.splitlines() if ln.startswith("| real |")]
+    assert len(rows) == 3  # two runs and their mean ± std
+    accs = [float(r.split("|")[3]) for r in rows[:2]]
+    mean = float(rows[2].split("|")[3])
+    assert mean == pytest.approx(sum(accs) / 2, abs=1e-4)
+    import zoo
+
+    assert zoo.load(tmp_path / "runs" / "real_s0" / "release").quant is not None
+
+
 @pytest.mark.slow
 def test_model_benchmark_smoke():
     out = _run("model.py", "--smoke")

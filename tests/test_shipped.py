@@ -30,7 +30,8 @@ def test_card_matches_config(name):
     d = resolve_checkpoint(name)
     cfg = json.loads((d / "config.json").read_text())
     card = (d / "README.md").read_text()
-    assert cfg["train"]["command"] in card
+    made = cfg.get("train") or cfg["ptq"]  # trained, or post-training quantized
+    assert made["command"] in card
     assert f"{100 * cfg['metrics']['test_acc']:.2f}%" in card
     assert cfg["weights"]["bytes"] == (d / "model.safetensors").stat().st_size
 
@@ -99,6 +100,42 @@ def test_n2uq_w2a2_above_lsq_w2a2_on_the_mean_over_seeds():
 @pytest.mark.parametrize("tag", SEEDED)
 def test_seed_record_is_consistent(tag):
     check_seed_record(_metrics(tag), "test_acc")
+
+
+PTQ = {"ptq_w8a8_fmnist": ("real", 8), "ptq_w4a4_fmnist": ("real", 4), "zeroq_w4a4_fmnist": ("zeroq", 4),
+       "dsg_w4a4_fmnist": ("dsg", 4)}
+
+
+@pytest.mark.parametrize("tag", PTQ)
+def test_ptq_releases_state_their_calibration(tag):
+    """Post-training releases: no training, the calibration source and size on record and on the card."""
+    cfg = _metrics(tag)
+    data, bits = PTQ[tag]
+    assert "train" not in cfg and cfg["ptq"]["calibration"]["data"] == data
+    assert cfg["ptq"]["calibration"]["n"] == 256 and cfg["ptq"]["init_from"] == "resnet20.fp32_fmnist"
+    assert cfg["quant"]["weight"]["bits"] == bits and cfg["quant"]["act"]["bits"] == bits
+    assert (resolve_checkpoint(f"resnet20.{tag}") / "synthetic.png").is_file() == (data != "real")
+
+
+def test_ptq_w8a8_within_0_3_points_of_fp32():
+    assert _acc("fp32_fmnist") - _acc("ptq_w8a8_fmnist") <= 0.003, (_acc("fp32_fmnist"), _acc("ptq_w8a8_fmnist"))
+
+
+def test_ptq_w4a4_within_2_points_of_fp32():
+    """The issue's target for W4A4 PTQ *with reconstruction*; this release has none (nearest rounding,
+    MSE ranges) and meets it anyway."""
+    assert _acc("fp32_fmnist") - _acc("ptq_w4a4_fmnist") <= 0.02, (_acc("fp32_fmnist"), _acc("ptq_w4a4_fmnist"))
+
+
+def test_dsg_within_3_points_of_real_data_calibration():
+    """Data-free DSG against real images, same PTQ algorithm (the issue's target)."""
+    assert _acc("ptq_w4a4_fmnist") - _acc("dsg_w4a4_fmnist") <= 0.03
+
+
+@pytest.mark.xfail(strict=True, reason="target missed: DSG 91.93 ± 0.06 vs ZeroQ 92.29 ± 0.09 over 3 seeds "
+                                       "(benchmarks/results/ptq_cls_w4a4.md); the shipped median seeds too")
+def test_dsg_w4a4_at_least_zeroq():
+    assert _acc("dsg_w4a4_fmnist") >= _acc("zeroq_w4a4_fmnist")
 
 
 def test_binary_weights_file_is_under_a_tenth_of_float():

@@ -118,6 +118,24 @@ def seeds_lines(cfg: dict) -> list[str]:
             f"seed's run is in `{s['runs_dir']}/seed*/`"]
 
 
+def made_by(cfg: dict) -> dict:
+    """How a release was made: its training record, or its post-training quantization record."""
+    return cfg.get("train") or cfg.get("ptq") or {}
+
+
+def ptq_lines(ptq: dict) -> list[str]:
+    """Card lines for a post-training quantized release (``python -m zoo.ptq``)."""
+    c = ptq.get("calibration", {})
+    source = (f"{c.get('n', '?')} real training images" if c.get("data") == "real"
+              else f"{c.get('n', '?')} images synthesised by {c.get('data')} from the float model alone "
+                   f"({json.dumps({k: v for k, v in (c.get('synthesis') or {}).items() if k not in ('name', 'n')})})")
+    return [f"- **Post-training quantization (no training)** of `{ptq.get('init_from', '?')}`: calibrated on "
+            f"{source}; activation ranges by the {c.get('estimator', '?')} estimator; bias correction "
+            f"{'on' if c.get('bias_correction') else 'off'}; {ptq.get('seconds', '?')} s on "
+            f"{ptq.get('hardware', '?')} (calibration data {c.get('data_seconds', '?')} s); torch "
+            f"{ptq.get('torch', '?')}"]
+
+
 def card_text(directory: str | Path) -> str:
     from .tasks import get_task
 
@@ -125,7 +143,8 @@ def card_text(directory: str | Path) -> str:
     cfg = json.loads((directory / "config.json").read_text())
     task = get_task(cfg["task"])
     name = directory.name
-    train = cfg.get("train", {})
+    ptq = cfg.get("ptq")
+    train = made_by(cfg)
     m = cfg.get("metrics", {})
     wbytes = cfg["weights"]["bytes"]
     fbytes = float_reference_bytes(cfg)
@@ -147,7 +166,7 @@ def card_text(directory: str | Path) -> str:
         lines.append(f"- **{bits}-bit layers:** {pb:,} bytes packed (codes, scales, zero points, bias, "
                      f"activation parameters) vs {fb:,} bytes of float32 weights and biases "
                      f"(1/{fb / pb:.1f})")
-    lines += [
+    lines += ptq_lines(ptq) if ptq else [
         f"- **Trained on:** {train.get('hardware', '?')}, {train.get('epochs', '?')} epochs, "
         f"{train.get('global_step', '?')} steps, "
         + (f"{train['train_seconds']} s" + (" (summed over the interrupted run and its resume)"
@@ -155,7 +174,8 @@ def card_text(directory: str | Path) -> str:
            if train.get("train_seconds") is not None
            else "resumed from its last checkpoint, so the training time was not recorded")
         + f"; released weights: {train.get('selected', 'last epoch')}; torch {train.get('torch', '?')}; "
-        f"{cfg.get('created', '')}",
+        f"{cfg.get('created', '')}"]
+    lines += [
         "",
         "Reproduce (from the repository root):",
         "",
@@ -175,6 +195,9 @@ def card_text(directory: str | Path) -> str:
     for file, caption, alt in task.card_images:
         if (directory / file).is_file():
             lines += [caption, "", f"![{alt}]({file})", ""]
+    if (directory / "synthetic.png").is_file():
+        lines += ["Synthetic calibration images (the first 64; no real data was used):", "",
+                  "![synthetic calibration images](synthetic.png)", ""]
     lines += [f"`{GOLDEN}` holds an input batch and the packed model's output; `tests/test_shipped.py` checks it.",
               ""]
     return "\n".join(lines)

@@ -232,14 +232,14 @@ def _numbers(cfg: DictConfig) -> None:
 GROUPS = ("quant", "data", "task", "trainer")  # Hydra config groups, zoo/configs/<group>/*.yaml
 
 
-def check_groups(argv: list[str]) -> None:
+def check_groups(argv: list[str], groups=GROUPS) -> None:
     """A ``group=choice`` on the command line that names no config file is a ConfigError naming the
     valid choices (before Hydra reports it with a multi-line message and exit code 1)."""
     root = Path(__file__).parent / "configs"
     for arg in argv:
         key, _, value = arg.partition("=")
         key = key.lstrip("+~")
-        if key in GROUPS and value:
+        if key in groups and value:
             valid = sorted(f.stem for f in (root / key).glob("*.yaml"))
             if value not in valid:
                 raise ConfigError(f"{key}={value!r} is not available; valid: {valid}")

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...cards import float_reference_bytes, seed_cell
+from ...cards import float_reference_bytes, made_by, seed_cell
 from ...datasets import read_image
 
 
 def domain(cfg: dict) -> str | None:
-    if cfg.get("train", {}).get("data") != "fmnist":
+    if made_by(cfg).get("data") != "fmnist":
         return None
     return ("Fashion-MNIST only: 28x28 grayscale photos of single clothing items on black (10 classes). "
             "Any other image is out of its domain: it still answers one of these 10 classes (a photo "
@@ -27,8 +27,9 @@ def card_lines(cfg: dict, m: dict, train: dict) -> list[str]:
                  f"{m.get('test_images', '?')}-image test split)")
     lines = [f"- **Data:** {data}"]
     if m.get("test_acc") is not None:
-        lines.append(f"- **Test top-1 (packed model, as loaded by `zoo.load`):** {100 * m['test_acc']:.2f}% "
-                     f"(training form: {100 * m.get('test_acc_training_form', float('nan')):.2f}%)")
+        tf = m.get("test_acc_training_form")
+        lines.append(f"- **Test top-1 (packed model, as loaded by `zoo.load`):** {100 * m['test_acc']:.2f}%"
+                     + (f" (training form: {100 * tf:.2f}%)" if tf is not None else ""))
     return lines
 
 

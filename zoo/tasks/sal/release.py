@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ...cards import float_reference_bytes, packed_layer_bytes, seed_cell
+from ...cards import float_reference_bytes, made_by, packed_layer_bytes, seed_cell
 from ...datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, read_image, save_png
 
 CARD_IMAGES = (("sample.png", "Fixed test images: image | ground truth | this model's saliency map:",
@@ -40,7 +40,7 @@ def real_line(m: dict) -> str | None:
 
 
 def domain(cfg: dict) -> str | None:
-    data = cfg.get("train", {}).get("data")
+    data = made_by(cfg).get("data")
     size = cfg.get("input_contract", {}).get("train_size") or ["?", "?"]
     if data == "sal_composites":
         return (f"synthetic {size[0]}x{size[1]} composites: Fashion-MNIST silhouettes pasted over photo crops. "

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...cards import float_reference_bytes, seed_cell
+from ...cards import float_reference_bytes, made_by, seed_cell
 from ...datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, read_image, save_png, to_tensor, to_uint8
 
 
 def domain(cfg: dict) -> str | None:
-    if cfg.get("train", {}).get("data") != "sr_images":
+    if made_by(cfg).get("data") != "sr_images":
         return None
     return ("natural photos whose low-resolution version is a clean MATLAB-style bicubic downscale; "
             "noise, JPEG artefacts or blur in the input are outside what it learned (it sharpens them).")

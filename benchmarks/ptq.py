@@ -1,0 +1,62 @@
+"""Post-training quantization of a float release with several calibration sources and seeds.
+
+    python benchmarks/ptq.py                                   # default task, W4A4, real/zeroq/dsg x seeds 0-2
+    python benchmarks/ptq.py bits=8 --calib real --seeds 0     # any python -m zoo.ptq override
+
+Each (calibration, seed) is one ``python -m zoo.ptq`` run (``zoo.ptq.cli.run``; releases under
+``--runs``, default runs/ptq_bench/); the seed picks the real calibration images or seeds the synthesis. Prints and saves
+(benchmarks/results/ptq_<task>.md) the test metric per run, mean ± sample std per calibration, and
+the time to make the calibration data and the whole calibration.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, markdown
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calib", nargs="+", default=["real", "zeroq", "dsg"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--runs", default="runs/ptq_bench", help="where the runs' releases go")
+    args, overrides = ap.parse_known_args(argv)
+    from hydra import compose, initialize_config_module
+
+    from zoo.ptq.cli import run
+    from zoo.tasks import get_task
+
+    rows, results = [], {}
+    for calib in args.calib:
+        for seed in args.seeds:
+            with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
+                cfg = compose("ptq", overrides=[*overrides, f"calib={calib}", f"seed={seed}",
+                                                f"output_dir={args.runs}/{calib}_s{seed}"])
+            metric = "test_" + get_task(cfg.task.name).monitor[0].split("/", 1)[1]
+            t = time.perf_counter()
+            out = run(cfg, command="python benchmarks/ptq.py " + " ".join(sys.argv[1:]))
+            value = out["metrics"][metric]
+            results.setdefault(calib, []).append(value)
+            rows.append([calib, seed, f"{value:.4f}", out["seconds"], f"{time.perf_counter() - t:.0f}"])
+            print(rows[-1], flush=True)
+    summary = [[c, len(v), f"{statistics.mean(v):.4f}", f"{statistics.stdev(v):.4f}" if len(v) > 1 else "n/a"]
+               for c, v in results.items()]
+    text = "\n".join([f"# PTQ of `{cfg.init_from}` ({cfg.task.name}, W{cfg.wbits}A{cfg.abits}, estimator "
+                      f"{cfg.estimator})", "", f"`python benchmarks/ptq.py {' '.join(sys.argv[1:])}`", "",
+                      markdown(["calibration", "seed", metric, "calibration s (data + ranges)", "run s (+ test)"], rows),
+                      "", markdown(["calibration", "runs", f"{metric} mean", "sample std"], summary)])
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"ptq_{cfg.task.name}_w{cfg.wbits}a{cfg.abits}.md"
+    path.write_text(text + "\n")
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

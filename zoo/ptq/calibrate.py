@@ -1,0 +1,137 @@
+"""Post-training quantization: ``calibrate(model, cfg, data)`` returns a calibrated quantized copy.
+
+1. The float model runs the calibration batches once; a hook on every layer the config quantizes
+   records its input (``RangeObserver``).
+2. ``zoo.quantize`` replaces the layers by their training form with MinMax quantizers: weights
+   per output channel, rounded to nearest (per-channel grids make folding BatchNorm's scale into the
+   weights unnecessary: it scales each channel's grid with its weights, so the packed path keeps
+   BatchNorm as a float layer, as for every release).
+3. Each activation quantizer's range is set by the chosen estimator (min-max, percentile, MSE) from
+   the recorded float inputs, and frozen (eval mode).
+4. Optionally (``bias_correction=True``) each layer that has a bias gets it corrected by the mean,
+   per output channel, of the error its quantized weights make on the recorded inputs (Nagel et al.'s
+   empirical bias correction), so the layer's output mean matches the float layer's. Layers without
+   a bias are left alone (a bias would change the architecture the release rebuilds).
+
+The result is a normal quantized model: ``zoo.save`` writes it as a packed release.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quantizers import MinMax, QuantConfig, quantize, quantized_layers
+from ..quantizers.quantize import _float_type
+from ..quantizers.uniform import MinMaxAct
+from ..wrapper import ZooModel
+from .estimators import RangeObserver, check_estimator
+
+
+def ptq_config(wbits: int, abits: int | None = None, keep: dict | None = None) -> QuantConfig:
+    """MinMax weights (per channel) and activations: the form PTQ calibrates. ``keep``: name glob ->
+    bits for layers kept at another precision (e.g. {"stem": 8, "fc": 8})."""
+    abits = wbits if abits is None else abits
+    for name, b in (("wbits", wbits), ("abits", abits)):
+        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
+            raise ValueError(f"{name}={b!r} is not valid for PTQ; valid: integers 2..8 "
+                             "(1-bit models need training: python -m zoo.train)")
+    overrides = {g: {"weight": MinMax(b, granularity="channel"), "act": MinMax(b)} for g, b in (keep or {}).items()}
+    return QuantConfig(weight=MinMax(wbits, granularity="channel"), act=MinMax(abits), overrides=overrides)
+
+
+def batches(data, batch_size: int = 64) -> Iterable[torch.Tensor]:
+    """Input tensors from a tensor of samples (split into batches), or from an iterable of batches
+    (tensors, or tuples/lists/dicts whose first entry is the input)."""
+    if torch.is_tensor(data):
+        for i in range(0, len(data), batch_size):
+            yield data[i:i + batch_size]
+        return
+    for b in data:
+        while isinstance(b, (tuple, list, dict)):
+            b = next(iter(b.values())) if isinstance(b, dict) else b[0]
+        yield b
+
+
+def _net(model: nn.Module) -> nn.Module:
+    return model.net if isinstance(model, ZooModel) else model
+
+
+def calibrate(model: nn.Module, cfg: QuantConfig | dict, data, method: str = "mse", *,
+              percentile: float = 99.99, bias_correction: bool = False, batch_size: int = 64,
+              progress: bool = True) -> nn.Module:
+    """A quantized copy of the float ``model`` calibrated on ``data`` (see the module docstring).
+    ``cfg`` must use MinMax activation quantizers (the ones whose range PTQ sets); ``method`` is the
+    range estimator: "minmax", "percentile" or "mse"."""
+    from tqdm.auto import tqdm
+
+    check_estimator(method)
+    cfg = QuantConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    qmodel = copy.deepcopy(model).eval()
+    net = _net(qmodel)
+    targets = {}
+    for name, mod in net.named_modules():
+        spec = cfg.for_layer(name) if name and _float_type(mod) is not None else None
+        if spec is None or (spec.weight is None and spec.act is None):
+            continue
+        if spec.act is not None and not isinstance(spec.act, MinMax):
+            raise ValueError(f"layer {name!r}: PTQ calibrates MinMax activation quantizers, got "
+                             f"{type(spec.act).__name__}; use zoo.ptq.ptq_config(...) or MinMax(bits)")
+        targets[name] = mod
+    if not targets:
+        raise ValueError("the config quantizes no layer of this model")
+    observers = {n: RangeObserver(seed=i) for i, n in enumerate(targets)}
+    inputs = {n: [] for n in targets} if bias_correction else None
+    hooks = [m.register_forward_pre_hook(_recorder(observers[n], inputs, n)) for n, m in targets.items()]
+    try:
+        with torch.no_grad():
+            for x in tqdm(list(batches(data, batch_size)), desc="calibration batches", disable=not progress,
+                          leave=False):
+                qmodel(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    quantize(net, cfg)
+    if isinstance(qmodel, ZooModel):
+        qmodel.quant = cfg
+    # the layers quantize() replaced (it leaves some alone, e.g. those nn.MultiheadAttention reads itself)
+    layers = [(n, m) for n, m in quantized_layers(net) if n in observers]
+    for name, layer in tqdm(layers, desc=f"ranges ({method})", disable=not progress, leave=False):
+        if isinstance(layer.aq, MinMaxAct):
+            lo, hi = observers[name].range(layer.aq.bits, method, percentile=percentile)
+            layer.aq.lo.fill_(lo), layer.aq.hi.fill_(hi), layer.aq.initialized.fill_(True)
+        if bias_correction and layer.wq is not None and layer.bias is not None:
+            _correct_bias(layer, inputs[name])
+    return qmodel.eval()
+
+
+def _recorder(observer, inputs, name):
+    def hook(mod, args):
+        observer.update(args[0])
+        if inputs is not None:
+            inputs[name].append(args[0].detach())
+    return hook
+
+
+@torch.no_grad()
+def _correct_bias(layer, xs: list[torch.Tensor]) -> None:
+    """bias -= mean over the calibration inputs and positions of (W_q - W) * x, per output channel."""
+    w_err = layer.quant_weight().detach() - layer.weight.detach()
+    total, count = None, 0
+    for x in xs:
+        if isinstance(layer, nn.Conv2d):
+            e = layer._conv_forward(x, w_err, None)
+            s, c = e.sum(dim=(0, 2, 3)), e.numel() // e.shape[1]
+        elif isinstance(layer, nn.Linear):
+            e = F.linear(x, w_err)
+            s, c = e.reshape(-1, e.shape[-1]).sum(0), e.numel() // e.shape[-1]
+        else:  # transposed convs: no correction
+            return
+        total = s if total is None else total + s
+        count += c
+    if total is None:
+        return
+    layer.bias.data -= (total / count).to(layer.bias.dtype)

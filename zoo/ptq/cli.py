@@ -1,0 +1,176 @@
+"""``python -m zoo.ptq``: post-training quantization of a float release from the command line.
+
+It composes the same Hydra groups as ``zoo.train`` (task, data, quant — the last unused: PTQ always
+calibrates MinMax quantizers) plus ``calib`` (real | zeroq | dsg), calibrates, evaluates the packed
+model on the test split and writes a release with a card, like ``zoo.train``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ..train import USER_ERRORS, ConfigError, check_groups, hardware, split_sizes
+from .estimators import ESTIMATORS
+
+log = logging.getLogger(__name__)
+GROUPS = ("quant", "data", "task", "calib")
+
+
+def _command() -> str:
+    return "python -m zoo.ptq " + " ".join(sys.argv[1:])
+
+
+def _check(cfg: DictConfig):
+    from ..tasks import get_task, task_names
+
+    if cfg.task.name not in task_names():
+        raise ConfigError(f"unknown task {cfg.task.name!r}; valid: {task_names()}")
+    task_cls = get_task(cfg.task.name)
+    if cfg.data.name not in task_cls.datamodules:
+        raise ConfigError(f"data={cfg.data.name!r} is not available for task {cfg.task.name}; "
+                          f"valid: {sorted(task_cls.datamodules)}")
+    for key in ("wbits", "abits"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+            raise ConfigError(f"{key}={v!r} is not a valid PTQ bit width; valid: integers 2..8 "
+                              "(1-bit models need training: python -m zoo.train)")
+    if cfg.keep_bits is not None and (isinstance(cfg.keep_bits, bool) or cfg.keep_bits not in range(2, 9)):
+        raise ConfigError(f"keep_bits={cfg.keep_bits!r} is not valid; valid: null or an integer 2..8")
+    if cfg.estimator not in ESTIMATORS:
+        raise ConfigError(f"estimator={cfg.estimator!r} is not valid; valid: {list(ESTIMATORS)}")
+    n = cfg.calib.n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"calib.n={n!r} is not valid; valid: an integer >= 1")
+    if not cfg.init_from:
+        raise ConfigError("init_from= is required: the float release to quantize (a shipped name or a directory)")
+    return task_cls
+
+
+def _real_images(dm, n: int):
+    import torch
+
+    from .calibrate import batches
+
+    out, have = [], 0
+    for x in batches(dm.train_dataloader()):
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        out.append(x[: n - have])
+        have += len(out[-1])
+        if have >= n:
+            break
+    return torch.cat(out)
+
+
+def run(cfg: DictConfig, command: str | None = None) -> dict:
+    import lightning as L
+    import torch
+
+    from ..cards import write_card, write_golden
+    from ..checkpoint import CheckpointError, load, packed_copy, save
+    from .calibrate import calibrate, ptq_config
+    from .synthesize import synthesize
+
+    command = command or _command()
+    task_cls = _check(cfg)
+    try:
+        fp = load(str(cfg.init_from))
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
+    if fp.quant is not None:
+        raise ConfigError(f"init_from={cfg.init_from!r} is already quantized; PTQ starts from a float release")
+    if fp.task != task_cls.task_name:
+        raise ConfigError(f"init_from={cfg.init_from!r} is a task={fp.task} model, not task={task_cls.task_name}")
+    L.seed_everything(cfg.seed, workers=True)
+    data_kw = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+               if k not in ("name", "release_tag")}
+    dm = task_cls.datamodules[cfg.data.name](batch_size=cfg.batch_size, seed=cfg.seed, **data_kw)
+    dm.setup("fit")
+    if not task_cls.contract_fits(fp.input_contract, dm.input_contract()):
+        raise ConfigError(f"init_from={cfg.init_from!r} does not fit data={cfg.data.name} "
+                          f"(its input contract: {fp.input_contract})")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    real = _real_images(dm, cfg.calib.n)
+    if cfg.calib.name == "ptq":
+        data = real
+    else:
+        opts = {k: cfg.calib[k] for k in ("iters", "lr", "slack", "sci") if k in cfg.calib}
+        data = synthesize(fp, "zeroq" if cfg.calib.name == "zeroq" else "dsg", n=cfg.calib.n, seed=cfg.seed,
+                          shape=tuple(real.shape[1:]), **opts)
+    t_data = time.perf_counter() - t0
+    keep = None
+    if cfg.task.get("keep_layers"):
+        keep = {g: cfg.keep_bits for g in cfg.task.keep_layers}
+    qcfg = ptq_config(cfg.wbits, cfg.abits, keep=keep)
+    q = calibrate(fp, qcfg, data, cfg.estimator, percentile=cfg.percentile,
+                  bias_correction=bool(cfg.bias_correction), batch_size=cfg.batch_size)
+    seconds = round(time.perf_counter() - t0, 1)
+    packed = packed_copy(q)
+    test = dm.test_dataloader()
+    if cfg.limit_test_batches:
+        test = [b for _, b in zip(range(int(cfg.limit_test_batches)), test)]
+    with torch.no_grad():
+        metrics = {f"test_{k}": v for k, v in task_cls.evaluate(packed, test).items()}
+        metrics.update(task_cls.extra_metrics(packed))
+    calib = {"data": "real" if cfg.calib.name == "ptq" else cfg.calib.name, "n": int(len(data)),
+             "estimator": cfg.estimator, "bias_correction": bool(cfg.bias_correction),
+             "synthesis": None if cfg.calib.name == "ptq" else OmegaConf.to_container(cfg.calib, resolve=True),
+             "data_seconds": round(t_data, 1)}
+    release = save(q, cfg.release_dir, metrics=metrics, extra={"ptq": {
+        "command": command, "init_from": str(cfg.init_from), "data": cfg.data.name,
+        "splits": split_sizes(dm), "calibration": calib, "seconds": seconds, "hardware": hardware(),
+        "torch": torch.__version__}})
+    if cfg.calib.name != "ptq":
+        save_grid(data[:64], release / "synthetic.png")
+    loaded = load(release)
+    x = task_cls.golden_input(dm)
+    write_golden(loaded, x, release)
+    print(f"\nrelease: {release}\n{task_cls.report(loaded, dm, release)}\ncalibration: {calib['data']}, "
+          f"{calib['n']} images, estimator {cfg.estimator}, {seconds} s")
+    write_card(release)
+    return {"metrics": metrics, "release_dir": str(release), "seconds": seconds}
+
+
+def save_grid(images, path: Path, nrow: int = 8) -> Path:
+    """A PNG grid of images in [0, 1] (N x C x H x W)."""
+    import numpy as np
+    from PIL import Image
+
+    x = images.detach().clamp(0, 1).cpu()
+    n, c, h, w = x.shape
+    rows = -(-n // nrow)
+    grid = np.ones((rows * (h + 2) + 2, nrow * (w + 2) + 2, c), dtype=np.float32)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + k * (w + 2): 2 + k * (w + 2) + w] = x[i].permute(1, 2, 0).numpy()
+    img = (grid * 255).round().astype(np.uint8)
+    Image.fromarray(img[..., 0] if c == 1 else img[..., :3]).save(path)
+    return path
+
+
+@hydra.main(config_path="../configs", config_name="ptq", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except USER_ERRORS as e:
+        if os.environ.get("ZOO_DEBUG"):
+            raise
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cli() -> None:
+    try:
+        check_groups(sys.argv[1:], GROUPS)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main()
