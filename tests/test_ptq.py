@@ -238,3 +238,12 @@ def test_cli_errors_name_the_valid_choices(tmp_path, args, msg):
     out = subprocess.run([sys.executable, "-m", "zoo.ptq", *args, f"output_dir={tmp_path}", "data.root=/nonexistent"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and msg in out.stderr, out.stderr[-2000:]
+
+
+def test_ptq_config_keeps_layers_at_other_precisions_or_float():
+    cfg = zoo.ptq.ptq_config(4, 6, keep={"stem": 8, "head.*": None})
+    assert cfg.for_layer("body.0").weight.bits == 4 and cfg.for_layer("body.0").act.bits == 6
+    assert cfg.for_layer("body.0").weight.granularity == "channel"
+    assert cfg.for_layer("stem").weight.bits == 8 and cfg.for_layer("stem").act.bits == 8
+    spec = cfg.for_layer("head.conv")
+    assert spec is None or (spec.weight is None and spec.act is None)

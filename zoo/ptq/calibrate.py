@@ -33,13 +33,14 @@ from .estimators import RangeObserver, check_estimator
 
 def ptq_config(wbits: int, abits: int | None = None, keep: dict | None = None) -> QuantConfig:
     """MinMax weights (per channel) and activations: the form PTQ calibrates. ``keep``: name glob ->
-    bits for layers kept at another precision (e.g. {"stem": 8, "fc": 8})."""
+    bits for layers kept at another precision (e.g. {"stem": 8, "fc": 8}), or None to keep them float."""
     abits = wbits if abits is None else abits
     for name, b in (("wbits", wbits), ("abits", abits)):
         if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
             raise ValueError(f"{name}={b!r} is not valid for PTQ; valid: integers 2..8 "
                              "(1-bit models need training: python -m zoo.train)")
-    overrides = {g: {"weight": MinMax(b, granularity="channel"), "act": MinMax(b)} for g, b in (keep or {}).items()}
+    overrides = {g: None if b is None else {"weight": MinMax(b, granularity="channel"), "act": MinMax(b)}
+                 for g, b in (keep or {}).items()}  # None: the layer stays float
     return QuantConfig(weight=MinMax(wbits, granularity="channel"), act=MinMax(abits), overrides=overrides)
 
 
