@@ -125,7 +125,7 @@ def test_lowbit_conv2d_bit_exact(case, split):
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("bits,shape,za", [(4, (2, 12, 6, 5), 0), (8, (1, 20, 5, 5), 0),
                                            (2, (1, 9, 7, 6), 0), (4, (2, 12, 6, 5), 3)])
-def test_lowbit_conv2d_centred_weights_bit_exact(bits, shape, za, split):
+def test_lowbit_conv2d_centred_weights_bit_exact(bits, shape, za, split, monkeypatch):
     """Integer z_w with every q - z_w in int8: the kernel multiplies by q - z_w directly (no activation
     row sums) when the activation pad code is 0; with za=3 (pad code 3) it must take the general path."""
     g = torch.Generator().manual_seed(bits + za)
@@ -145,10 +145,14 @@ def test_lowbit_conv2d_centred_weights_bit_exact(bits, shape, za, split):
     a = tlb.quantize_act(x, "affine", p, c)
     blocks = None if split == 1 else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split)
     bias = torch.randn(7, generator=g).to(DEV)
+    taken = []
+    real_launch = tlb.launch
+    monkeypatch.setattr(tlb, "launch", lambda *a: taken.append(a[-1]["CENTRED"]) or real_launch(*a))
     y = tlb.conv2d(a, za - c, qw, bits, q.shape, tlb.bias_free_colsum(qw, bits, k), w_scale, w_zero, S_A,
                    bias, padding=(1, 1), blocks=blocks, wzi=wzi)
     y_ref = reference.conv2d(v, S_A, za, q.float(), w_scale, w_zero, bias, 1, 1, 1, 1).float()
     assert torch.equal(y, y_ref)
+    assert taken == [za == 0]  # the centred variant exactly when the pad code is 0
 
 
 def test_centred_zero_rules():

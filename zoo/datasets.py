@@ -18,6 +18,14 @@ FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
 FMNIST_MEAN, FMNIST_STD = [0.2860], [0.3530]
 
 
+def batch_input(batch):
+    """The model input of a DataLoader batch: the batch itself, or the first entry of a tuple, list or
+    dict (recursively), as every task's DataModule yields them."""
+    while isinstance(batch, (list, tuple, dict)) and len(batch):
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return batch
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an idx file (optionally gzipped): magic 0x0000 08 <ndim>, big-endian dims, uint8 data."""
     path = Path(path)

@@ -34,10 +34,11 @@ def _bits(name, value):
 
 
 def _batch_size(batch) -> int:
-    """Samples in a batch: the leading size of its first tensor (tuples, lists, dicts)."""
-    while isinstance(batch, (list, tuple, dict)) and len(batch):
-        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
-    return int(batch.shape[0]) if hasattr(batch, "shape") and len(batch.shape) else 1
+    """Samples in a batch: the leading size of its input tensor."""
+    from .datasets import batch_input
+
+    x = batch_input(batch)
+    return int(x.shape[0]) if hasattr(x, "shape") and len(x.shape) else 1
 
 
 def throughput_callback(warmup: int = 3):

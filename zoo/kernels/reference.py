@@ -50,12 +50,16 @@ def _epilogue(acc_q, acc_1, s_a, w_scale, w_zero, bias, ch_dim):
     return y
 
 
-def exact_dtype(u: torch.Tensor, q: torch.Tensor) -> torch.dtype:
+def integer_valued(u: torch.Tensor) -> bool:
+    return u.numel() > 0 and torch.equal(u, torch.round(u))
+
+
+def exact_dtype(u: torch.Tensor, q: torch.Tensor, integral: bool | None = None) -> torch.dtype:
     """float32 if integer-valued u times q summed over a row of q can never reach 2^24, else float64.
     Always float64 on CUDA: with cudnn.benchmark on, cuDNN may pick FFT or Winograd convolutions,
     whose float32 rounding errors can exceed 0.5 (float64's stay far below it; see ``_int_conv2d``)."""
     u = u.detach()
-    if u.is_cuda or u.numel() == 0 or not torch.equal(u, torch.round(u)):
+    if u.is_cuda or not (integer_valued(u) if integral is None else integral):
         return torch.float64
     k = q[0].numel()
     bound = k * float(u.abs().max()) * float(q.max() if q.numel() else 0)
@@ -78,8 +82,8 @@ def int_conv2d(u, q, stride, padding, dilation, groups):
 
 
 def _int_conv2d(u, q, stride, padding, dilation, groups):
-    dt = exact_dtype(u, q)
-    integral = torch.equal(u, torch.round(u))
+    integral = integer_valued(u.detach())  # one check (a device sync on CUDA) for both uses
+    dt = exact_dtype(u, q, integral)
     u = u.to(dt)
     acc_q = F.conv2d(u, q.to(dt), None, stride, padding, dilation, groups)
     if groups == 1:

@@ -27,6 +27,7 @@ from torch import nn
 from ..quantizers import MinMax, QuantConfig, quantize, quantized_layers
 from ..quantizers.quantize import _float_type
 from ..quantizers.uniform import MinMaxAct
+from ..datasets import batch_input
 from ..wrapper import ZooModel
 from .estimators import RangeObserver, check_estimator
 
@@ -52,9 +53,7 @@ def batches(data, batch_size: int = 64) -> Iterable[torch.Tensor]:
             yield data[i:i + batch_size]
         return
     for b in data:
-        while isinstance(b, (tuple, list, dict)):
-            b = next(iter(b.values())) if isinstance(b, dict) else b[0]
-        yield b
+        yield batch_input(b)
 
 
 def _net(model: nn.Module) -> nn.Module:

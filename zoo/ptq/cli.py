@@ -58,9 +58,7 @@ def _real_images(dm, n: int):
     from .calibrate import batches
 
     out, have = [], 0
-    for x in batches(dm.train_dataloader()):
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
+    for x in batches(dm.train_dataloader()):  # model-ready inputs, as training feeds them
         out.append(x[: n - have])
         have += len(out[-1])
         if have >= n:

@@ -76,6 +76,13 @@ def dsg_loss(inputs: list[torch.Tensor], bns, margins, enhance: bool = True) -> 
     return total
 
 
+def slack_margins(x: torch.Tensor, bn, slack: float):
+    """DSG's (delta, gamma) per channel: ``slack`` x the gap between the batch statistics of the initial
+    noise batch's BN input ``x`` and the running ones."""
+    mu, sd = _stats(x, False, bn.eps)
+    return slack * (mu - bn.running_mean).abs(), slack * (sd - torch.sqrt(bn.running_var + bn.eps)).abs()
+
+
 def correlation_loss(x: torch.Tensor) -> torch.Tensor:
     """Mean squared correlation (Pearson: cosine similarity of the mean-centred, flattened samples)
     between different samples. Centring keeps it from rewarding disjoint supports, which in [0, 1]
@@ -131,10 +138,7 @@ def synthesize(model: nn.Module, method: str = "dsg", n: int = 256, seed: int = 
                 if method == "dsg":
                     with torch.no_grad():
                         model(x)
-                        margins = [(slack * (_stats(t, False, bn.eps)[0] - bn.running_mean).abs(),
-                                    slack * (_stats(t, False, bn.eps)[1]
-                                             - torch.sqrt(bn.running_var + bn.eps)).abs())
-                                   for t, bn in zip(inputs, bns)]
+                        margins = [slack_margins(t, bn, slack) for t, bn in zip(inputs, bns)]
                 opt = torch.optim.Adam([x], lr=lr)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
                 bar = tqdm(range(iters), desc=f"{method} synthesis {start // batch_size + 1}/"
