@@ -47,12 +47,12 @@ def main(argv=None):
     summary = [[c, len(v), f"{statistics.mean(v):.4f}", f"{statistics.stdev(v):.4f}" if len(v) > 1 else "n/a"]
                for c, v in results.items()]
     text = "\n".join([f"# PTQ of `{cfg.init_from}` ({cfg.task.name}, W{cfg.wbits}A{cfg.abits}, estimator "
-                      f"{cfg.estimator})", "", f"`python benchmarks/ptq.py {' '.join(sys.argv[1:])}`", "",
+                      f"{cfg.estimator}, weight rounding {cfg.rounding})", "", f"`python benchmarks/ptq.py {' '.join(sys.argv[1:])}`", "",
                       markdown(["calibration", "seed", metric, "calibration s (data + ranges)", "run s (+ test)"], rows),
                       "", markdown(["calibration", "runs", f"{metric} mean", "sample std"], summary)])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"ptq_{cfg.task.name}_w{cfg.wbits}a{cfg.abits}.md"
+    path = args.out / f"ptq_{cfg.task.name}_w{cfg.wbits}a{cfg.abits}{'_learned' if cfg.rounding == 'learned' else ''}.md"
     path.write_text(text + "\n")
     print(f"saved {path}")
     return 0

@@ -41,6 +41,24 @@ def test_ptq_benchmark_runs_and_saves_its_table(tmp_path, tiny_fmnist):
     assert zoo.load(tmp_path / "runs" / "real_s0" / "release").quant is not None
 
 
+def test_mixed_benchmark_runs_and_saves_its_table(tmp_path, tiny_fmnist):
+    out = _run("mixed.py", "--methods", "htq", "direct", "--seeds", "0", "1", "--out", str(tmp_path), "--runs",
+               str(tmp_path / "runs"), f"data.root={tiny_fmnist}", "data.val_size=32", "calib.n=16",
+               "abits_choices=[4,8]")
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / "mixed_cls_w3a4.md").read_text()
+    assert (tmp_path / "mixed_cls_w3a4.png").is_file()
+    rows = {r.split("|")[1].strip(): r.split("|") for r in table.splitlines()
+            if r.startswith(("| uniform", "| htq mixed", "| direct mixed"))}
+    assert list(rows) == ["uniform W3A4", "htq mixed", "direct mixed"]
+    for r in rows.values():  # two runs, their mean
+        seeds = [float(v) for v in r[8].split()]
+        assert len(seeds) == 2 and float(r[6]) == pytest.approx(sum(seeds) / 2, abs=1e-4)
+    # the mixed configurations fit the uniform configuration's nominal size
+    assert all(int(r[3].replace(",", "")) <= int(rows["uniform W3A4"][3].replace(",", "")) for r in rows.values())
+    assert len([ln for ln in table.splitlines() if ln.startswith("| htq vs direct |")]) == 4 + 2
+
+
 @pytest.mark.slow
 def test_model_benchmark_smoke():
     out = _run("model.py", "--smoke")

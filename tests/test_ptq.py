@@ -247,3 +247,76 @@ def test_ptq_config_keeps_layers_at_other_precisions_or_float():
     assert cfg.for_layer("stem").weight.bits == 8 and cfg.for_layer("stem").act.bits == 8
     spec = cfg.for_layer("head.conv")
     assert spec is None or (spec.weight is None and spec.act is None)
+
+
+# ------------------------------------------------------------------------------ learned rounding
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1)),
+                                  nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(self.stem(x)).mean((2, 3)))
+
+
+def test_reconstruction_units_soft_start_and_exact_hard_codes():
+    from zoo.ptq.reconstruct import _Rounding, units
+
+    torch.manual_seed(0)
+    net = _Blocks().eval()
+    x = torch.rand(32, 3, 8, 8)
+    q = zoo.ptq.calibrate(net, zoo.ptq.ptq_config(3), x, "minmax", progress=False)
+    assert units(q) == ["stem", "body.0", "body.1", "fc"]
+    layer = q.body[0][0]
+    r = _Rounding(layer)
+    # V is initialised so the soft weights are the float weights (h(V) = frac(W / s)), up to the clamp of
+    # frac; the range-defining elements sit at their nearest codes (off the float value by the zero point's rounding)
+    soft, w = r.soft(), layer.weight
+    t = w / r.s + r.z
+    free = ~r.fixed & (t >= 0) & (t <= r.n)  # the zero point's rounding puts a few weights off the grid's ends
+    assert free.float().mean() > 0.9
+    assert torch.allclose(soft[free], w[free], atol=float(r.s.max()) * 2e-4)
+    assert torch.equal(soft[t < 0], (-r.z * r.s)[t < 0])
+    assert torch.equal(soft[r.fixed], ((r.q_nearest - r.z) * r.s)[r.fixed])
+    assert r.fixed.flatten(1).sum(1).min() >= 1
+    # h(V) >= 0.5 rounds up: at init that is round-to-nearest, so the hard codes are the nearest codes
+    assert torch.equal(r.hard_codes(), layer.wq.codes(layer.weight)[0])
+    with torch.no_grad():
+        r.v.copy_(torch.randn_like(r.v) * 3)  # any learned rounding...
+    codes = r.hard_codes()
+    assert ((codes - r.base - r.z).abs() <= 1).all() and (codes[~r.fixed] != r.q_nearest[~r.fixed]).any()
+    w = layer.wq.restore(codes, r.scale, r.zero)
+    assert torch.equal(layer.wq.codes(w)[0], codes)  # ...re-quantizes to exactly its codes on the same grid
+    assert torch.allclose(layer.wq.integer_form(w)[1], r.scale)
+
+
+def test_reconstruction_lowers_every_unit_error_and_packs_exactly():
+    import copy
+
+    torch.manual_seed(0)
+    net = _Blocks().eval()
+    x = torch.rand(64, 3, 8, 8)
+    q0 = zoo.ptq.calibrate(net, zoo.ptq.ptq_config(3), x, "mse", progress=False)
+    q = zoo.ptq.calibrate(net, zoo.ptq.ptq_config(3), x, "mse", rounding="learned",
+                          recon={"iters": 150, "batch_size": 16}, progress=False)
+    report = q._zoo_reconstruction
+    assert list(report) == ["stem", "body.0", "body.1", "fc"]
+    # each unit keeps whichever rounding has the lower output error; most keep the learned one
+    assert all(min(b, a) == (a if kept == "learned" else b) for b, a, kept in report.values()), report
+    assert sum(kept == "learned" and a < b for b, a, kept in report.values()) >= 2, report
+    assert report["stem"][2] == "learned"
+    with torch.no_grad():  # the first unit sees the same input either way: its output error, measured here
+        e_learned = ((q.stem(x) - net.stem(x)) ** 2).flatten(1).sum(1).mean()
+        e_nearest = ((q0.stem(x) - net.stem(x)) ** 2).flatten(1).sum(1).mean()
+        assert e_learned < 0.95 * e_nearest
+        assert float(e_learned) == pytest.approx(report["stem"][1], rel=1e-5)
+        packed = zoo.to_packed(copy.deepcopy(q))  # the learned codes are what the packed layers hold
+        assert torch.allclose(packed(x), q(x), atol=1e-4)
+    # the activation ranges are the calibrated ones: reconstruction changes weights only
+    for (_, a), (_, b) in zip(zoo.quantizers.quantized_layers(q0), zoo.quantizers.quantized_layers(q)):
+        assert a.aq.lo == b.aq.lo and a.aq.hi == b.aq.hi
+    with pytest.raises(ValueError, match=r"rounding='adaround' is not valid; valid: \['nearest', 'learned'\]"):
+        zoo.ptq.calibrate(net, zoo.ptq.ptq_config(3), x, rounding="adaround")

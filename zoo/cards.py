@@ -52,9 +52,18 @@ def _quant_line(q: dict | None) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("type", "bits"))
         return f"{s['type']} {s['bits']}-bit" + (f" ({extra})" if extra else "")
 
+    def same_but_bits(a, b):
+        return bool(a) and bool(b) and {k: v for k, v in a.items() if k != "bits"} == {k: v for k, v in b.items() if k != "bits"}
+
     line = f"weights {spec(q['weight'])}; activations {spec(q['act'])}"
+    short = []  # layers that differ from the default only in bit widths (mixed precision): W/A compactly
     for glob, lq in (q.get("overrides") or {}).items():
+        if lq and same_but_bits(lq["weight"], q["weight"]) and same_but_bits(lq["act"], q["act"]):
+            short.append(f"`{glob}` W{lq['weight']['bits']}A{lq['act']['bits']}")
+            continue
         line += f"; `{glob}`: " + ("float" if not lq else f"weights {spec(lq['weight'])}, activations {spec(lq['act'])}")
+    if short:
+        line += "; per-layer bits (same quantizers): " + ", ".join(short)
     return line
 
 
@@ -131,9 +140,35 @@ def ptq_lines(ptq: dict) -> list[str]:
                    f"({json.dumps({k: v for k, v in (c.get('synthesis') or {}).items() if k not in ('name', 'n')})})")
     return [f"- **Post-training quantization (no training)** of `{ptq.get('init_from', '?')}`: calibrated on "
             f"{source}; activation ranges by the {c.get('estimator', '?')} estimator; bias correction "
-            f"{'on' if c.get('bias_correction') else 'off'}; {ptq.get('seconds', '?')} s on "
+            f"{'on' if c.get('bias_correction') else 'off'}; weight rounding {_rounding(c)}; "
+            f"{ptq.get('seconds', '?')} s on "
             f"{ptq.get('hardware', '?')} (calibration data {c.get('data_seconds', '?')} s); torch "
-            f"{ptq.get('torch', '?')}"]
+            f"{ptq.get('torch', '?')}"] + mixed_lines(ptq.get("mixed"))
+
+
+def _rounding(c: dict) -> str:
+    r = c.get("reconstruction")
+    if c.get("rounding") != "learned" or not r:
+        return "to nearest"
+    mse = r.get("unit_mse", {})
+    drop = [1 - min(v[0], v[1]) / v[0] for v in mse.values() if v[0] > 0]
+    learned = sum(1 for v in mse.values() if v[2] == "learned")
+    return (f"learned by block-wise output reconstruction (AdaRound/BRECQ, {r.get('iters')} Adam steps per unit; "
+            f"{learned} of {len(mse)} units keep the learned rounding, the rest nearest; unit output error "
+            f"{100 * sum(drop) / max(1, len(drop)):.0f}% below nearest rounding on average)")
+
+
+def mixed_lines(mixed: dict | None) -> list[str]:
+    """Card lines for a mixed-precision release (``quant.overrides_from=`` a ``python -m zoo.mixed`` file)."""
+    if not mixed:
+        return []
+    pt, b = mixed.get("point", {}), mixed.get("budget", {})
+    budget = ", ".join(f"{k} <= {v}" for k, v in b.items() if v is not None) or "none (HTQ's trade-off point)"
+    return [f"- **Mixed precision:** per-layer bits by {str(mixed.get('method', '?')).upper()} sensitivity on "
+            f"{mixed.get('calibration', {}).get('n', '?')} images, exact Pareto front of "
+            f"{mixed.get('front_size', '?')} configurations, budget {budget} ({mixed.get('size_measure', 'packed')} "
+            f"size); chosen point: {pt.get('size', 0):,} bytes, {pt.get('bops', 0):,} BOPs per image; search "
+            f"{mixed.get('seconds', '?')} s"]
 
 
 def card_text(directory: str | Path) -> str:
@@ -180,6 +215,7 @@ def card_text(directory: str | Path) -> str:
         "Reproduce (from the repository root):",
         "",
         "```bash",
+        *([ptq["mixed"]["command"]] if ptq and (ptq.get("mixed") or {}).get("command") else []),
         train.get("command", "?"),
         "```",
         "",

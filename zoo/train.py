@@ -96,9 +96,22 @@ def quant_dict(cfg: DictConfig) -> dict | None:
         "extra": _plain(q.get("extra")),
     }
     try:
-        return QuantConfig.from_dict(d).to_dict()
+        qc = QuantConfig.from_dict(d)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"quant={q.name}: {e}") from None
+    return with_overrides(qc, q.get("overrides_from")).to_dict()
+
+
+def with_overrides(qc, path):
+    """``qc`` with the per-layer bit widths of ``quant.overrides_from=<bits.json>`` (zoo.mixed)."""
+    if not path:
+        return qc
+    from .mixed.search import apply_bits, load_bits
+
+    try:
+        return apply_bits(qc, load_bits(path))
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
 
 
 QUANT_KEYS = ("quant", "bits", "wbits", "abits", "keep_bits")  # overrides that choose the quantization
@@ -169,6 +182,19 @@ def split_sizes(dm) -> dict:
         return dm.split_sizes()
     return {s: len(getattr(dm, f"{s}_set")) for s in ("train", "val", "test")
             if getattr(dm, f"{s}_set", None) is not None}
+
+
+def task_and_data(cfg: DictConfig):
+    """The task class cfg.task.name names, after checking that it exists and offers data=cfg.data.name."""
+    from .tasks import get_task, task_names
+
+    if cfg.task.name not in task_names():
+        raise ConfigError(f"unknown task {cfg.task.name!r}; valid: {task_names()}")
+    task_cls = get_task(cfg.task.name)
+    if cfg.data.name not in task_cls.datamodules:
+        raise ConfigError(f"data={cfg.data.name!r} is not available for task {cfg.task.name}; "
+                          f"valid: {sorted(task_cls.datamodules)}")
+    return task_cls
 
 
 def validate(cfg: DictConfig, overrides=None):
@@ -407,15 +433,29 @@ USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, P
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """A mistake in the user's input (a setting, a path, a checkpoint that does not fit) ends in one
-    line naming it and exit code 2; ``ZOO_DEBUG=1`` shows the traceback instead."""
+    exit_on_user_error(run, cfg, overrides=[a for a in sys.argv[1:] if "=" in a])
+
+
+def exit_on_user_error(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, where a mistake in the user's input (a setting, a path, a checkpoint
+    that does not fit) ends in one line naming it and exit code 2; ``ZOO_DEBUG=1`` shows the traceback."""
     try:
-        run(cfg, overrides=[a for a in sys.argv[1:] if "=" in a])
+        return fn(*args, **kwargs)
     except USER_ERRORS as e:
         if os.environ.get("ZOO_DEBUG"):
             raise
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)
+
+
+def checked_cli(groups, main_fn) -> None:
+    """The entry point of a Hydra CLI: unknown config groups are a one-line error (exit 2), then ``main_fn``."""
+    try:
+        check_groups(sys.argv[1:], groups)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main_fn()
 
 
 def check_overrides(argv: list[str]) -> None:

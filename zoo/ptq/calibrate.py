@@ -8,7 +8,9 @@
    BatchNorm as a float layer, as for every release).
 3. Each activation quantizer's range is set by the chosen estimator (min-max, percentile, MSE) from
    the recorded float inputs, and frozen (eval mode).
-4. Optionally (``bias_correction=True``) each layer that has a bias gets it corrected by the mean,
+4. Optionally (``rounding="learned"``) the weight rounding is learned unit by unit (residual blocks,
+   lone layers) so each unit's output matches the float model's (AdaRound/BRECQ; ``reconstruct.py``).
+5. Optionally (``bias_correction=True``) each layer that has a bias gets it corrected by the mean,
    per output channel, of the error its quantized weights make on the recorded inputs (Nagel et al.'s
    empirical bias correction), so the layer's output mean matches the float layer's. Layers without
    a bias are left alone (a bias would change the architecture the release rebuilds).
@@ -60,15 +62,22 @@ def _net(model: nn.Module) -> nn.Module:
     return model.net if isinstance(model, ZooModel) else model
 
 
+ROUNDINGS = ("nearest", "learned")
+
+
 def calibrate(model: nn.Module, cfg: QuantConfig | dict, data, method: str = "mse", *,
               percentile: float = 99.99, bias_correction: bool = False, batch_size: int = 64,
-              progress: bool = True) -> nn.Module:
+              rounding: str = "nearest", recon: dict | None = None, progress: bool = True) -> nn.Module:
     """A quantized copy of the float ``model`` calibrated on ``data`` (see the module docstring).
     ``cfg`` must use MinMax activation quantizers (the ones whose range PTQ sets); ``method`` is the
-    range estimator: "minmax", "percentile" or "mse"."""
+    range estimator: "minmax", "percentile" or "mse". ``rounding="learned"``: the weights' rounding
+    is learned by block-wise output reconstruction (``zoo.ptq.reconstruct``; ``recon``: its keyword
+    arguments, e.g. {"iters": 500})."""
     from tqdm.auto import tqdm
 
     check_estimator(method)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r} is not valid; valid: {list(ROUNDINGS)}")
     cfg = QuantConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     qmodel = copy.deepcopy(model).eval()
     net = _net(qmodel)
@@ -103,9 +112,25 @@ def calibrate(model: nn.Module, cfg: QuantConfig | dict, data, method: str = "ms
         if isinstance(layer.aq, MinMaxAct):
             lo, hi = observers[name].range(layer.aq.bits, method, percentile=percentile)
             layer.aq.lo.fill_(lo), layer.aq.hi.fill_(hi), layer.aq.initialized.fill_(True)
-        if bias_correction and layer.wq is not None and layer.bias is not None:
-            _correct_bias(layer, inputs[name])
-    return qmodel.eval()
+    qmodel.eval()
+    if rounding == "learned":
+        from .reconstruct import reconstruct
+
+        was_training = model.training
+        try:
+            report = reconstruct(qmodel, model.eval(), list(batches(data, batch_size)), progress=progress,
+                                 **(recon or {}))
+        finally:
+            model.train(was_training)
+        setattr(qmodel, RECON_ATTR, report)
+    if bias_correction:
+        for name, layer in layers:
+            if layer.wq is not None and layer.bias is not None:
+                _correct_bias(layer, inputs[name])
+    return qmodel
+
+
+RECON_ATTR = "_zoo_reconstruction"  # {unit: (output MSE nearest, learned, kept)} of the reconstruction
 
 
 def _recorder(observer, inputs, name):

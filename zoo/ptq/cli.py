@@ -7,7 +7,6 @@ model on the test split and writes a release with a card, like ``zoo.train``.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..train import USER_ERRORS, ConfigError, check_groups, hardware, split_sizes
+from ..train import (ConfigError, checked_cli, exit_on_user_error, hardware, split_sizes, task_and_data,
+                     with_overrides)
+from .calibrate import ROUNDINGS
 from .estimators import ESTIMATORS
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,7 @@ def _command() -> str:
 
 
 def _check(cfg: DictConfig):
-    from ..tasks import get_task, task_names
-
-    if cfg.task.name not in task_names():
-        raise ConfigError(f"unknown task {cfg.task.name!r}; valid: {task_names()}")
-    task_cls = get_task(cfg.task.name)
-    if cfg.data.name not in task_cls.datamodules:
-        raise ConfigError(f"data={cfg.data.name!r} is not available for task {cfg.task.name}; "
-                          f"valid: {sorted(task_cls.datamodules)}")
+    task_cls = task_and_data(cfg)
     for key in ("wbits", "abits"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
@@ -42,6 +36,10 @@ def _check(cfg: DictConfig):
                               "(1-bit models need training: python -m zoo.train)")
     if cfg.keep_bits is not None and (isinstance(cfg.keep_bits, bool) or cfg.keep_bits not in range(2, 9)):
         raise ConfigError(f"keep_bits={cfg.keep_bits!r} is not valid; valid: null or an integer 2..8")
+    if cfg.rounding not in ROUNDINGS:
+        raise ConfigError(f"rounding={cfg.rounding!r} is not valid; valid: {list(ROUNDINGS)}")
+    if isinstance(cfg.recon.iters, bool) or not isinstance(cfg.recon.iters, int) or cfg.recon.iters < 1:
+        raise ConfigError(f"recon.iters={cfg.recon.iters!r} is not valid; valid: an integer >= 1")
     if cfg.estimator not in ESTIMATORS:
         raise ConfigError(f"estimator={cfg.estimator!r} is not valid; valid: {list(ESTIMATORS)}")
     n = cfg.calib.n
@@ -49,6 +47,9 @@ def _check(cfg: DictConfig):
         raise ConfigError(f"calib.n={n!r} is not valid; valid: an integer >= 1")
     if not cfg.init_from:
         raise ConfigError("init_from= is required: the float release to quantize (a shipped name or a directory)")
+    from .calibrate import ptq_config
+
+    with_overrides(ptq_config(cfg.wbits, cfg.abits), cfg.quant.get("overrides_from"))  # a bad file fails here
     return task_cls
 
 
@@ -66,30 +67,51 @@ def _real_images(dm, n: int):
     return torch.cat(out)
 
 
-def run(cfg: DictConfig, command: str | None = None) -> dict:
-    import lightning as L
-    import torch
+def float_release(cfg: DictConfig, task_cls, starts: str):
+    """The float release ``init_from`` names, checked to be float and of the run's task."""
+    from ..checkpoint import CheckpointError, load
 
-    from ..cards import write_card, write_golden
-    from ..checkpoint import CheckpointError, load, packed_copy, save
-    from .calibrate import calibrate, ptq_config
-    from .synthesize import synthesize
-
-    command = command or _command()
-    task_cls = _check(cfg)
     try:
         fp = load(str(cfg.init_from))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
     if fp.quant is not None:
-        raise ConfigError(f"init_from={cfg.init_from!r} is already quantized; PTQ starts from a float release")
+        raise ConfigError(f"init_from={cfg.init_from!r} is already quantized; {starts} from a float release")
     if fp.task != task_cls.task_name:
         raise ConfigError(f"init_from={cfg.init_from!r} is a task={fp.task} model, not task={task_cls.task_name}")
-    L.seed_everything(cfg.seed, workers=True)
+    return fp
+
+
+def datamodule(cfg: DictConfig, task_cls):
+    """The run's DataModule (cfg.data), set up for its training split."""
     data_kw = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
                if k not in ("name", "release_tag")}
     dm = task_cls.datamodules[cfg.data.name](batch_size=cfg.batch_size, seed=cfg.seed, **data_kw)
     dm.setup("fit")
+    return dm
+
+
+def run(cfg: DictConfig, command: str | None = None) -> dict:
+    import lightning as L
+    import torch
+
+    from ..cards import write_card, write_golden
+    from ..checkpoint import load, packed_copy, save
+    from .calibrate import calibrate, ptq_config
+    from .synthesize import synthesize
+
+    command = command or _command()
+    task_cls = _check(cfg)
+    fp = float_release(cfg, task_cls, "PTQ starts")
+    if cfg.quant.get("overrides_from"):
+        from ..mixed.search import check_layers, load_bits
+
+        try:
+            check_layers(load_bits(cfg.quant.overrides_from), [n for n, _ in fp.net.named_modules()])
+        except ValueError as e:
+            raise ConfigError(f"quant.overrides_from={cfg.quant.overrides_from!r}: {e}") from None
+    L.seed_everything(cfg.seed, workers=True)
+    dm = datamodule(cfg, task_cls)
     if not task_cls.contract_fits(fp.input_contract, dm.input_contract()):
         raise ConfigError(f"init_from={cfg.init_from!r} does not fit data={cfg.data.name} "
                           f"(its input contract: {fp.input_contract})")
@@ -107,9 +129,10 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     keep = None
     if cfg.task.get("keep_layers"):
         keep = {g: cfg.keep_bits for g in cfg.task.keep_layers}
-    qcfg = ptq_config(cfg.wbits, cfg.abits, keep=keep)
+    qcfg = with_overrides(ptq_config(cfg.wbits, cfg.abits, keep=keep), cfg.quant.get("overrides_from"))
     q = calibrate(fp, qcfg, data, cfg.estimator, percentile=cfg.percentile,
-                  bias_correction=bool(cfg.bias_correction), batch_size=cfg.batch_size)
+                  bias_correction=bool(cfg.bias_correction), batch_size=cfg.batch_size, rounding=cfg.rounding,
+                  recon={**OmegaConf.to_container(cfg.recon, resolve=True), "seed": int(cfg.seed)})
     seconds = round(time.perf_counter() - t0, 1)
     packed = packed_copy(q)
     test = dm.test_dataloader()
@@ -119,12 +142,14 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         metrics = {f"test_{k}": v for k, v in task_cls.evaluate(packed, test).items()}
         metrics.update(task_cls.extra_metrics(packed))
     calib = {"data": "real" if cfg.calib.name == "ptq" else cfg.calib.name, "n": int(len(data)),
-             "estimator": cfg.estimator, "bias_correction": bool(cfg.bias_correction),
+             "estimator": cfg.estimator, "bias_correction": bool(cfg.bias_correction), "rounding": cfg.rounding,
+             "reconstruction": _recon_meta(cfg, q),
              "synthesis": None if cfg.calib.name == "ptq" else OmegaConf.to_container(cfg.calib, resolve=True),
              "data_seconds": round(t_data, 1)}
     release = save(q, cfg.release_dir, metrics=metrics, extra={"ptq": {
         "command": command, "init_from": str(cfg.init_from), "data": cfg.data.name,
-        "splits": split_sizes(dm), "calibration": calib, "seconds": seconds, "hardware": hardware(),
+        "splits": split_sizes(dm), "calibration": calib,
+        "mixed": _mixed_meta(cfg.quant.get("overrides_from")), "seconds": seconds, "hardware": hardware(),
         "torch": torch.__version__}})
     if cfg.calib.name != "ptq":
         save_grid(data[:64], release / "synthetic.png")
@@ -135,6 +160,28 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
           f"{calib['n']} images, estimator {cfg.estimator}, {seconds} s")
     write_card(release)
     return {"metrics": metrics, "release_dir": str(release), "seconds": seconds}
+
+
+def _recon_meta(cfg, q) -> dict | None:
+    """The reconstruction's settings and, per unit, its output MSE with nearest and learned rounding."""
+    from .calibrate import RECON_ATTR
+
+    if cfg.rounding != "learned":
+        return None
+    report = getattr(q, RECON_ATTR, {})
+    return {**OmegaConf.to_container(cfg.recon, resolve=True),
+            "unit_mse": {k: [round(a, 6), round(b, 6), kept] for k, (a, b, kept) in report.items()}}
+
+
+def _mixed_meta(path) -> dict | None:
+    """What the bits file of ``quant.overrides_from`` says about its search (not the bits: config.json
+    has them as per-layer overrides)."""
+    if not path:
+        return None
+    import json
+
+    meta = {k: v for k, v in json.loads(Path(path).read_text()).items() if k not in ("bits", "format")}
+    return {"file": str(path), **meta}
 
 
 def save_grid(images, path: Path, nrow: int = 8) -> Path:
@@ -156,19 +203,8 @@ def save_grid(images, path: Path, nrow: int = 8) -> Path:
 
 @hydra.main(config_path="../configs", config_name="ptq", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except USER_ERRORS as e:
-        if os.environ.get("ZOO_DEBUG"):
-            raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(run, cfg)
 
 
 def cli() -> None:
-    try:
-        check_groups(sys.argv[1:], GROUPS)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    main()
+    checked_cli(GROUPS, main)
