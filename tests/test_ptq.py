@@ -215,7 +215,7 @@ def test_cli_run_end_to_end(tmp_path, tiny_fmnist, calib):
     assert model.quant is not None and (rel / "README.md").is_file()
     card = (rel / "README.md").read_text()
     assert "Post-training quantization (no training)" in card and "mse estimator" in card
-    assert ("16 real training images" in card) == (calib == "real")
+    assert ("16 real training samples" in card) == (calib == "real")
     assert (rel / "synthetic.png").is_file() == (calib == "zeroq")
     from zoo.tasks.cls.data import FashionMNISTData
 

@@ -7,7 +7,7 @@ import torch
 
 import zoo
 from tests.conftest import check_golden, check_seed_record, needs_basicsr
-from zoo.cards import read_golden
+from zoo.cards import made_by, read_golden
 from zoo.registry import resolve_checkpoint
 
 pytestmark = needs_basicsr
@@ -36,7 +36,7 @@ def test_card_matches_config(name):
     d = resolve_checkpoint(name)
     cfg = _cfg(name)
     card = (d / "README.md").read_text()
-    assert cfg["train"]["command"] in card
+    assert made_by(cfg)["command"] in card  # the training or the post-training-quantization command
     assert f"**{cfg['metrics']['test_psnr']:.2f} dB" in card
     assert f"{cfg['metrics']['test_bicubic_psnr']:.2f} dB" in card
     assert cfg["weights"]["bytes"] == (d / "model.safetensors").stat().st_size
@@ -87,6 +87,15 @@ def test_quantsr_and_pams_w2a2_x4_are_over_three_seeds():
 @pytest.mark.parametrize("name", SEEDED)
 def test_seed_record_is_consistent(name):
     check_seed_record(_cfg(name), "test_psnr")
+
+
+def test_ptq_w4a8_release_is_close_to_its_float_model():
+    """The post-training W4A8 EDSR (issue 13's release from another task): calibrated in seconds from
+    edsr.fp32_x4 on real images, within 0.1 dB PSNR of it and above bicubic."""
+    cfg, fp = _cfg("edsr.ptq_w4a8_x4"), _cfg("edsr.fp32_x4")
+    assert "train" not in cfg and cfg["ptq"]["init_from"] == "edsr.fp32_x4"
+    assert cfg["quant"]["weight"]["bits"] == 4 and cfg["quant"]["act"]["bits"] == 8
+    assert fp["metrics"]["test_psnr"] - cfg["metrics"]["test_psnr"] <= 0.1
 
 
 QUANTIZED = [n for n in SHIPPED if "fp32" not in n]

@@ -135,7 +135,8 @@ def made_by(cfg: dict) -> dict:
 def ptq_lines(ptq: dict) -> list[str]:
     """Card lines for a post-training quantized release (``python -m zoo.ptq``)."""
     c = ptq.get("calibration", {})
-    source = (f"{c.get('n', '?')} real training images" if c.get("data") == "real"
+    source = (f"{c.get('n', '?')} real training samples (model inputs as training feeds them: whole images, or "
+              f"the training crops of a task that trains on crops)" if c.get("data") == "real"
               else f"{c.get('n', '?')} images synthesised by {c.get('data')} from the float model alone "
                    f"({json.dumps({k: v for k, v in (c.get('synthesis') or {}).items() if k not in ('name', 'n')})})")
     return [f"- **Post-training quantization (no training)** of `{ptq.get('init_from', '?')}`: calibrated on "
