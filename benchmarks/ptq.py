@@ -26,6 +26,9 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--runs", default="runs/ptq_bench", help="where the runs' releases go")
     args, overrides = ap.parse_known_args(argv)
+    bad = [c for c in args.calib if c not in ("real", "zeroq", "dsg")]
+    if bad:  # e.g. an override after --calib, which nargs="+" swallows
+        ap.error(f"--calib {bad} is not valid; valid: real, zeroq, dsg (put key=value overrides before --calib)")
     from hydra import compose, initialize_config_module
 
     from zoo.ptq.cli import run
@@ -47,12 +50,13 @@ def main(argv=None):
     summary = [[c, len(v), f"{statistics.mean(v):.4f}", f"{statistics.stdev(v):.4f}" if len(v) > 1 else "n/a"]
                for c, v in results.items()]
     text = "\n".join([f"# PTQ of `{cfg.init_from}` ({cfg.task.name}, W{cfg.wbits}A{cfg.abits}, estimator "
-                      f"{cfg.estimator}, weight rounding {cfg.rounding})", "", f"`python benchmarks/ptq.py {' '.join(sys.argv[1:])}`", "",
+                      f"{cfg.estimator}, weight rounding {cfg.rounding}"
+                      f"{f', then {cfg.distill.steps} distillation steps' if cfg.distill.steps else ''})", "", f"`python benchmarks/ptq.py {' '.join(sys.argv[1:])}`", "",
                       markdown(["calibration", "seed", metric, "calibration s (data + ranges)", "run s (+ test)"], rows),
                       "", markdown(["calibration", "runs", f"{metric} mean", "sample std"], summary)])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"ptq_{cfg.task.name}_w{cfg.wbits}a{cfg.abits}{'_learned' if cfg.rounding == 'learned' else ''}.md"
+    path = args.out / f"ptq_{cfg.task.name}_w{cfg.wbits}a{cfg.abits}{'_learned' if cfg.rounding == 'learned' else ''}{'_distill' if cfg.distill.steps else ''}.md"
     path.write_text(text + "\n")
     print(f"saved {path}")
     return 0

@@ -229,6 +229,8 @@ def test_cli_run_end_to_end(tmp_path, tiny_fmnist, calib):
     (["calib=gan"], "calib='gan' is not available; valid: ['dsg', 'real', 'zeroq']"),
     (["bits=1"], "wbits=1 is not a valid PTQ bit width; valid: integers 2..8"),
     (["estimator=max"], "estimator='max' is not valid; valid: ['minmax', 'percentile', 'mse']"),
+    (["distill.steps=-1"], "distill.steps=-1 is not valid; valid: 0 (off) or a positive integer"),
+    (["rounding=adaround"], "rounding='adaround' is not valid; valid: ['nearest', 'learned']"),
     (["init_from=resnet20.lsq_w4a4_fmnist"], "is already quantized; PTQ starts from a float release"),
 ])
 def test_cli_errors_name_the_valid_choices(tmp_path, args, msg):
@@ -320,3 +322,38 @@ def test_reconstruction_lowers_every_unit_error_and_packs_exactly():
         assert a.aq.lo == b.aq.lo and a.aq.hi == b.aq.hi
     with pytest.raises(ValueError, match=r"rounding='adaround' is not valid; valid: \['nearest', 'learned'\]"):
         zoo.ptq.calibrate(net, zoo.ptq.ptq_config(3), x, rounding="adaround")
+
+
+# ------------------------------------------------------------------------------ distillation (DSG's QAT use)
+def test_kd_loss_by_hand():
+    from zoo.ptq.distill import kd_loss
+
+    s, t = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.5, 0.5, 0.0]])
+    p = torch.softmax(t / 2, 1)
+    want = float((p * (torch.log(p) - torch.log_softmax(s / 2, 1))).sum()) * 4
+    assert float(kd_loss(s, t, 2.0)) == pytest.approx(want, rel=1e-6)
+    img = torch.rand(2, 3, 4, 4)
+    assert float(kd_loss(img, img * 0)) == pytest.approx(float((img ** 2).mean()))
+
+
+def test_distillation_moves_the_quantized_outputs_to_the_float_ones():
+    import copy
+
+    from zoo.ptq.distill import distill
+
+    torch.manual_seed(0)
+    net = _Blocks().eval()
+    x = torch.rand(64, 3, 8, 8)
+    q = zoo.ptq.calibrate(net, zoo.ptq.ptq_config(3), x, "mse", progress=False)
+    before = copy.deepcopy(q)
+    ranges = [(float(m.aq.lo), float(m.aq.hi)) for _, m in zoo.quantizers.quantized_layers(q)]
+    losses = distill(q, net, x, steps=60, lr=1e-3, batch_size=16, progress=False)
+    assert len(losses) == 60 and not q.training
+    with torch.no_grad():
+        err = lambda m: float(((m(x) - net(x)) ** 2).mean())  # noqa: E731
+        assert err(q) < 0.8 * err(before)
+    # activation ranges stay the calibrated ones; weights moved
+    assert ranges == [(float(m.aq.lo), float(m.aq.hi)) for _, m in zoo.quantizers.quantized_layers(q)]
+    assert not torch.equal(q.stem.weight, before.stem.weight)
+    with pytest.raises(ValueError, match="steps=0 is not valid"):
+        distill(q, net, x, steps=0)

@@ -144,7 +144,16 @@ def ptq_lines(ptq: dict) -> list[str]:
             f"{'on' if c.get('bias_correction') else 'off'}; weight rounding {_rounding(c)}; "
             f"{ptq.get('seconds', '?')} s on "
             f"{ptq.get('hardware', '?')} (calibration data {c.get('data_seconds', '?')} s); torch "
-            f"{ptq.get('torch', '?')}"] + mixed_lines(ptq.get("mixed"))
+            f"{ptq.get('torch', '?')}"] + distill_lines(c.get("distill")) + mixed_lines(ptq.get("mixed"))
+
+
+def distill_lines(d: dict | None) -> list[str]:
+    if not d:
+        return []
+    return [f"- **Then fine-tuned without labels** (DSG's QAT use of its data): {d.get('steps')} Adam steps "
+            f"(lr {d.get('lr')}, cosine, batch {d.get('batch_size')}) on the calibration images, distilling the "
+            f"float model's outputs (KL at T={d.get('temperature')}; loss {d.get('first_loss')} -> "
+            f"{d.get('last_loss')}), activation ranges and BatchNorm statistics frozen; {d.get('seconds')} s"]
 
 
 def _rounding(c: dict) -> str:

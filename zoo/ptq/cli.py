@@ -1,7 +1,9 @@
 """``python -m zoo.ptq``: post-training quantization of a float release from the command line.
 
 It composes the same Hydra groups as ``zoo.train`` (task, data, quant — the last unused: PTQ always
-calibrates MinMax quantizers) plus ``calib`` (real | zeroq | dsg), calibrates, evaluates the packed
+calibrates MinMax quantizers; ``quant.overrides_from=`` a ``python -m zoo.mixed`` bits file sets per-layer
+bits) plus ``calib`` (real | zeroq | dsg), calibrates (``rounding=learned``: block reconstruction;
+``distill.steps=N``: then label-free distillation on the calibration images), evaluates the packed
 model on the test split and writes a release with a card, like ``zoo.train``.
 """
 from __future__ import annotations
@@ -36,6 +38,9 @@ def _check(cfg: DictConfig):
                               "(1-bit models need training: python -m zoo.train)")
     if cfg.keep_bits is not None and (isinstance(cfg.keep_bits, bool) or cfg.keep_bits not in range(2, 9)):
         raise ConfigError(f"keep_bits={cfg.keep_bits!r} is not valid; valid: null or an integer 2..8")
+    st = cfg.distill.steps
+    if isinstance(st, bool) or not isinstance(st, int) or st < 0:
+        raise ConfigError(f"distill.steps={st!r} is not valid; valid: 0 (off) or a positive integer")
     if cfg.rounding not in ROUNDINGS:
         raise ConfigError(f"rounding={cfg.rounding!r} is not valid; valid: {list(ROUNDINGS)}")
     if isinstance(cfg.recon.iters, bool) or not isinstance(cfg.recon.iters, int) or cfg.recon.iters < 1:
@@ -133,6 +138,15 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     q = calibrate(fp, qcfg, data, cfg.estimator, percentile=cfg.percentile,
                   bias_correction=bool(cfg.bias_correction), batch_size=cfg.batch_size, rounding=cfg.rounding,
                   recon={**OmegaConf.to_container(cfg.recon, resolve=True), "seed": int(cfg.seed)})
+    distilled = None
+    if cfg.distill.steps:
+        from .distill import distill
+
+        t1 = time.perf_counter()
+        d = OmegaConf.to_container(cfg.distill, resolve=True)
+        losses = distill(q, fp, data, seed=int(cfg.seed), **d)
+        distilled = {**d, "first_loss": round(losses[0], 6), "last_loss": round(losses[-1], 6),
+                     "seconds": round(time.perf_counter() - t1, 1)}
     seconds = round(time.perf_counter() - t0, 1)
     packed = packed_copy(q)
     test = dm.test_dataloader()
@@ -143,7 +157,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         metrics.update(task_cls.extra_metrics(packed))
     calib = {"data": "real" if cfg.calib.name == "ptq" else cfg.calib.name, "n": int(len(data)),
              "estimator": cfg.estimator, "bias_correction": bool(cfg.bias_correction), "rounding": cfg.rounding,
-             "reconstruction": _recon_meta(cfg, q),
+             "reconstruction": _recon_meta(cfg, q), "distill": distilled,
              "synthesis": None if cfg.calib.name == "ptq" else OmegaConf.to_container(cfg.calib, resolve=True),
              "data_seconds": round(t_data, 1)}
     release = save(q, cfg.release_dir, metrics=metrics, extra={"ptq": {
