@@ -293,6 +293,15 @@ def test_reconstruction_units_soft_start_and_exact_hard_codes():
     w = layer.wq.restore(codes, r.scale, r.zero)
     assert torch.equal(layer.wq.codes(w)[0], codes)  # ...re-quantizes to exactly its codes on the same grid
     assert torch.allclose(layer.wq.integer_form(w)[1], r.scale)
+    # a per-tensor grid: only the tensor's own extremes define it (and keep their codes)
+    qt = zoo.ptq.calibrate(net, zoo.QuantConfig(weight=zoo.MinMax(3), act=zoo.MinMax(3)), x, "minmax", progress=False)
+    rt = _Rounding(qt.body[0][0])
+    wt = qt.body[0][0].weight
+    assert int(rt.fixed.sum()) == int((wt == wt.min()).sum() + (wt == wt.max()).sum())
+    with torch.no_grad():
+        rt.v.copy_(torch.randn_like(rt.v) * 3)
+    c = rt.hard_codes()
+    assert torch.equal(qt.body[0][0].wq.codes(qt.body[0][0].wq.restore(c, rt.scale, rt.zero))[0], c)
 
 
 def test_reconstruction_lowers_every_unit_error_and_packs_exactly():

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from .kernels.packing import pack
-from .quantizers.layers import QuantConvTranspose2d
 from .quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
 
 FLOAT_BITS = 32
@@ -159,7 +158,7 @@ def _layer_cost(name: str, mod: nn.Module) -> LayerCost:
         wq = getattr(mod, "wq", None)
         quantized = wq is not None and getattr(mod, "weight_quant_enabled", True)
         bits = int(wq.bits) if quantized else FLOAT_BITS
-        ch_axis = 1 if isinstance(mod, (nn.ConvTranspose2d, QuantConvTranspose2d)) else 0
+        ch_axis = 1 if isinstance(mod, nn.ConvTranspose2d) else 0  # training-form layers subclass it
         bias = mod.bias is not None
         if quantized:
             nbytes = packed_weight_bytes(shape, bits, ch_axis, bias)
@@ -168,7 +167,7 @@ def _layer_cost(name: str, mod: nn.Module) -> LayerCost:
     return LayerCost(name, kind, tuple(shape), int(bits), _act_bits(mod), int(nbytes), 0, ch_axis, bias)
 
 
-def _macs(kind: str, shape: tuple, x: torch.Tensor, y: torch.Tensor, groups: int = 1) -> int:
+def _macs(kind: str, shape: tuple, x: torch.Tensor, y: torch.Tensor) -> int:
     if kind == "conv":  # each output value: C_in/groups * kh * kw products
         return y[:1].numel() * math.prod(shape[1:])
     if kind == "linear":

@@ -38,9 +38,13 @@ def _budget(key, v, wbits, abits):
 
 
 def _pairs(dm, n):
+    """The first ``n`` training samples as (input, target) batches."""
+    from .measure import input_target
+
     out, have = [], 0
-    for x, y in dm.train_dataloader():
-        out.append((x[: n - have], y[: n - have]))
+    for b in dm.train_dataloader():
+        x, y = input_target(b)
+        out.append((x[: n - have], None if y is None else y[: n - have]))
         have += len(out[-1][0])
         if have >= n:
             break
@@ -51,7 +55,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     import lightning as L
 
     from ..ptq.cli import datamodule, float_release
-    from ..cost_model import FLOAT_BITS, cost
+    from ..cost_model import FLOAT_BITS
     from .search import (all_options, layer_options, layer_table, pareto_front, plot_front, save_bits, size_fn,
                          tradeoff_point, uniform_point, within_budget)
     from .measure import METHODS, sensitivity
@@ -74,7 +78,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     dm = datamodule(cfg, task_cls)
     pairs = _pairs(dm, n)
     shape = (1, *pairs[0][0].shape[1:])
-    table_all = layer_table(fp, shape, [c.name for c in cost(fp, shape).layers])
+    table_all = layer_table(fp, shape)
     keep = list(cfg.task.get("keep_layers") or [])
     searched = [m for m in table_all if not any(fnmatch.fnmatchcase(m, g) for g in keep)]
     kept = [m for m in table_all if m not in searched]

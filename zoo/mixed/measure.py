@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..datasets import batch_input
 from ..ptq.estimators import RangeObserver, check_estimator, fake_quant
 from ..quantizers import MinMax
 from ..quantizers.config import build_quantizer
@@ -86,19 +87,20 @@ def _check_bits(name: str, bits) -> tuple:
     return bits
 
 
+def input_target(batch) -> tuple:
+    """(input, target) of a batch: a tensor is an input without target; a tuple, list or dict holds the
+    input first (as ``zoo.datasets.batch_input`` reads it) and the target second, if any."""
+    if torch.is_tensor(batch):
+        return batch, None
+    items = list(batch.values()) if isinstance(batch, dict) else list(batch)
+    return batch_input(items[0]), (items[1] if len(items) > 1 else None)
+
+
 def _pairs(data):
     """(input, target) pairs from a tensor of images (target None) or an iterable of batches."""
     if torch.is_tensor(data):
         return [(data[i:i + 64], None) for i in range(0, len(data), 64)]
-    out = []
-    for b in data:
-        if torch.is_tensor(b):
-            out.append((b, None))
-        elif isinstance(b, dict):
-            out.append((b["input"], b.get("target")))
-        else:
-            out.append((b[0], b[1] if len(b) > 1 else None))
-    return out
+    return [input_target(b) for b in data]
 
 
 def default_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

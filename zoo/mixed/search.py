@@ -59,21 +59,15 @@ class Front:
         return {"perturbation": float(self.perturbation[i]), "size": int(self.size[i]), "bops": int(self.bops[i])}
 
 
-def layer_table(model: nn.Module, input_shape, layers) -> dict:
-    """name -> dict(macs, shape, ch_axis, bias) for ``layers`` of the (float) ``model``."""
-    from ..wrapper import ZooModel
-
-    net = model.net if isinstance(model, ZooModel) else model
-    mods = dict(net.named_modules())
-    macs = {c.name: c.macs for c in cost(model, input_shape).layers}
-    out = {}
-    for n in layers:
-        if n not in macs:
-            raise ValueError(f"layer {n!r} is not a conv/linear layer of the model; valid: {sorted(macs)}")
-        m = mods[n]
-        out[n] = {"macs": macs[n], "shape": tuple(m.weight.shape),
-                  "ch_axis": 1 if isinstance(m, nn.ConvTranspose2d) else 0, "bias": m.bias is not None}
-    return out
+def layer_table(model: nn.Module, input_shape, layers=None) -> dict:
+    """name -> dict(macs, shape, ch_axis, bias) for ``layers`` (default: every conv/linear layer) of
+    the (float) ``model``, from ``zoo.cost``."""
+    costs = {c.name: c for c in cost(model, input_shape).layers}
+    bad = [n for n in (layers or []) if n not in costs]
+    if bad:
+        raise ValueError(f"layer(s) {bad} are not conv/linear layers of the model; valid: {sorted(costs)}")
+    return {n: {"macs": costs[n].macs, "shape": costs[n].weight_shape, "ch_axis": costs[n].ch_axis,
+                "bias": costs[n].bias} for n in (layers or costs)}
 
 
 def size_fn(measure: str):
@@ -84,19 +78,11 @@ def size_fn(measure: str):
 
 
 def layer_options(sens, table: dict, wbits, abits, size: str = "packed") -> dict:
-    """name -> list of (w_bits, a_bits, perturbation, size, bops), dominated options removed; ``size``:
-    "packed" (bytes on disk) or "nominal" (bits per weight exactly, as papers count)."""
-    nbytes = size_fn(size)
+    """``all_options`` with each layer's dominated options removed; ``size``: "packed" (bytes on disk)
+    or "nominal" (bits per weight exactly, as papers count)."""
     out = {}
-    for n, t in table.items():
-        opts = []
-        for w in wbits:
-            size_b = nbytes(t["shape"], w, t["ch_axis"], t["bias"])
-            for a in (abits or (FLOAT_BITS,)):
-                p = sens.weight[n][w] + (sens.act[n][a] if a != FLOAT_BITS else 0.0)
-                opts.append((w, a, p, size_b, t["macs"] * w * a))
-        keep = nondominated(np.array([o[2] for o in opts]), np.array([o[3] for o in opts]),
-                            np.array([o[4] for o in opts]))
+    for n, opts in all_options(sens, table, wbits, abits, size).items():
+        keep = nondominated(*(np.array([o[i] for o in opts]) for i in (2, 3, 4)))
         out[n] = [opts[i] for i in sorted(keep)]
     return out
 
@@ -189,7 +175,8 @@ def uniform_point(options: dict, w: int, a: int, fixed=(0.0, 0, 0)) -> dict:
 
 
 def all_options(sens, table: dict, wbits, abits, size: str = "packed") -> dict:
-    """Like ``layer_options`` without pruning (every (w, a) pair), for uniform reference points."""
+    """name -> list of (w_bits, a_bits, perturbation, size, bops) for every (w, a) pair (no inputs
+    quantized when ``abits`` is empty)."""
     nbytes = size_fn(size)
     out = {}
     for n, t in table.items():

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..quantizers import quantized_layers
-from ..quantizers.uniform import MinMaxWeight
+from ..quantizers.uniform import MinMaxWeight, _amin_amax
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -59,7 +59,6 @@ class _Rounding:
         w = layer.weight.detach()
         q, s, z, _ = wq.codes(w)                 # s, z broadcast against w
         _, self.scale, self.zero = wq.integer_form(w)  # [C], what restore() takes
-        ax = wq.ch_axis
         self.layer, self.n = layer, 2 ** wq.bits - 1
         self.s, self.z = torch.broadcast_to(s, w.shape), torch.broadcast_to(z, w.shape)
         self.q_nearest = q
@@ -67,9 +66,8 @@ class _Rounding:
         self.base = torch.floor(t)
         frac = (t - self.base).clamp(1e-4, 1 - 1e-4)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))
-        dims = tuple(d for d in range(w.dim()) if d != ax)
-        lo, hi = w.amin(dim=dims, keepdim=True).clamp(max=0), w.amax(dim=dims, keepdim=True).clamp(min=0)
-        self.fixed = (w == lo) | (w == hi)  # the range-defining elements keep their nearest codes
+        lo, hi = _amin_amax(w, wq.per_channel, wq.ch_axis)  # the grid's range, as MinMaxWeight takes it
+        self.fixed = (w == lo.clamp(max=0)) | (w == hi.clamp(min=0))  # these keep their nearest codes
 
     def soft(self):
         q = torch.where(self.fixed, self.q_nearest, torch.clamp(self.base + self.z + _h(self.v), 0, self.n))
@@ -127,31 +125,27 @@ def reconstruct(qmodel: nn.Module, fmodel: nn.Module, batches: list[torch.Tensor
         x = torch.cat(_record(qmodel, qb, batches, "input"))
         y = torch.cat(_record(fmodel, fb, batches, "output"))
         layers = [m for _, m in quantized_layers(qb) if isinstance(m.wq, MinMaxWeight)]  # qb itself too
-        rounds = [_Rounding(m) for m in layers]
-        for r in rounds:
-            r.layer.quant_weight = r.soft  # the instance attribute shadows the method during training
 
         def err():
             with torch.no_grad():
                 return sum(float(((qb(x[i:i + 256]) - y[i:i + 256]) ** 2).sum()) for i in range(0, len(x), 256)) / len(x)
 
-        before = err_nearest(qb, rounds, err)
-        opt = torch.optim.Adam([r.v for r in rounds], lr=lr)
-        start = int(warmup * iters)
-        for it in range(iters):
-            idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)
-            out = qb(x[idx])
-            rec = ((out - y[idx]) ** 2).flatten(1).sum(1).mean()
-            loss = rec
-            if it >= start:
-                beta = 20 + (2 - 20) * (it - start) / max(1, iters - start - 1)
-                loss = rec + lam * sum(r.reg(beta) for r in rounds)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        before = err()  # nearest rounding
+        rounds = [_Rounding(m) for m in layers]
+        for r in rounds:
+            r.layer.quant_weight = r.soft  # the instance attribute shadows the method during training
+        frozen = [(p, p.requires_grad) for p in qb.parameters()]  # only the roundings V learn
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        try:
+            _learn(qb, rounds, x, y, iters, lr, lam, batch_size, warmup, gen)
+        finally:
+            for p, req in frozen:
+                p.requires_grad_(req)
+            for r in rounds:
+                del r.layer.quant_weight
         saved = [r.layer.weight.detach().clone() for r in rounds]
         for r in rounds:
-            del r.layer.quant_weight
             with torch.no_grad():
                 r.layer.weight.copy_(r.layer.wq.restore(r.hard_codes(), r.scale, r.zero))
         after = err()
@@ -163,14 +157,17 @@ def reconstruct(qmodel: nn.Module, fmodel: nn.Module, batches: list[torch.Tensor
     return report
 
 
-def err_nearest(qb, rounds, err) -> float:
-    """The unit's output error with nearest rounding (the starting point, for the report)."""
-    saved = [r.layer.quant_weight for r in rounds]
-    for r in rounds:
-        del r.layer.quant_weight
-    try:
-        return err()
-    finally:
-        for r, f in zip(rounds, saved):
-            r.layer.quant_weight = f
-
+def _learn(qb, rounds, x, y, iters, lr, lam, batch_size, warmup, gen) -> None:
+    """Adam on the roundings' V: the unit's output error, plus the annealed rounding regulariser
+    after the warm-up."""
+    opt = torch.optim.Adam([r.v for r in rounds], lr=lr)
+    start = int(warmup * iters)
+    for it in range(iters):
+        idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)
+        loss = ((qb(x[idx]) - y[idx]) ** 2).flatten(1).sum(1).mean()
+        if it >= start:
+            beta = 20 + (2 - 20) * (it - start) / max(1, iters - start - 1)
+            loss = loss + lam * sum(r.reg(beta) for r in rounds)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
