@@ -25,10 +25,11 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--runs", default="runs/ptq_bench", help="where the runs' releases go")
+    ap.add_argument("--tag", default="", help="appended to the results file's name (e.g. for an ablation)")
     args, overrides = ap.parse_known_args(argv)
-    bad = [c for c in args.calib if c not in ("real", "zeroq", "dsg")]
+    bad = [c for c in args.calib if c not in ("real", "zeroq", "dsg", "ddaq", "coleq")]
     if bad:  # e.g. an override after --calib, which nargs="+" swallows
-        ap.error(f"--calib {bad} is not valid; valid: real, zeroq, dsg (put key=value overrides before --calib)")
+        ap.error(f"--calib {bad} is not valid; valid: real, zeroq, dsg, ddaq, coleq (put key=value overrides before --calib)")
     from hydra import compose, initialize_config_module
 
     from zoo.ptq.cli import run
@@ -56,7 +57,9 @@ def main(argv=None):
                       "", markdown(["calibration", "runs", f"{metric} mean", "sample std"], summary)])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"ptq_{cfg.task.name}_w{cfg.wbits}a{cfg.abits}{'_learned' if cfg.rounding == 'learned' else ''}{'_distill' if cfg.distill.steps else ''}.md"
+    sources = "" if args.calib == ["real", "zeroq", "dsg"] else "_" + "_".join(args.calib)
+    path = args.out / (f"ptq_{cfg.task.name}_w{cfg.wbits}a{cfg.abits}{'_learned' if cfg.rounding == 'learned' else ''}"
+                       f"{'_distill' if cfg.distill.steps else ''}{sources}{'_' + args.tag if args.tag else ''}.md")
     path.write_text(text + "\n")
     print(f"saved {path}")
     return 0

@@ -30,7 +30,7 @@ def test_ptq_benchmark_runs_and_saves_its_table(tmp_path, tiny_fmnist):
     out = _run("ptq.py", "--calib", "real", "--seeds", "0", "1", "--out", str(tmp_path), "--runs",
                str(tmp_path / "runs"), f"data.root={tiny_fmnist}", "data.val_size=32", "calib.n=8", "bits=8")
     assert out.returncode == 0, out.stderr[-3000:]
-    table = (tmp_path / "ptq_cls_w8a8.md").read_text()
+    table = (tmp_path / "ptq_cls_w8a8_real.md").read_text()
     rows = [ln for ln in table.splitlines() if ln.startswith("| real |")]
     assert len(rows) == 3  # two runs and their mean ± std
     accs = [float(r.split("|")[3]) for r in rows[:2]]

@@ -200,7 +200,7 @@ def _ptq_cfg(tmp, root, *overrides):
                                          f"output_dir={tmp}", *overrides])
 
 
-@pytest.mark.parametrize("calib", ["real", "zeroq"])
+@pytest.mark.parametrize("calib", ["real", "zeroq", "ddaq", "coleq"])
 def test_cli_run_end_to_end(tmp_path, tiny_fmnist, calib):
     """The shipped float resnet20, calibrated on a tiny Fashion-MNIST stand-in: a release that loads,
     whose card states the calibration, and whose test metrics are those of the loaded model."""
@@ -208,15 +208,23 @@ def test_cli_run_end_to_end(tmp_path, tiny_fmnist, calib):
     from zoo.tasks.cls.task import evaluate
 
     out = run(_ptq_cfg(tmp_path, tiny_fmnist, f"calib={calib}", "calib.n=16", "bits=8",
-                       *(["calib.iters=3"] if calib == "zeroq" else [])), command="python -m zoo.ptq (test)")
+                       *{"real": [], "zeroq": ["calib.iters=3"],
+                         "ddaq": ["calib.warmup=2", "calib.steps=2", "calib.batch_size=8", "calib.probes=1",
+                                  "calib.width=4"],
+                         "coleq": ["calib.warmup=2", "calib.steps=3", "calib.batch_size=8", "calib.queue=16",
+                                   "calib.recover=4", "calib.width=4", "calib.enc_width=4"]}[calib]),
+              command="python -m zoo.ptq (test)")
     rel = tmp_path / "release"
     assert out["release_dir"] == str(rel)
     model = zoo.load(rel)
     assert model.quant is not None and (rel / "README.md").is_file()
     card = (rel / "README.md").read_text()
-    assert "Post-training quantization (no training)" in card and "mse estimator" in card
+    header = "(then fine-tuned without labels, below)" if calib in ("ddaq", "coleq") else "(no training)"
+    assert f"Post-training quantization {header}" in card and "mse estimator" in card
     assert ("16 real training samples" in card) == (calib == "real")
-    assert (rel / "synthetic.png").is_file() == (calib == "zeroq")
+    assert (rel / "synthetic.png").is_file() == (calib != "real")
+    assert ("(DDAQ)" in card) == (calib == "ddaq") and ("(CoLeQ)" in card) == (calib == "coleq")
+    assert (rel / "recovered.png").is_file() == (calib == "coleq")
     from zoo.tasks.cls.data import FashionMNISTData
 
     dm = FashionMNISTData(root=str(tiny_fmnist), val_size=32, batch_size=32)
@@ -226,7 +234,7 @@ def test_cli_run_end_to_end(tmp_path, tiny_fmnist, calib):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["calib=gan"], "calib='gan' is not available; valid: ['dsg', 'real', 'zeroq']"),
+    (["calib=gan"], "calib='gan' is not available; valid: ['coleq', 'ddaq', 'dsg', 'real', 'zeroq']"),
     (["bits=1"], "wbits=1 is not a valid PTQ bit width; valid: integers 2..8"),
     (["estimator=max"], "estimator='max' is not valid; valid: ['minmax', 'percentile', 'mse']"),
     (["distill.steps=-1"], "distill.steps=-1 is not valid; valid: 0 (off) or a positive integer"),

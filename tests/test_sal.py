@@ -67,7 +67,7 @@ def test_builtin_composites_are_fixed_and_splits_share_nothing():
 def test_colour_jitter_permutes_channels_and_scales_saturation():
     import itertools
 
-    from zoo.tasks.sal.data import jitter_colours
+    from zoo.datasets import jitter_colours
 
     img = 0.5 + 0.1 * (torch.rand(3, 8, 8) - 0.5)  # low saturation: no clamping at x2.5
     out = jitter_colours(img, np.random.default_rng(0))

@@ -103,7 +103,8 @@ def test_seed_record_is_consistent(tag):
 
 
 PTQ = {"ptq_w8a8_fmnist": ("real", 8), "ptq_w4a4_fmnist": ("real", 4), "zeroq_w4a4_fmnist": ("zeroq", 4),
-       "dsg_w4a4_fmnist": ("dsg", 4), "dsg_qat_w4a4_fmnist": ("dsg", 4)}
+       "dsg_w4a4_fmnist": ("dsg", 4), "dsg_qat_w4a4_fmnist": ("dsg", 4), "ddaq_w4a4_fmnist": ("ddaq", 4),
+       "coleq_w4a4_fmnist": ("coleq", 4)}
 
 
 @pytest.mark.parametrize("tag", PTQ)
@@ -145,6 +146,17 @@ def test_dsg_qat_above_dsg_ptq():
     cfg = _metrics("dsg_qat_w4a4_fmnist")
     assert cfg["ptq"]["calibration"]["distill"]["steps"] == 500
     assert _acc("dsg_qat_w4a4_fmnist") > _acc("dsg_w4a4_fmnist"), (_acc("dsg_qat_w4a4_fmnist"), _acc("dsg_w4a4_fmnist"))
+
+
+@pytest.mark.parametrize("method", ["ddaq", "coleq"])
+def test_generator_releases_above_dsg_ptq(method):
+    """DDAQ and CoLeQ (a generator's samples, then the quantized model trained on them; no data): above
+    DSG-PTQ, as over 3 seeds (benchmarks/results/ptq_cls_w4a4_coleq_ddaq.md against ptq_cls_w4a4.md)."""
+    cfg = _metrics(f"{method}_w4a4_fmnist")
+    trained = cfg["ptq"]["calibration"]["trained"]
+    assert trained["method"] == method and trained["steps"] == 500
+    assert (resolve_checkpoint(f"resnet20.{method}_w4a4_fmnist") / "recovered.png").is_file() == (method == "coleq")
+    assert _acc(f"{method}_w4a4_fmnist") > _acc("dsg_w4a4_fmnist"), (_acc(f"{method}_w4a4_fmnist"), _acc("dsg_w4a4_fmnist"))
 
 
 def test_htq_mixed_release_is_mixed_within_uniform_w3a4_size():

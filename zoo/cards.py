@@ -139,12 +139,37 @@ def ptq_lines(ptq: dict) -> list[str]:
               f"the training crops of a task that trains on crops)" if c.get("data") == "real"
               else f"{c.get('n', '?')} images synthesised by {c.get('data')} from the float model alone "
                    f"({json.dumps({k: v for k, v in (c.get('synthesis') or {}).items() if k not in ('name', 'n')})})")
-    return [f"- **Post-training quantization (no training)** of `{ptq.get('init_from', '?')}`: calibrated on "
+    then = " (then fine-tuned without labels, below)" if c.get("distill") or c.get("trained") else " (no training)"
+    return [f"- **Post-training quantization{then}** of `{ptq.get('init_from', '?')}`: calibrated on "
             f"{source}; activation ranges by the {c.get('estimator', '?')} estimator; bias correction "
             f"{'on' if c.get('bias_correction') else 'off'}; weight rounding {_rounding(c)}; "
             f"{ptq.get('seconds', '?')} s on "
             f"{ptq.get('hardware', '?')} (calibration data {c.get('data_seconds', '?')} s); torch "
-            f"{ptq.get('torch', '?')}"] + distill_lines(c.get("distill")) + mixed_lines(ptq.get("mixed"))
+            f"{ptq.get('torch', '?')}"] + generator_lines(c) + distill_lines(c.get("distill")) + mixed_lines(ptq.get("mixed"))
+
+
+def generator_lines(c: dict) -> list[str]:
+    """Card lines for a release trained on a generator's samples (``calib=ddaq|coleq``)."""
+    a = c.get("trained")
+    if not a:
+        return []
+    s = c.get("synthesis") or {}
+    head = (f"the calibration images come from a generator warmed up {s.get('warmup')} steps on the float "
+            f"model's BatchNorm statistics (and its cross-entropy on the sampled class); then {a.get('steps')} steps")
+    q = a.get("quantized_loss", ["?", "?"])
+    tail = f"quantized-model loss {q[0]} -> {q[1]}; {a.get('seconds')} s. The grid below shows the final generator's samples"
+    if a.get("method") == "coleq":
+        return [f"- **Then trained on generated data, no real data (CoLeQ)**: {head}, each a generator step "
+                f"(statistics + {s.get('lam')} x MoCo InfoNCE against a queue of {s.get('queue')} earlier "
+                f"samples, tau {s.get('tau')}) and a quantized-model step distilling the float model on the batch "
+                f"plus {s.get('recover')} samples recovered from the queue by the encoder's tied-weight decoder "
+                f"(`recovered.png`; lr {s.get('lr_q')}, cosine); {tail}"]
+    w = a.get("layer_weights") or []
+    prior = (f"layers weighted by their average Hessian trace ({min(w):.2f}..{max(w):.2f}, mean 1)"
+             if s.get("layer_importance") and w else "layers weighted equally")
+    return [f"- **Then trained adversarially, no real data (DDAQ)**: {head}, each a generator step (match the "
+            f"statistics, maximise the float/quantized discrepancy x {s.get('beta')}) and a quantized-model step "
+            f"(minimise it; lr {s.get('lr_q')}, cosine), {prior}; {tail}"]
 
 
 def distill_lines(d: dict | None) -> list[str]:
@@ -244,6 +269,9 @@ def card_text(directory: str | Path) -> str:
     if (directory / "synthetic.png").is_file():
         lines += ["Synthetic calibration images (the first 64; no real data was used):", "",
                   "![synthetic calibration images](synthetic.png)", ""]
+    if (directory / "recovered.png").is_file():
+        lines += ["Samples recovered from CoLeQ's queue by the tied-weight decoder (old-knowledge recovery):", "",
+                  "![recovered samples](recovered.png)", ""]
     lines += [f"`{GOLDEN}` holds an input batch and the packed model's output; `tests/test_shipped.py` checks it.",
               ""]
     return "\n".join(lines)

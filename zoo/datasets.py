@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -132,3 +133,75 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
 def to_uint8(t: torch.Tensor) -> np.ndarray:
     """float 3xHxW (any range) -> uint8 HxWx3, clamped to [0, 1] and rounded like basicsr's tensor2img."""
     return (t.detach().float().clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- synthetic composites
+# Shared by the tasks whose built-in data pastes Fashion-MNIST items over crops of the bundled photos:
+# the splits never share an item or a photo.
+SPLITS = ("train", "val", "test")
+FMNIST_TRAIN_ITEMS = 50_000  # Fashion-MNIST train items [0, 50k) train, [50k, 60k) validate; test: its test split
+
+
+def fmnist_items(root, split: str):
+    """(uint8 [N, 28, 28] items, int64 labels) of a composite split (see FMNIST_TRAIN_ITEMS)."""
+    x, y = load_fmnist(root, "test" if split == "test" else "train")
+    x = x[:, 0]
+    if split == "train":
+        return x[:FMNIST_TRAIN_ITEMS], y[:FMNIST_TRAIN_ITEMS]
+    return (x[FMNIST_TRAIN_ITEMS:], y[FMNIST_TRAIN_ITEMS:]) if split == "val" else (x, y)
+
+
+def builtin_backgrounds(split: str) -> list[torch.Tensor]:
+    """The split's bundled photos as float 3xHxW in [0, 1]."""
+    names = {"train": BUILTIN_TRAIN, "val": BUILTIN_VAL, "test": BUILTIN_TEST}[split]
+    return [torch.from_numpy(builtin_image(n)).permute(2, 0, 1).float().div_(255.0) for n in names]
+
+
+def resize_chw(x: torch.Tensor, size) -> torch.Tensor:
+    """[C, H, W] float -> [C, *size], bilinear (antialiased when shrinking)."""
+    import torch.nn.functional as F
+
+    return F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def jitter_colours(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random channel order and saturation (x0.3-x2.5 around each pixel's grey) of a background, so
+    that a dozen training photos cover more colours than their own (a saturated test photo is
+    otherwise mistaken for foreground)."""
+    img = img[torch.from_numpy(rng.permutation(3))]
+    grey = img.mean(0, keepdim=True)
+    return (grey + float(rng.uniform(0.3, 2.5)) * (img - grey)).clamp_(0, 1)
+
+
+def random_crop(rng: np.random.Generator, backgrounds, size: int, smallest: float = 0.3,
+                jitter: bool = False) -> torch.Tensor:
+    """A random square crop (side ``smallest``-1 x the photo's shorter side) of a random background,
+    resized to ``size``, flipped half the time and (``jitter``) colour-randomised."""
+    bg = backgrounds[int(rng.integers(len(backgrounds)))]
+    h, w = bg.shape[1:]
+    side = max(8, int(rng.uniform(smallest, 1.0) * min(h, w)))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    img = resize_chw(bg[:, y:y + side, x:x + side], (size, size)).clamp_(0, 1)
+    if rng.random() < 0.5:
+        img = img.flip(-1)
+    if jitter:
+        img = jitter_colours(img, rng)
+    return img
+
+
+class SeededSet(torch.utils.data.Dataset):
+    """``n`` synthetic samples of one split: sample ``i`` is ``make(rng)`` with ``rng`` seeded by
+    (seed, split, i), so it is a pure function of them (``make``: a picklable callable, e.g. a
+    ``functools.partial`` of a composite function)."""
+
+    def __init__(self, make, n: int, seed: int, split: str):
+        self.make, self.n = make, int(n)
+        self.key = (int(seed), SPLITS.index(split))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.make(np.random.default_rng([*self.key, int(i)]))

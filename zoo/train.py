@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -401,7 +402,8 @@ def run(cfg: DictConfig, command: str | None = None, overrides=None) -> dict:
         res = task_cls.evaluate(packed, dm.test_dataloader())
         metrics.update({f"test_{k}": v for k, v in res.items()})
         metrics.update(task_cls.extra_metrics(packed))
-    metrics["best_val"] = float(callbacks[0].best_model_score or float("nan"))
+    best_score = callbacks[0].best_model_score  # a tensor; 0.0 is a score (``or`` would drop it)
+    metrics["best_val"] = float(best_score) if best_score is not None else float("nan")
     release = save(module.model.cpu(), cfg.release_dir, metrics=metrics, extra={"train": {
         "command": command, "data": cfg.data.name, "data_root": cfg.data.get("root"),
         "splits": split_sizes(dm), "epochs": int(cfg.epochs),
@@ -413,11 +415,12 @@ def run(cfg: DictConfig, command: str | None = None, overrides=None) -> dict:
     # the release must load by itself and agree with the model we trained
     loaded = load(release)
     x = task_cls.golden_input(dm)
-    ref = packed_copy(module.model.cpu())(x)
-    diff = (loaded(x) - ref).abs().max().item()
+    golden = partial(task_cls.golden_output, loaded)  # the task's tensor form of the output
+    ref = task_cls.golden_output(packed_copy(module.model.cpu()), x)
+    diff = (golden(x) - ref).abs().max().item()
     if diff > 1e-4 * max(ref.abs().max().item(), 1.0):
         raise RuntimeError(f"reloaded release differs from the trained model by {diff}")
-    write_golden(loaded, x, release)
+    write_golden(golden, x, release)
     if cfg.evaluate_packed:
         print(f"\nrelease: {release}\n{task_cls.report(loaded, dm, release)}")
     else:  # the task's report prints the packed model's test metrics, which were not measured

@@ -2,8 +2,9 @@
 
 It composes the same Hydra groups as ``zoo.train`` (task, data, quant — the last unused: PTQ always
 calibrates MinMax quantizers; ``quant.overrides_from=`` a ``python -m zoo.mixed`` bits file sets per-layer
-bits) plus ``calib`` (real | zeroq | dsg), calibrates (``rounding=learned``: block reconstruction;
-``distill.steps=N``: then label-free distillation on the calibration images), evaluates the packed
+bits) plus ``calib`` (real | zeroq | dsg | ddaq | coleq), calibrates (``rounding=learned``: block reconstruction;
+``distill.steps=N``: then label-free distillation on the calibration images; ``calib=ddaq|coleq``: the quantized
+model trained on a generator's samples, ``zoo.ptq.ddaq`` / ``zoo.ptq.coleq``), evaluates the packed
 model on the test split and writes a release with a card, like ``zoo.train``.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -23,6 +25,7 @@ from .estimators import ESTIMATORS
 
 log = logging.getLogger(__name__)
 GROUPS = ("quant", "data", "task", "calib")
+GENERATORS = ("ddaq", "coleq")  # calibration sources with a generator and a training stage
 
 
 def _command() -> str:
@@ -124,8 +127,16 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     real = _real_images(dm, cfg.calib.n)
+    gen = None
     if cfg.calib.name == "ptq":
         data = real
+    elif cfg.calib.name in GENERATORS:
+        from . import ddaq
+
+        c = cfg.calib
+        gen = ddaq.warm_up(fp, tuple(real.shape[1:]), c.warmup, batch_size=c.batch_size, lr=c.lr_g, ce=c.ce,
+                           width=c.width, seed=cfg.seed)
+        data = ddaq.sample(gen, c.n, seed=cfg.seed, batch_size=c.batch_size)
     else:
         opts = {k: cfg.calib[k] for k in ("iters", "lr", "slack", "sci") if k in cfg.calib}
         data = synthesize(fp, "zeroq" if cfg.calib.name == "zeroq" else "dsg", n=cfg.calib.n, seed=cfg.seed,
@@ -138,6 +149,10 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     q = calibrate(fp, qcfg, data, cfg.estimator, percentile=cfg.percentile,
                   bias_correction=bool(cfg.bias_correction), batch_size=cfg.batch_size, rounding=cfg.rounding,
                   recon={**OmegaConf.to_container(cfg.recon, resolve=True), "seed": int(cfg.seed)})
+    generator_stage, recovered = None, None
+    if gen is not None:
+        generator_stage, recovered = _train_with_generator(cfg, q, fp, gen)
+        data = ddaq.sample(gen, cfg.calib.n, seed=cfg.seed + 1, batch_size=cfg.calib.batch_size)  # the grid's
     distilled = None
     if cfg.distill.steps:
         from .distill import distill
@@ -157,7 +172,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         metrics.update(task_cls.extra_metrics(packed))
     calib = {"data": "real" if cfg.calib.name == "ptq" else cfg.calib.name, "n": int(len(data)),
              "estimator": cfg.estimator, "bias_correction": bool(cfg.bias_correction), "rounding": cfg.rounding,
-             "reconstruction": _recon_meta(cfg, q), "distill": distilled,
+             "reconstruction": _recon_meta(cfg, q), "distill": distilled, "trained": generator_stage,
              "synthesis": None if cfg.calib.name == "ptq" else OmegaConf.to_container(cfg.calib, resolve=True),
              "data_seconds": round(t_data, 1)}
     release = save(q, cfg.release_dir, metrics=metrics, extra={"ptq": {
@@ -167,13 +182,39 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         "torch": torch.__version__}})
     if cfg.calib.name != "ptq":
         save_grid(data[:64], release / "synthetic.png")
+    if recovered is not None:
+        save_grid(recovered, release / "recovered.png")
     loaded = load(release)
     x = task_cls.golden_input(dm)
-    write_golden(loaded, x, release)
+    write_golden(partial(task_cls.golden_output, loaded), x, release)  # the task's tensor form of the output
     print(f"\nrelease: {release}\n{task_cls.report(loaded, dm, release)}\ncalibration: {calib['data']}, "
           f"{calib['n']} images, estimator {cfg.estimator}, {seconds} s")
     write_card(release)
     return {"metrics": metrics, "release_dir": str(release), "seconds": seconds}
+
+
+def _train_with_generator(cfg, q, fp, gen) -> tuple:
+    """DDAQ's adversarial stage or CoLeQ's contrastive one on the calibrated ``q``: (what the card
+    reports, CoLeQ's recovered samples or None)."""
+    c = OmegaConf.to_container(cfg.calib, resolve=True)
+    t = time.perf_counter()
+    if cfg.calib.name == "ddaq":
+        from .ddaq import adversarial
+
+        recovered = None
+        hist = adversarial(q, fp, gen, c["steps"], seed=int(cfg.seed), **{k: c[k] for k in (
+            "batch_size", "lr_g", "lr_q", "beta", "ce", "layer_importance", "probes")})
+        meta = {"layer_weights": [round(w, 4) for w in hist.pop("layer_weights")]}
+    else:
+        from .coleq import train
+
+        hist = train(q, fp, gen, c["steps"], seed=int(cfg.seed), width=c["enc_width"], **{k: c[k] for k in (
+            "batch_size", "lr_g", "lr_q", "lr_e", "lam", "tau", "ce", "queue", "recover", "momentum")})
+        hist.pop("encoder")
+        recovered = hist.pop("recovered")
+        meta = {}
+    return {"method": cfg.calib.name, "steps": c["steps"], "seconds": round(time.perf_counter() - t, 1), **meta,
+            **{f"{k}_loss": [round(v[0], 6), round(v[-1], 6)] for k, v in hist.items()}}, recovered
 
 
 def _recon_meta(cfg, q) -> dict | None:

@@ -25,6 +25,11 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
                     log_target=True) * t * t
 
 
+def cosine_schedule(opt, steps: int):
+    """The learning rate decays from its value to 1% over ``steps`` (half a cosine)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
 def distill(qmodel: nn.Module, fmodel: nn.Module, images: torch.Tensor, steps: int = 500, lr: float = 1e-4,
             batch_size: int = 64, temperature: float = 1.0, seed: int = 0, progress: bool = True) -> list[float]:
     """Fine-tune ``qmodel`` in place for ``steps`` Adam steps on random batches of ``images`` to match
@@ -40,7 +45,7 @@ def distill(qmodel: nn.Module, fmodel: nn.Module, images: torch.Tensor, steps: i
         targets = torch.cat([fmodel(images[i:i + 256]) for i in range(0, len(images), 256)])
     params = [p for p in qmodel.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = cosine_schedule(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in tqdm(range(steps), desc="distillation", disable=not progress, leave=False):

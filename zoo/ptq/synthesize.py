@@ -18,6 +18,10 @@ model in eval mode:
   * sample-correlation inhibition: ``sci`` x the mean squared correlation between different samples
     (flattened, mean-centred), which pushes samples apart. (The public code's version of this term is
     detached from the graph; this one has a gradient.)
+- ``ddaq``: not optimised images but samples of a generator trained ``iters`` steps on the BatchNorm
+  statistics (+ the float model's cross-entropy on the sampled class): DDAQ's first stage
+  (``zoo.ptq.ddaq.warm_up``); its adversarial stage needs a quantized model (``zoo.ptq.ddaq.adversarial``,
+  or ``python -m zoo.ptq calib=ddaq``).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from torch import nn
 
 from ..wrapper import ZooModel
 
-METHODS = ("zeroq", "dsg")
+METHODS = ("zeroq", "dsg", "ddaq")
 
 
 def check_method(method: str) -> str:
@@ -121,6 +125,12 @@ def synthesize(model: nn.Module, method: str = "dsg", n: int = 256, seed: int = 
     model.eval()
     bns = bn_layers(model)
     c_h_w = _input_shape(model, shape)
+    if method == "ddaq":
+        from .ddaq import sample, warm_up
+
+        g = warm_up(model, c_h_w, iters, batch_size=min(batch_size, 64), seed=seed, progress=progress)
+        model.train(was_training)
+        return sample(g, n, seed=seed, batch_size=min(batch_size, 64))
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in params]

@@ -13,6 +13,7 @@ _TASKS: dict[str, str] = {
     "cls": "zoo.tasks.cls.task:ClassificationTask",
     "sr": "zoo.tasks.sr.task:SuperResolutionTask",
     "sal": "zoo.tasks.sal.task:SaliencyTask",
+    "det": "zoo.tasks.det.task:DetectionTask",
 }
 
 

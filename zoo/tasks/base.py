@@ -63,6 +63,14 @@ class QuantTask(L.LightningModule):
         return next(iter(dm.test_dataloader()))[0][:8]
 
     @staticmethod
+    def golden_output(model, x: torch.Tensor) -> torch.Tensor:
+        """The tensor a release's golden pair stores for input ``x`` and the reload check compares:
+        ``model(x)``; a task whose output is not one tensor (or is not continuous in the weights)
+        gives a tensor that is."""
+        with torch.no_grad():
+            return model(x)
+
+    @staticmethod
     def report(model, dm, release_dir) -> str:
         """What ``zoo.train`` prints about a finished release (and any files it writes next to it)."""
         return f"metrics: {model.metrics}"
@@ -148,7 +156,7 @@ class QuantTask(L.LightningModule):
         source = self.hparams.init_from
         if source and quantized_release(source) is not None:  # fine-tune a quantized release
             restore_release(model, source, qcfg, self.head_layers,
-                            tuple(self.data_model_args(self.hparams.input_contract)))
+                            tuple(self.data_model_args(self.hparams.input_contract)), self.golden_output)
         elif source:
             load_float_weights(model, source, self.head_layers)
         if self.hparams.distill > 0:

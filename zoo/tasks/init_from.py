@@ -93,13 +93,16 @@ def _probe(model: ZooModel) -> torch.Tensor:
 
 @torch.no_grad()
 def restore_release(model: ZooModel, source: str, qcfg: QuantConfig | None,
-                    head_layers: tuple[str, ...] = (), data_args: tuple[str, ...] = ()) -> None:
+                    head_layers: tuple[str, ...] = (), data_args: tuple[str, ...] = (),
+                    output=None) -> None:
     """Start ``model`` (float, as built) from the quantized release ``source``: quantize it with
     ``qcfg`` and set every layer from the release. With the release's own ``QuantConfig`` the result
     is exact (checked on a probe input); with another, the float weights are the release's rebuilt
     ones and the new quantizers initialise from data as in any QAT run. Layers matching
     ``head_layers`` that do not fit are re-initialised; others raise ValueError naming them, as do
-    model arguments that differ from the release's other than ``data_args`` (which the data decides)."""
+    model arguments that differ from the release's other than ``data_args`` (which the data decides).
+    ``output(model, x)``: the tensor form of a model's output that the check compares (the task's
+    ``golden_output``; default ``model(x)``)."""
     from ..checkpoint import load
     from ..quantizers.unpack import check_restored, restore_from_packed
 
@@ -131,9 +134,10 @@ def restore_release(model: ZooModel, source: str, qcfg: QuantConfig | None,
         # the training form computes in float what the packed form computes in integers: rounding
         # differences flip the odd activation code at a bin edge, and at 2 bits in a deep net that
         # spreads. So the output must agree to within the release's own sensitivity to float noise.
+        run = output or (lambda m, t: m(t))
         x = _probe(model)
-        ref, out = release(x), work.eval()(x)
-        noise = max(float((release(x + 1e-5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(s)))
+        ref, out = run(release, x), run(work.eval(), x)
+        noise = max(float((run(release, x + 1e-5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(s)))
                            - ref).abs().mean()) for s in (1, 2, 3))
         diff = float((out - ref).abs().mean())
         if diff > max(1e-5 * max(float(ref.abs().max()), 1.0), 10 * noise):

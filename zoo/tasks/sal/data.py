@@ -20,53 +20,20 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ...datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, FMNIST_DIR, IMAGE_EXTS, builtin_image, load_fmnist
+from ...datasets import (FMNIST_DIR, IMAGE_EXTS, SPLITS, SeededSet, builtin_backgrounds, fmnist_items, random_crop,
+                         resize_chw)
 
 EVAL_SEED = 0  # validation / test data never depend on the run's seed
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-SPLITS = ("train", "val", "test")
 ITEM_THRESHOLD = 0.2       # an item's pixel belongs to its mask where its (resized) intensity > this
-FMNIST_TRAIN_ITEMS = 50_000  # Fashion-MNIST train items [0, 50k) train, [50k, 60k) validate
-
-
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    """[C, H, W] float -> [C, *size], bilinear (antialiased when shrinking)."""
-    return F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False,
-                         antialias=True)[0]
-
-
-def jitter_colours(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Random channel order and saturation (x0.3-x2.5 around each pixel's grey) of a background, so
-    that a dozen training photos cover more colours than their own (a saturated test photo is
-    otherwise mistaken for foreground)."""
-    img = img[torch.from_numpy(rng.permutation(3))]
-    grey = img.mean(0, keepdim=True)
-    return (grey + float(rng.uniform(0.3, 2.5)) * (img - grey)).clamp_(0, 1)
-
-
-def random_crop(rng: np.random.Generator, backgrounds, size: int, smallest: float = 0.3,
-                jitter: bool = False) -> torch.Tensor:
-    """A random square crop (side ``smallest``-1 x the photo's shorter side) of a random background,
-    resized to ``size``, flipped half the time and (``jitter``) colour-randomised."""
-    bg = backgrounds[int(rng.integers(len(backgrounds)))]
-    h, w = bg.shape[1:]
-    side = max(8, int(rng.uniform(smallest, 1.0) * min(h, w)))
-    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    img = _resize(bg[:, y:y + side, x:x + side], (size, size)).clamp_(0, 1)
-    if rng.random() < 0.5:
-        img = img.flip(-1)
-    if jitter:
-        img = jitter_colours(img, rng)
-    return img
 
 
 def composite(rng: np.random.Generator, backgrounds, items: torch.Tensor, size: int,
               objects=(1, 3), scale=(0.35, 0.65), jitter: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample: a random crop of a random background with ``objects`` items pasted on it
-    (``jitter``: the background's colours randomised first, see :func:`jitter_colours`).
+    (``jitter``: the background's colours randomised first, see :func:`zoo.datasets.jitter_colours`).
 
     Returns (image [3, size, size] in [0, 1], mask [1, size, size] in {0, 1}); the mask is exactly
     the set of pixels whose colour came from an item."""
@@ -75,7 +42,7 @@ def composite(rng: np.random.Generator, backgrounds, items: torch.Tensor, size: 
     for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
         item = items[int(rng.integers(len(items)))].float().div(255.0)
         s = max(4, int(rng.uniform(*scale) * size))
-        g = _resize(item[None], (s, s))[0].clamp(0, 1)
+        g = resize_chw(item[None], (s, s))[0].clamp(0, 1)
         m = g > ITEM_THRESHOLD
         colour = torch.from_numpy(rng.uniform(0.15, 1.0, 3)).float()
         fg = colour[:, None, None] * (0.3 + 0.7 * g)[None]
@@ -86,24 +53,6 @@ def composite(rng: np.random.Generator, backgrounds, items: torch.Tensor, size: 
         region[:, m] = fg[:, m]
         mask[0, oy:oy + s, ox:ox + s][m] = 1.0
     return img, mask
-
-
-class SeededSet(Dataset):
-    """``n`` synthetic samples of one split: sample ``i`` is ``make(rng)`` with ``rng`` seeded by
-    (seed, split, i), so it is a pure function of them (``make``: a picklable callable, e.g. a
-    ``functools.partial`` of :func:`composite`)."""
-
-    def __init__(self, make, n: int, seed: int, split: str):
-        self.make, self.n = make, int(n)
-        self.key = (int(seed), SPLITS.index(split))
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.make(np.random.default_rng([*self.key, int(i)]))
 
 
 class SaliencyData(L.LightningDataModule):
@@ -151,15 +100,10 @@ class CompositeSalData(SaliencyData):
 
     @staticmethod
     def backgrounds(split: str) -> list[torch.Tensor]:
-        names = {"train": BUILTIN_TRAIN, "val": BUILTIN_VAL, "test": BUILTIN_TEST}[split]
-        return [torch.from_numpy(builtin_image(n)).permute(2, 0, 1).float().div_(255.0) for n in names]
+        return builtin_backgrounds(split)
 
     def items(self, split: str) -> torch.Tensor:
-        x, _ = load_fmnist(self.root, "test" if split == "test" else "train")
-        x = x[:, 0]
-        if split == "train":
-            return x[:FMNIST_TRAIN_ITEMS]
-        return x[FMNIST_TRAIN_ITEMS:] if split == "val" else x
+        return fmnist_items(self.root, split)[0]
 
     def setup(self, stage=None):
         if self.sets:
@@ -241,8 +185,8 @@ class PairSet(Dataset):
 
     def __getitem__(self, i):
         ip, mp = self.pairs[i]
-        img = _resize(_open(ip, "RGB"), (self.size, self.size)).clamp_(0, 1)
-        mask = (_resize(_open(mp, "L"), (self.size, self.size)) >= 0.5).float()
+        img = resize_chw(_open(ip, "RGB"), (self.size, self.size)).clamp_(0, 1)
+        mask = (resize_chw(_open(mp, "L"), (self.size, self.size)) >= 0.5).float()
         if self.flip and torch.rand(()) < 0.5:
             img, mask = img.flip(-1), mask.flip(-1)
         return img, mask

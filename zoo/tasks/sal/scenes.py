@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, FMNIST_DIR, builtin_image, read_image
-from .data import EVAL_SEED, FMNIST_TRAIN_ITEMS, ITEM_THRESHOLD, SPLITS, SaliencyData, SeededSet, random_crop
+from ...datasets import (BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, FMNIST_DIR, FMNIST_TRAIN_ITEMS, SPLITS, SeededSet,
+                         builtin_image, random_crop, read_image)
+from .data import EVAL_SEED, ITEM_THRESHOLD, SaliencyData
 
 CLIPART_ROOT = "/usr/share/openclipart/png"
 OPENCV_DATA = "/usr/share/doc/opencv-doc/examples/data"
