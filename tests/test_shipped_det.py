@@ -56,3 +56,12 @@ def test_float_fcos_reaches_0_60_map50():
     """The issue's target for the float FCOS on the built-in test split (a detector that works)."""
     m = _config("fcos_r18.fp32_det_composites")["metrics"]
     assert m["test_map50"] >= 0.60, m
+
+
+def test_w4a4_within_2_map_of_float_and_6x_smaller():
+    """LSQ W4A4 QAT from the float FCOS: within 2.0 mAP points (COCO mAP, in [0, 1]: 0.02) and a weights
+    file at least 6x smaller."""
+    fp, q = _config("fcos_r18.fp32_det_composites"), _config("fcos_r18.lsq_w4a4_det_composites")
+    assert fp["metrics"]["test_map"] - q["metrics"]["test_map"] <= 0.02, (fp["metrics"], q["metrics"])
+    assert q["weights"]["bytes"] * 6 <= fp["weights"]["bytes"]
+    assert q["quant"]["weight"]["bits"] == 4 and q["quant"]["act"]["bits"] == 4
