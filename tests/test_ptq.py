@@ -238,6 +238,7 @@ def test_cli_run_end_to_end(tmp_path, tiny_fmnist, calib):
     (["bits=1"], "wbits=1 is not a valid PTQ bit width; valid: integers 2..8"),
     (["estimator=max"], "estimator='max' is not valid; valid: ['minmax', 'percentile', 'mse']"),
     (["distill.steps=-1"], "distill.steps=-1 is not valid; valid: 0 (off) or a positive integer"),
+    (["calib=ddaq", "calib.steps=0"], "calib.steps=0 is not valid; valid: an integer >= 1"),
     (["rounding=adaround"], "rounding='adaround' is not valid; valid: ['nearest', 'learned']"),
     (["init_from=resnet20.lsq_w4a4_fmnist"], "is already quantized; PTQ starts from a float release"),
 ])

@@ -50,9 +50,10 @@ def _check(cfg: DictConfig):
         raise ConfigError(f"recon.iters={cfg.recon.iters!r} is not valid; valid: an integer >= 1")
     if cfg.estimator not in ESTIMATORS:
         raise ConfigError(f"estimator={cfg.estimator!r} is not valid; valid: {list(ESTIMATORS)}")
-    n = cfg.calib.n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"calib.n={n!r} is not valid; valid: an integer >= 1")
+    for key in ("n",) + (("warmup", "steps", "batch_size") if cfg.calib.name in GENERATORS else ()):
+        v = cfg.calib[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"calib.{key}={v!r} is not valid; valid: an integer >= 1")
     if not cfg.init_from:
         raise ConfigError("init_from= is required: the float release to quantize (a shipped name or a directory)")
     from .calibrate import ptq_config

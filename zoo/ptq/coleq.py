@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ddaq import Generator, _frozen, bn_stat_loss, output_discrepancy
+from .ddaq import Generator, _frozen, generator_terms, output_discrepancy
 from .distill import cosine_schedule
 from .synthesize import _keep, bn_layers
 
@@ -121,11 +121,7 @@ def train(qmodel: nn.Module, fmodel: nn.Module, g: Generator, steps: int = 500, 
         bar = tqdm(range(steps), desc="CoLeQ", disable=not progress, leave=False)
         for _ in bar:
             g.train()
-            z, y = g.draw(batch_size, gen)
-            x = g(z, y)
-            out = fmodel(x)
-            l_bn = bn_stat_loss(inputs, bns, [1.0] * len(bns))
-            l_ce = F.cross_entropy(out, y) if g.classes > 1 and ce else out.new_zeros(())
+            x, out, l_bn, l_ce = generator_terms(g, fmodel, inputs, bns, [1.0] * len(bns), ce, batch_size, gen)
             q = key(enc(view(x, gen)))
             with torch.no_grad():
                 k = key(enc_k(view(x, gen)))
@@ -142,13 +138,12 @@ def train(qmodel: nn.Module, fmodel: nn.Module, g: Generator, steps: int = 500, 
                 keys = torch.cat([key(fk), keys.reshape(-1, fk[0].numel())])[:queue]
                 feats = fk if feats is None else torch.cat([fk, feats])[:queue]
             # the quantized model: this batch + samples recovered from the queue, distilling the float model
-            batch = xd
+            batch, target = xd, out.detach()
             if recover and feats is not None and len(feats) > batch_size:
                 pick = torch.randint(batch_size, len(feats), (recover,), generator=gen)  # older batches only
                 with torch.no_grad():
-                    batch = torch.cat([xd, enc_k.decode(feats[pick], size).clamp(0, 1)])
-            with torch.no_grad():
-                target = fmodel(batch)
+                    old = enc_k.decode(feats[pick], size).clamp(0, 1)
+                    batch, target = torch.cat([xd, old]), torch.cat([target, fmodel(old)])
             l_q = output_discrepancy(qmodel(batch), target)
             opt_q.zero_grad(set_to_none=True)
             l_q.backward()

@@ -82,6 +82,18 @@ def bn_stat_loss(inputs, bns, weights) -> torch.Tensor:
     return total
 
 
+def generator_terms(g: "Generator", fmodel: nn.Module, inputs: list, bns, weights, ce: float, batch_size: int,
+                    gen: torch.Generator):
+    """A fresh generator batch through the float model (whose BatchNorm inputs land in ``inputs``):
+    (images, float output, discriminator 1's statistics term, its cross-entropy on the sampled labels, 0
+    for unconditional generators or ``ce`` = 0)."""
+    z, y = g.draw(batch_size, gen)
+    x = g(z, y)
+    out = fmodel(x)
+    l_ce = F.cross_entropy(out, y) if g.classes > 1 and ce else out.new_zeros(())
+    return x, out, bn_stat_loss(inputs, bns, weights), l_ce
+
+
 def output_discrepancy(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """KL(softmax(teacher) || softmax(student)), batch mean, for N x C outputs; MSE otherwise."""
     if student.dim() != 2:
@@ -194,11 +206,8 @@ def warm_up(model: nn.Module, shape, steps: int = 300, *, batch_size: int = 64, 
     try:
         bar = tqdm(range(steps), desc="DDAQ generator warm-up", disable=not progress, leave=False)
         for _ in bar:
-            z, y = g.draw(batch_size, gen)
-            out = model(g(z, y))
-            loss = bn_stat_loss(inputs, bns, [1.0] * len(bns))
-            if classes > 1 and ce:
-                loss = loss + ce * F.cross_entropy(out, y)
+            _, _, l_bn, l_ce = generator_terms(g, model, inputs, bns, [1.0] * len(bns), ce, batch_size, gen)
+            loss = l_bn + ce * l_ce
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -259,11 +268,7 @@ def adversarial(qmodel: nn.Module, fmodel: nn.Module, g: Generator, steps: int =
         bar = tqdm(range(steps), desc="DDAQ adversarial", disable=not progress, leave=False)
         for _ in bar:
             g.train()
-            z, y = g.draw(batch_size, gen)
-            x = g(z, y)
-            f_out = fmodel(x)
-            l_bn = bn_stat_loss(f_in, f_bns, weights)
-            l_ce = F.cross_entropy(f_out, y) if g.classes > 1 and ce else f_out.new_zeros(())
+            x, f_out, l_bn, l_ce = generator_terms(g, fmodel, f_in, f_bns, weights, ce, batch_size, gen)
             q_out = qmodel(x)
             l_dis = discrepancy(f_in, q_in, f_out, q_out, f_bns, weights)
             loss_g = l_bn + ce * l_ce - beta * l_dis
@@ -271,13 +276,10 @@ def adversarial(qmodel: nn.Module, fmodel: nn.Module, g: Generator, steps: int =
             for p, gr in zip(g.parameters(), grads):
                 p.grad = gr
             opt_g.step()
-            # the quantized model learns on the same samples, detached
-            x = x.detach()
-            with torch.no_grad():
-                f_out = fmodel(x)
-                f_feat = [t.detach() for t in f_in]
-            q_out = qmodel(x)  # refills q_in
-            l_q = discrepancy(f_feat, q_in, f_out, q_out, f_bns, weights)
+            # the quantized model learns on the same samples, detached (the float model's side is as computed)
+            f_feat = [t.detach() for t in f_in]
+            q_out = qmodel(x.detach())  # refills q_in
+            l_q = discrepancy(f_feat, q_in, f_out.detach(), q_out, f_bns, weights)
             opt_q.zero_grad(set_to_none=True)
             l_q.backward()
             opt_q.step()
