@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
+from torch import nn
 
 import zoo
 from tests.conftest import needs_fmnist
@@ -34,15 +35,16 @@ def det_cfg(tmp, *overrides, data=COMPOSITES):
             "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false", *overrides])
 
 
-def tiny_model(arch="fcos_r18", bits=4, contract=None, **kw):
+def tiny_model(arch="fcos_r18", bits=4, contract=None, quant=(), **kw):
     """A quantized tiny detector (keep layers at 8 bits as the task config says) whose quantizers have
-    seen one training batch."""
+    seen one training batch. ``quant``: more command-line overrides (``per_level_act=true``, ...)."""
     from zoo.train import quant_dict
 
     torch.manual_seed(0)
-    args = {"num_classes": len(CLASSES), "size": SIZE, "width": 8, **kw}
+    cfg = det_cfg("unused", f"bits={bits}", *quant)
+    args = {"num_classes": len(CLASSES), "size": SIZE, "width": 8, **dict(cfg.quant.model_args), **kw}
     net = zoo.create_model(arch, **args)
-    qcfg = zoo.QuantConfig.from_dict(quant_dict(det_cfg("unused", f"bits={bits}")))
+    qcfg = zoo.QuantConfig.from_dict(quant_dict(cfg))
     zoo.quantize(net, qcfg)
     contract = {"channels": 3, "size": [SIZE, SIZE], "classes": CLASSES, **(contract or {})}
     model = zoo.ZooModel(net, arch, args, "det", contract, qcfg)
@@ -182,10 +184,62 @@ def test_fine_tune_the_quantized_release(trained, tmp_path, caplog):
     assert out["global_step"] == 1 and 0 <= out["metrics"]["test_map"] <= 1
 
 
+PER_LEVEL = ("per_level_act=true",)
+BINARY_BODY = ("quant=irnet_body",)
+VARIANTS = [(a, 4, ()) for a in ARCHS] + [("fcos_r18", 4, PER_LEVEL), ("fcos_r18", 1, BINARY_BODY)]
+
+
+def test_per_level_head_quantizers_from_the_config():
+    from zoo.models.det import PER_LEVEL_MODULES, STRIDES
+    from zoo.quantizers.sites import MultiSiteAct
+
+    model, x = tiny_model("fcos_r18", quant=PER_LEVEL)
+    layers = dict(quantized_layers(model.net))
+    per_level = {n for n, m in layers.items() if isinstance(m.aq, MultiSiteAct)}
+    # exactly the layers of the modules the head runs once per level, each with one quantizer per level
+    assert per_level == {n for n in layers for m in PER_LEVEL_MODULES["fcos_r18"] if n == m or n.startswith(m + ".")}
+    assert all(layers[n].aq.num_sites == len(STRIDES) for n in per_level)
+    # the keep layers keep their 8-bit MinMax specs, now per level; the rest of the head is LSQ 4-bit
+    for n in per_level:
+        kind, bits = ("MinMaxAct", 8) if n in KEEP_LAYERS["fcos_r18"] else ("LSQAct", 4)
+        assert {type(q).__name__ for q in layers[n].aq.sites} == {kind} and layers[n].aq.bits == bits
+    # each level initialised its own step from its own (differently scaled) input
+    steps = [float(q.step.detach()) for q in layers["head.classification_head.conv.0"].aq.sites]
+    assert len(set(steps)) == len(STRIDES)
+
+
+def test_per_level_act_names_the_release_and_needs_act_levels():
+    from zoo.train import ConfigError, validate
+
+    cfg = det_cfg("unused", *PER_LEVEL, "output_dir=x")
+    validate(cfg, ["task=det", "bits=4", *PER_LEVEL])
+    assert cfg.name == "fcos_r18.lsq_w4a4_perlevel_det_composites"
+    with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
+        cls = compose("train", overrides=["task=cls", *PER_LEVEL])
+    with pytest.raises(ConfigError, match=r"task=cls has no layers called once per level.*valid: per_level_act=false"):
+        validate(cls, ["task=cls", *PER_LEVEL])
+
+
+def test_binary_body_recipe_quantizes_each_part_as_documented():
+    model, x = tiny_model("fcos_r18", bits=1, quant=BINARY_BODY)
+    kinds = {n: (type(m.wq).__name__, m.spec.weight.bits, type(m.aq).__name__, m.spec.act.bits)
+             for n, m in quantized_layers(model.net)}
+    for n, k in kinds.items():
+        if n in KEEP_LAYERS["fcos_r18"] or "downsample" in n:
+            assert k == ("MinMaxWeight", 8, "MinMaxAct", 8), n
+        elif n.startswith("backbone.body."):
+            assert k == ("IRNetWeight", 1, "IRNetAct", 1), n
+        else:
+            assert n.startswith(("backbone.fpn.", "head.")) and k == ("LSQWeight", 4, "LSQAct", 4), n
+    assert sum(k[0] == "IRNetWeight" for k in kinds.values()) == 16  # the body's 3x3 convs
+    # signed activations in the body (a sign after a ReLU would be constant)
+    assert isinstance(model.net.backbone.body.layer1[0].act1, nn.Hardtanh)
+
+
 # ----------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_same_detections(tmp_path, arch):
-    model, x = tiny_model(arch, score_thresh=0.0, detections_per_img=20)
+@pytest.mark.parametrize("arch, bits, quant", VARIANTS)
+def test_save_load_same_detections(tmp_path, arch, bits, quant):
+    model, x = tiny_model(arch, bits=bits, quant=quant, score_thresh=0.0, detections_per_img=20)
     expected_heads = head_outputs(packed_copy(model), x)
     with torch.no_grad():
         expected = packed_copy(model)(x)
@@ -202,6 +256,35 @@ def test_save_load_same_detections(tmp_path, arch):
     # the packed form computes the training form's heads to float tolerance
     train_heads = head_outputs(model, x)
     assert (train_heads - expected_heads).abs().median() < 1e-3 * max(train_heads.abs().max(), 1.0)
+    # the release rebuilds into the training form (fine-tuning) with every quantizer restored
+    from zoo.quantizers.unpack import check_restored, restore_from_packed
+
+    fresh, _ = tiny_model(arch, bits=bits, quant=quant, score_thresh=0.0, detections_per_img=20)
+    assert restore_from_packed(fresh.net, loaded.net) == {}
+    assert check_restored(fresh.net, loaded.net) == {}
+
+
+@pytest.mark.parametrize("arch, bits, quant", [("fcos_r18", 4, PER_LEVEL), ("fcos_r18", 1, BINARY_BODY)])
+def test_triton_equals_reference_on_a_tiny_detector(arch, bits, quant):
+    """Every packed layer through the Triton kernels (interpreted on CPU) against the reference:
+    the same head outputs bit for bit, so the same detections."""
+    pytest.importorskip("zoo.kernels.triton_lowbit")
+    model, x = tiny_model(arch, bits=bits, quant=quant, score_thresh=0.0, detections_per_img=20)
+    packed = packed_copy(model)
+    x = x[:1]
+    zoo.set_backend(packed, "reference")
+    ref = head_outputs(packed, x)
+    zoo.set_backend(packed, "triton")
+    assert torch.equal(head_outputs(packed, x), ref)
+    # the kernels really ran (they cache their derived tensors on each layer they computed)
+    from zoo.quantizers.packed import PackedLayer
+
+    layers = {n: m for n, m in packed.net.named_modules() if isinstance(m, PackedLayer)}
+    ran = {n for n, m in layers.items() if "_kernel_cache" in m.__dict__}
+    assert len(ran) >= len(layers) - 1, sorted(set(layers) - ran)
+    if quant == PER_LEVEL:  # one cached set of activation parameters per FPN level
+        cache = layers["head.classification_head.conv.0"].__dict__["_kernel_cache"]
+        assert {"act0", "act1", "act2", "act3", "act4"} <= set(cache)
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -58,10 +58,13 @@ def _quant_line(q: dict | None) -> str:
     line = f"weights {spec(q['weight'])}; activations {spec(q['act'])}"
     short = []  # layers that differ from the default only in bit widths (mixed precision): W/A compactly
     for glob, lq in (q.get("overrides") or {}).items():
-        if lq and same_but_bits(lq["weight"], q["weight"]) and same_but_bits(lq["act"], q["act"]):
+        sites = (lq or {}).get("act_sites", 1)
+        if lq and sites == 1 and same_but_bits(lq["weight"], q["weight"]) and same_but_bits(lq["act"], q["act"]):
             short.append(f"`{glob}` W{lq['weight']['bits']}A{lq['act']['bits']}")
             continue
         line += f"; `{glob}`: " + ("float" if not lq else f"weights {spec(lq['weight'])}, activations {spec(lq['act'])}")
+        if sites > 1:
+            line += f" x {sites} (one set of activation parameters per call in a forward: per level)"
     if short:
         line += "; per-layer bits (same quantizers): " + ", ".join(short)
     return line
@@ -272,8 +275,8 @@ def card_text(directory: str | Path) -> str:
     if (directory / "recovered.png").is_file():
         lines += ["Samples recovered from CoLeQ's queue by the tied-weight decoder (old-knowledge recovery):", "",
                   "![recovered samples](recovered.png)", ""]
-    lines += [f"`{GOLDEN}` holds an input batch and the packed model's output; `tests/test_shipped.py` checks it.",
-              ""]
+    lines += [f"`{GOLDEN}` holds an input batch and the packed model's output; the shipped-checkpoint "
+              "tests (`tests/test_shipped*.py`) check it.", ""]
     return "\n".join(lines)
 
 

@@ -140,7 +140,8 @@ def _act_bits(mod: nn.Module) -> int:
         if mod.act_mode == "sign":
             return 1
         if hasattr(mod, "a_qmax"):
-            return max(1, int(round(math.log2(float(mod.a_qmax) - float(mod.a_qmin) + 1))))
+            span = float(mod.a_qmax.max()) - float(mod.a_qmin.min())  # one value per call site
+            return max(1, int(round(math.log2(span + 1))))
         return FLOAT_BITS
     aq = getattr(mod, "aq", None)
     return FLOAT_BITS if aq is None else int(aq.bits)

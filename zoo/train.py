@@ -6,6 +6,7 @@ At the end it evaluates on the test split and writes a packed release checkpoint
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import platform
@@ -90,17 +91,37 @@ def quant_dict(cfg: DictConfig) -> dict | None:
         kb = int(cfg.keep_bits)
         keep = {"weight": {"type": "MinMax", "bits": kb, "granularity": "channel"},
                 "act": {"type": "MinMax", "bits": kb}}
-    d = {
-        "weight": OmegaConf.to_container(q.weight, resolve=True) if q.weight is not None else None,
-        "act": OmegaConf.to_container(q.act, resolve=True) if q.act is not None else None,
-        "overrides": {glob: keep for glob in cfg.task.get("keep_layers", [])},
-        "extra": _plain(q.get("extra")),
-    }
+    weight = OmegaConf.to_container(q.weight, resolve=True) if q.weight is not None else None
+    act = OmegaConf.to_container(q.act, resolve=True) if q.act is not None else None
+    levels = _act_levels(cfg, act)
+    overrides = {}
+    for glob in cfg.task.get("keep_layers", []):
+        n = next((n for g, n in levels.items() if fnmatch.fnmatchcase(glob, g)), 1)
+        overrides[glob] = keep if keep is None or n == 1 else {**keep, "act_sites": n}
+    for glob, lq in _plain(q.get("layers")).items():  # the quant config's own per-layer specs
+        overrides.setdefault(str(glob), lq)
+    for glob, n in levels.items():  # after the keep layers (the first matching glob wins)
+        overrides.setdefault(glob, {"weight": weight, "act": act, "act_sites": n})
+    d = {"weight": weight, "act": act, "overrides": overrides, "extra": _plain(q.get("extra"))}
     try:
         qc = QuantConfig.from_dict(d)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"quant={q.name}: {e}") from None
     return with_overrides(qc, q.get("overrides_from")).to_dict()
+
+
+def _act_levels(cfg: DictConfig, act) -> dict:
+    """{layer glob: calls per forward} of the task's ``act_levels`` when ``per_level_act=true``
+    (each such layer then gets one activation quantizer per call, i.e. per pyramid level); {} if not."""
+    if not cfg.get("per_level_act"):
+        return {}
+    levels = _plain(cfg.task.get("act_levels"))
+    if not levels:
+        raise ConfigError(f"per_level_act=true: task={cfg.task.name} has no layers called once per level "
+                          f"(task.act_levels is empty); valid: per_level_act=false")
+    if act is None:
+        raise ConfigError(f"per_level_act=true needs quantized activations; quant={cfg.quant.name} has none")
+    return {str(g): int(n) for g, n in levels.items()}
 
 
 def with_overrides(qc, path):
@@ -115,7 +136,7 @@ def with_overrides(qc, path):
         raise ConfigError(str(e)) from None
 
 
-QUANT_KEYS = ("quant", "bits", "wbits", "abits", "keep_bits")  # overrides that choose the quantization
+QUANT_KEYS = ("quant", "bits", "wbits", "abits", "keep_bits", "per_level_act")  # overrides that choose the quantization
 
 
 def chosen(overrides, *keys: str) -> bool:
@@ -214,6 +235,8 @@ def validate(cfg: DictConfig, overrides=None):
         raise ConfigError(f"data={cfg.data.name!r} is not available for task {cfg.task.name}; "
                           f"valid: {sorted(task_cls.datamodules)}")
     q = quant_dict(cfg)
+    if cfg.get("per_level_act") and q is not None and not str(cfg.quant.tag).endswith("_perlevel"):
+        cfg.quant.tag = f"{cfg.quant.tag}_perlevel"  # the release name says so (unless name= is given)
     model_args = {**_plain(cfg.task.get("model_args")), **_plain(cfg.quant.get("model_args")),
                   **_plain(cfg.get("model_args"))}
     if release is not None and release["keep_quant"]:

@@ -46,7 +46,8 @@ def _int8_act(layer):
     if layer.act_mode != "affine":  # N2UQ's threshold codes: the reference path
         return None
     keys = ("scale", "offset", "zero", "qmin", "qmax") + (("shift",) if hasattr(layer, "a_shift") else ())
-    return _cached(layer, "act", lambda: _int8_act_params(layer),
+    key = "act" if getattr(layer, "num_sites", 1) == 1 else f"act{layer.site}"  # per call site
+    return _cached(layer, key, lambda: _int8_act_params(layer),
                    [getattr(layer, "a_" + k) for k in keys])
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from torch import nn
 
 from ..cost_model import FLOAT_BITS, SIZE_MEASURES, cost
-from ..quantizers import LayerQuant, QuantConfig
+from ..quantizers import QuantConfig
 
 BITS_FORMAT = "zoo.mixed.bits/1"
 
@@ -199,8 +199,10 @@ def apply_bits(cfg: QuantConfig, bits: dict) -> QuantConfig:
         act = base.act
         if act is not None and a is not None and a != FLOAT_BITS:
             act = dataclasses.replace(act, bits=int(a))
-        new[_escape(name)] = LayerQuant(dataclasses.replace(base.weight, bits=int(w)), act)
-    return QuantConfig(weight=cfg.weight, act=cfg.act, overrides={**new, **dict(cfg.overrides)},
+        new[_escape(name)] = dataclasses.replace(base, weight=dataclasses.replace(base.weight, bits=int(w)), act=act)
+    # (an earlier override under the very same key as a new one is replaced, not merged over it)
+    rest = {k: v for k, v in cfg.overrides if k not in new}
+    return QuantConfig(weight=cfg.weight, act=cfg.act, overrides={**new, **rest},
                        version=cfg.version, extra=cfg.extra)
 
 

@@ -30,7 +30,10 @@ FPNs so that every group keeps at least 2 channels (``gn_groups``): a 1-channel 
 ``KEEP_LAYERS`` names the first conv and the final classification / box convs (the layers the
 detection recipes keep at 8 bits); ``PER_LEVEL_MODULES`` the head modules whose weights are shared
 by all five FPN levels (each is called once per level in a forward, so an activation quantizer
-there sees all five levels, and ``zoo.cost`` counts their MACs five times).
+there sees all five levels, and ``zoo.cost`` counts their MACs five times). Quantized with
+``LayerQuant(act_sites=5)`` (``python -m zoo.train task=det per_level_act=true``) each of them gets
+one activation quantizer per level, as AQD argues; the head resets and checks the call counts
+(``zoo.quantizers.sites.track_sites``).
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ from functools import partial
 
 from torch import nn
 
+from ..quantizers.sites import track_sites
+from . import resnet
 from ..registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,20 +69,55 @@ PER_LEVEL_MODULES = {
 _FIXED = ("min_size", "max_size", "anchor_generator", "head", "backbone")
 
 
-def resnet18_body(width: int = 32, in_chans: int = 3) -> nn.Sequential:
+class BinaryFriendlyBlock(resnet.BasicBlock):
+    """torchvision's ``BasicBlock`` (same parameter names: ``conv1, bn1, conv2, bn2, downsample``, so a
+    float checkpoint of the plain body loads into it) computed as ``zoo.models.resnet.BasicBlock``:
+    activation ``act`` and, with ``per_conv_shortcut``, a shortcut around each conv (Bi-Real / IR-Net
+    block), so the input of every conv stays signed, which a 1-bit activation (sign) needs (after a
+    ReLU it would be all +1)."""
+
+    def __init__(self, in_ch, out_ch, stride, downsample, act, per_conv_shortcut):
+        nn.Module.__init__(self)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.act1 = resnet._act(act, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.act2 = resnet._act(act, out_ch)
+        self.downsample = downsample
+        self.per_conv_shortcut = per_conv_shortcut
+
+    def shortcut(self, x):  # what resnet.BasicBlock.forward adds: torchvision's projection shortcut
+        return x if self.downsample is None else self.downsample(x)
+
+
+def resnet18_body(width: int = 32, in_chans: int = 3, act: str = "relu",
+                  per_conv_shortcut: bool = False) -> nn.Sequential:
     """ResNet-18 layout at widths ``width, 2w, 4w, 8w`` (torchvision's is fixed at 64..512), children
-    named as in torchvision's ``resnet18`` (``conv1, bn1, relu, maxpool, layer1..layer4``)."""
+    named as in torchvision's ``resnet18`` (``conv1, bn1, relu, maxpool, layer1..layer4``). The
+    default is torchvision's ``BasicBlock``; ``act`` (``relu | hardtanh | rprelu``, also the stem's)
+    or ``per_conv_shortcut`` give the binary-friendly :class:`BinaryFriendlyBlock`."""
     from torchvision.models.resnet import BasicBlock
+
+    if act not in resnet.ACTS:
+        raise ValueError(f"act must be one of {list(resnet.ACTS)}, got {act!r}")
+    plain = act == "relu" and not per_conv_shortcut
+
+    def block(in_ch, out_ch, stride=1, down=None):
+        if plain:
+            return BasicBlock(in_ch, out_ch, stride, down)
+        return BinaryFriendlyBlock(in_ch, out_ch, stride, down, act, per_conv_shortcut)
 
     def stage(in_ch, out_ch, stride):
         down = None
         if stride != 1 or in_ch != out_ch:
             down = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
-        return nn.Sequential(BasicBlock(in_ch, out_ch, stride, down), BasicBlock(out_ch, out_ch))
+        return nn.Sequential(block(in_ch, out_ch, stride, down), block(out_ch, out_ch))
 
     w = width
     body = nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(in_chans, w, 7, 2, 3, bias=False), bn1=nn.BatchNorm2d(w), relu=nn.ReLU(inplace=True),
+        conv1=nn.Conv2d(in_chans, w, 7, 2, 3, bias=False), bn1=nn.BatchNorm2d(w),
+        relu=nn.ReLU(inplace=True) if plain else resnet._act(act, w),
         maxpool=nn.MaxPool2d(3, 2, 1), layer1=stage(w, w, 1), layer2=stage(w, 2 * w, 2),
         layer3=stage(2 * w, 4 * w, 2), layer4=stage(4 * w, 8 * w, 2)))
     for m in body.modules():  # torchvision's ResNet initialisation
@@ -118,7 +158,9 @@ def _build(arch, num_classes, size, width, fpn_channels, score_thresh, nms_thres
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-    backbone = BackboneWithFPN(resnet18_body(width), {"layer2": "0", "layer3": "1", "layer4": "2"},
+    body = resnet18_body(width, act=kwargs.pop("act", "relu"),
+                         per_conv_shortcut=kwargs.pop("per_conv_shortcut", False))
+    backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"},
                                [2 * width, 4 * width, 8 * width], fpn_channels,
                                extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
     norm = partial(nn.GroupNorm, gn_groups(fpn_channels))
@@ -139,7 +181,9 @@ def _build(arch, num_classes, size, width, fpn_channels, score_thresh, nms_thres
         head.classification_head = FCOSClassificationHead(fpn_channels, 1, num_classes, num_convs=4,
                                                           norm_layer=norm)
         head.regression_head = FCOSRegressionHead(fpn_channels, 1, num_convs=4, norm_layer=norm)
-        return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+        model = FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+        track_sites(model.head)  # per-level activation quantizers (act_sites) count their calls per head forward
+        return model
     from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 
     base = [RETINANET_ANCHOR_SCALE * s for s in STRIDES]
@@ -147,7 +191,9 @@ def _build(arch, num_classes, size, width, fpn_channels, score_thresh, nms_thres
                               ((0.5, 1.0, 2.0),) * len(base))
     head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
     head.regression_head._loss_type = "giou"  # as torchvision's retinanet_resnet50_fpn_v2
-    return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+    model = RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+    track_sites(model.head)
+    return model
 
 
 @register_model

@@ -108,19 +108,32 @@ def spec_from_dict(d: Mapping[str, Any] | None) -> QuantSpec | None:
 
 @dataclass(frozen=True)
 class LayerQuant:
-    """The weight and activation quantizer of one layer (either may be None = float)."""
+    """The weight and activation quantizer of one layer (either may be None = float).
+
+    ``act_sites``: how many times the layer is called in one forward of the module that calls it
+    (a detection head shared by five FPN levels: 5); each call gets its own activation parameters
+    (``zoo.quantizers.sites``). 1, the default, shares one set."""
 
     weight: QuantSpec | None = None
     act: QuantSpec | None = None
+    act_sites: int = 1
 
     def __post_init__(self):
         check_act_spec(self.act)
+        n = self.act_sites
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"act_sites must be an int >= 1, got {n!r}")
+        if n > 1 and self.act is None:
+            raise ValueError(f"act_sites={n} needs an activation quantizer (act is None)")
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "weight": self.weight.to_dict() if self.weight else None,
             "act": self.act.to_dict() if self.act else None,
         }
+        if self.act_sites != 1:  # absent for the default, so single-site configs read as before
+            d["act_sites"] = self.act_sites
+        return d
 
     @classmethod
     def from_dict(cls, d) -> "LayerQuant | None":
@@ -130,7 +143,11 @@ class LayerQuant:
             return d
         if isinstance(d, QuantSpec):  # shorthand: the same spec for weight and activation
             return cls(weight=d, act=d)
-        return cls(weight=spec_from_dict(d.get("weight")), act=spec_from_dict(d.get("act")))
+        bad = set(d) - {"weight", "act", "act_sites"}
+        if bad:
+            raise ValueError(f"LayerQuant has no field(s) {sorted(bad)}; valid: ['act', 'act_sites', 'weight']")
+        return cls(weight=spec_from_dict(d.get("weight")), act=spec_from_dict(d.get("act")),
+                   act_sites=d.get("act_sites", 1))
 
 
 @dataclass(frozen=True)

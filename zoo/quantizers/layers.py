@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerQuant, build_quantizer
+from .sites import MultiSiteAct
 
 
 class _QuantMixin:
@@ -19,7 +20,11 @@ class _QuantMixin:
     def _init_quant(self, spec: LayerQuant):
         self.spec = spec
         self.wq = build_quantizer(spec.weight, "weight", self) if spec.weight else None
-        self.aq = build_quantizer(spec.act, "act", self) if spec.act else None
+        self.aq = None
+        if spec.act is not None and spec.act_sites > 1:
+            self.aq = MultiSiteAct([build_quantizer(spec.act, "act", self) for _ in range(spec.act_sites)])
+        elif spec.act is not None:
+            self.aq = build_quantizer(spec.act, "act", self)
 
     def quant_weight(self):
         if self.wq is None or not self.weight_quant_enabled:
@@ -44,6 +49,8 @@ class _QuantMixin:
     def extra_repr(self):
         w = type(self.spec.weight).__name__ + f"(w{self.spec.weight.bits})" if self.spec.weight else "float"
         a = type(self.spec.act).__name__ + f"(a{self.spec.act.bits})" if self.spec.act else "float"
+        if self.spec.act_sites > 1:
+            a += f" x{self.spec.act_sites} sites"
         return super().extra_repr() + f", weight={w}, act={a}"
 
 

@@ -26,11 +26,14 @@ SCALAR_MODES = ("affine", "threshold")  # modes with scale / zero / qmin / qmax
 class PackedLayer(nn.Module):
     ch_axis = 0
 
-    def __init__(self, weight_shape, bits, act_mode, has_bias, act_vectors=None):
+    def __init__(self, weight_shape, bits, act_mode, has_bias, act_vectors=None, act_sites=1):
         super().__init__()
         self.weight_shape = tuple(weight_shape)
         self.bits = int(bits)
         self.act_mode = act_mode  # "none" | "affine" | "sign" | "threshold"
+        # act_sites > 1: one activation parameter set per call in a forward (zoo.quantizers.sites);
+        # every a_* buffer holds the sites' values one after another
+        self.num_sites, self.calls, self.site = int(act_sites), 0, 0
         self.backend = "auto"
         self.binary_kernel = "auto"
         rows, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
@@ -42,11 +45,11 @@ class PackedLayer(nn.Module):
         self.register_buffer("bias", torch.zeros(self.out_channels) if has_bias else None)
         if act_mode in SCALAR_MODES:
             for key in ACT_KEYS:
-                self.register_buffer("a_" + key, torch.zeros(1))
+                self.register_buffer("a_" + key, torch.zeros(self.num_sites))
         for key, n in (act_vectors or {}).items():
             if key not in ACT_VECTORS:
                 raise ValueError(f"unknown activation vector {key!r}; valid: {list(ACT_VECTORS)}")
-            self.register_buffer("a_" + key, torch.zeros(n))
+            self.register_buffer("a_" + key, torch.zeros(n))  # n: the total over the sites
 
     @property
     def out_channels(self):
@@ -59,12 +62,12 @@ class PackedLayer(nn.Module):
             raise ValueError("packed layers need a weight quantizer; layers with float weights stay float")
         w = layer.weight.detach()
         q, scale, zero = layer.wq.integer_form(w)
-        act_mode, act = "none", {}
+        act_mode, act, sites = "none", {}, 1
         if layer.aq is not None:
-            act_mode, act = layer.aq.mode, layer.aq.export()
+            act_mode, act, sites = layer.aq.mode, layer.aq.export(), getattr(layer.aq, "num_sites", 1)
         vectors = {k: act[k] for k in ACT_VECTORS if k in act}
         new = cls(w.shape, layer.wq.bits, act_mode, layer.bias is not None,
-                  act_vectors={k: v.numel() for k, v in vectors.items()}, **kwargs)
+                  act_vectors={k: v.numel() for k, v in vectors.items()}, act_sites=sites, **kwargs)
         new.qweight.copy_(pack(q.reshape(q.shape[0], -1), layer.wq.bits))
         new.w_scale.copy_(scale), new.w_zero.copy_(zero)
         if layer.bias is not None:
@@ -84,11 +87,25 @@ class PackedLayer(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return reference.dequantize_weight(self.codes(), self.w_scale, self.w_zero, self.ch_axis)
 
-    def act_params(self) -> dict:
+    def all_act_params(self) -> dict:
+        """Every activation parameter as stored (all sites, one after another)."""
         p = {k: getattr(self, "a_" + k) for k in ACT_KEYS} if self.act_mode in SCALAR_MODES else {}
         if self.act_mode != "none":
             p.update({k: getattr(self, "a_" + k) for k in ACT_VECTORS if hasattr(self, "a_" + k)})
         return p
+
+    def act_params(self) -> dict:
+        """The activation parameters of the current call's site (all of them for a single site)."""
+        p = self.all_act_params()
+        if self.num_sites == 1:
+            return p
+        return {k: v.reshape(self.num_sites, -1)[self.site] for k, v in p.items()}
+
+    def _next_site(self) -> None:
+        """Called at the top of each forward: pick this call's activation parameters."""
+        if self.num_sites > 1:
+            self.site = self.calls % self.num_sites
+            self.calls += 1
 
     def _int_inputs(self, x, ch_axis=1):
         p = self.act_params()
@@ -96,13 +113,14 @@ class PackedLayer(nn.Module):
         return v, reference.act_scale(self.act_mode, p), reference.act_zero(self.act_mode, p)
 
     def extra_repr(self):
-        return f"weight={self.weight_shape}, bits={self.bits}, act={self.act_mode}, backend={self.backend}"
+        sites = f", act_sites={self.num_sites}" if self.num_sites > 1 else ""
+        return f"weight={self.weight_shape}, bits={self.bits}, act={self.act_mode}{sites}, backend={self.backend}"
 
 
 class PackedConv2d(PackedLayer):
-    def __init__(self, weight_shape, bits, act_mode, has_bias, act_vectors=None, stride=1,
+    def __init__(self, weight_shape, bits, act_mode, has_bias, act_vectors=None, act_sites=1, stride=1,
                  padding=0, dilation=1, groups=1, padding_mode="zeros"):
-        super().__init__(weight_shape, bits, act_mode, has_bias, act_vectors)
+        super().__init__(weight_shape, bits, act_mode, has_bias, act_vectors, act_sites)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         if padding_mode != "zeros":
             raise ValueError(f"packed conv supports padding_mode='zeros' only, got {padding_mode!r}")
@@ -114,6 +132,7 @@ class PackedConv2d(PackedLayer):
                                   padding_mode=layer.padding_mode)
 
     def forward(self, x):
+        self._next_site()
         if self.act_mode == "none":
             return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
                             self.dilation, self.groups)
@@ -129,6 +148,7 @@ class PackedConv2d(PackedLayer):
 
 class PackedLinear(PackedLayer):
     def forward(self, x):
+        self._next_site()
         if self.act_mode == "none":
             return F.linear(x, self.dequantized_weight(), self.bias)
         ops = dispatch.triton_ops(self.backend, x)
@@ -142,10 +162,10 @@ class PackedLinear(PackedLayer):
 class PackedConvTranspose2d(PackedLayer):
     ch_axis = 1
 
-    def __init__(self, weight_shape, bits, act_mode, has_bias, act_vectors=None, stride=1,
+    def __init__(self, weight_shape, bits, act_mode, has_bias, act_vectors=None, act_sites=1, stride=1,
                  padding=0, output_padding=0, dilation=1, groups=1):
         self.groups = groups
-        super().__init__(weight_shape, bits, act_mode, has_bias, act_vectors)
+        super().__init__(weight_shape, bits, act_mode, has_bias, act_vectors, act_sites)
         self.stride, self.padding, self.output_padding, self.dilation = stride, padding, output_padding, dilation
 
     @property
@@ -159,6 +179,7 @@ class PackedConvTranspose2d(PackedLayer):
                                   groups=layer.groups)
 
     def forward(self, x):
+        self._next_site()
         if self.act_mode == "none":
             return F.conv_transpose2d(x, self.dequantized_weight(), self.bias, self.stride,
                                       self.padding, self.output_padding, self.groups, self.dilation)

@@ -37,14 +37,15 @@ def restore_from_packed(train: nn.Module, packed: nn.Module) -> dict[str, str]:
         if tuple(pm.weight_shape) != tuple(layer.weight.shape):
             misfit[name] = f"weight {tuple(pm.weight_shape)} in the release, {tuple(layer.weight.shape)} here"
             continue
-        if layer.wq is None or layer.wq.bits != pm.bits or (layer.aq is None) != (pm.act_mode == "none"):
+        if layer.wq is None or layer.wq.bits != pm.bits or (layer.aq is None) != (pm.act_mode == "none") \
+                or getattr(layer.aq, "num_sites", 1) != pm.num_sites:
             misfit[name] = f"quantized as {layer.extra_repr()} here, {pm.extra_repr()} in the release"
             continue
         q = pm.codes().to(layer.weight.dtype)
         try:
             layer.weight.copy_(layer.wq.restore(q, pm.w_scale, pm.w_zero))
             if layer.aq is not None:
-                layer.aq.restore({k: v.detach().clone() for k, v in pm.act_params().items()})
+                layer.aq.restore({k: v.detach().clone() for k, v in pm.all_act_params().items()})
         except NotImplementedError as e:  # a user-registered quantizer without a restore()
             raise ValueError(f"layer {name}: {e}; give it a restore() to fine-tune from a release") from None
         if layer.bias is not None and pm.bias is not None:
@@ -88,7 +89,7 @@ def check_restored(train: nn.Module, packed: nn.Module, skip=(), rtol: float = 1
                   torch.allclose(zero, pm.w_zero, rtol=rtol, atol=1e-6)):
             bad[name] = f"weight scale/zero differ by {float((scale - pm.w_scale).abs().max()):.3g}"
         elif layer.aq is not None:
-            got, want = layer.aq.export(), pm.act_params()
+            got, want = layer.aq.export(), pm.all_act_params()
             for k, v in want.items():
                 if k not in got or not torch.allclose(got[k].to(v), v, rtol=rtol, atol=1e-7):
                     bad[name] = f"activation {k} differs"
