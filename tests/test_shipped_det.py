@@ -63,7 +63,7 @@ def _mean_map(cfg) -> float:
     return cfg["seeds"]["mean"]["test_map"] if "seeds" in cfg else cfg["metrics"]["test_map"]
 
 
-@pytest.mark.parametrize("arch", ["fcos_r18", "retinanet_r18"])
+@pytest.mark.parametrize("arch", ["fcos_r18"])  # RetinaNet: trained, not shipped yet (size budget)
 def test_w4a4_within_2_map_of_float_and_6x_smaller(arch):
     """LSQ W4A4 QAT from the float model of the same arch: within 2.0 mAP points (COCO mAP, in [0, 1]:
     0.02; over seeds where the release has several) and a weights file at least 6x smaller."""
