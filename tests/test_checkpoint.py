@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.checkpoint import CheckpointError, sha256_file
+from zoo.checkpoint import CheckpointError, packed_copy, sha256_file
 from zoo.quantizers import IRNet, LayerQuant, LSQ, MinMax, QuantConfig, UL2Q, XNOR
 
 CONTRACT = {"channels": 1, "size": [16, 16], "mean": [0.5], "std": [0.25], "classes": list("abcd")}
@@ -38,7 +38,7 @@ class SaveLoadTesterMixin:
         torch.manual_seed(0)
         model = make(self.quant, **self.model_args)
         x = torch.rand(4, 1, 16, 16)
-        expected = model(x)
+        expected = packed_copy(model)(x)  # the model as released (a float one rounded to float16)
         zoo.save(model, tmp_path / "ck", metrics={"acc": 0.5})
         loaded = zoo.load(tmp_path / "ck")
         assert not loaded.training
@@ -69,12 +69,45 @@ class TestIRNet(SaveLoadTesterMixin):
     model_args = {"act": "hardtanh", "per_conv_shortcut": True}
 
 
+def test_float_release_stores_float16_and_computes_in_float32(tmp_path):
+    """A float model's tensors are stored as float16 (one out of float16's range stays float32) and
+    come back as float32 tensors holding exactly the float16 values; a quantized model's float
+    tensors stay float32."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = make(None)
+    model.net.bn.running_var[0] = 1e5  # beyond float16's 65504: this tensor must stay float32
+    x = torch.rand(4, 1, 16, 16)
+    zoo.save(model, tmp_path / "fp")
+    stored = load_file(str(tmp_path / "fp" / "model.safetensors"))
+    assert stored["net.bn.running_var"].dtype == torch.float32
+    assert stored["net.stem.weight"].dtype == torch.float16
+    assert torch.equal(stored["net.stem.weight"], model.net.stem.weight.detach().half())
+    cfg = json.loads((tmp_path / "fp" / "config.json").read_text())
+    assert cfg["weights"]["float_dtype"] == "float16"
+    loaded = zoo.load(tmp_path / "fp")
+    assert loaded.net.stem.weight.dtype == torch.float32
+    assert torch.equal(loaded.net.stem.weight, model.net.stem.weight.detach().half().float())
+    assert torch.equal(loaded.net.bn.running_var, model.net.bn.running_var)
+    assert torch.equal(loaded(x), packed_copy(model)(x))
+    ref = model(x)  # float16 rounding of the weights: a relative change of the order of 1e-3
+    assert 0 < (loaded(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
+    q = make(QuantConfig(weight=LSQ(4, "channel"), act=LSQ(4), overrides=KEEP))
+    zoo.save(q, tmp_path / "q")
+    stored = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert {v.dtype for v in stored.values()} >= {torch.float32} and torch.float16 not in {v.dtype for v in stored.values()}
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["weights"]["float_dtype"] == "float32"
+
+
 def test_packed_weights_are_small(tmp_path):
     fp = make(None)
     w1 = make(QuantConfig(weight=XNOR(), act=XNOR(), overrides=KEEP))
     zoo.save(fp, tmp_path / "fp")
     zoo.save(w1, tmp_path / "w1")
-    f = (tmp_path / "fp" / "model.safetensors").stat().st_size
+    from zoo.cards import float_reference_bytes
+
+    f = float_reference_bytes(json.loads((tmp_path / "fp" / "config.json").read_text()))  # float32 weights
     b = (tmp_path / "w1" / "model.safetensors").stat().st_size
     assert b * 8 < f
     from safetensors.torch import load_file

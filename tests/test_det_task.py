@@ -76,10 +76,25 @@ def test_det_defaults_compose():
     assert cfg.init_from == "fcos_r18.fp32_det_composites" and cfg.keep_bits == 8
     assert cfg.batch_size == 16 and cfg.optimizer == "adamw" and cfg.data.size == 128
     # the union of every arch's first conv and final cls / box convs
-    assert set(cfg.task.keep_layers) == {n for names in KEEP_LAYERS.values() for n in names}
+    from zoo.models.mmdet_adapter import KEEP_LAYERS as MMDET_KEEP
+
+    assert set(cfg.task.keep_layers) == {n for names in KEEP_LAYERS.values() for n in names} | set(MMDET_KEEP)
     with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
         cfg = compose("train", overrides=["task=det", "data=coco", "data.root=/x", "arch=retinanet_r18", "bits=8"])
     assert cfg.name == "retinanet_r18.lsq_w8a8_coco" and cfg.data.size == 128
+
+
+def test_model_args_on_the_command_line_need_no_plus():
+    """python -m zoo.train task=det model_args.width=16 (as the task's usage line says) sets the arch's
+    argument; an explicit +model_args.x=... is left as the user wrote it."""
+    from zoo.train import open_model_args
+
+    argv = ["task=det", "model_args.width=16", "model_args.config=retinanet/x.py", "+model_args.act=hardtanh"]
+    assert open_model_args(argv) == ["task=det", "++model_args.width=16", "++model_args.config=retinanet/x.py",
+                                     "+model_args.act=hardtanh"]
+    with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
+        cfg = compose("train", overrides=open_model_args(argv))
+    assert dict(cfg.model_args) == {"width": 16, "config": "retinanet/x.py", "act": "hardtanh"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -125,7 +140,9 @@ def test_run_det_two_steps_end_to_end(trained):
     assert cfg["task"] == "det" and cfg["arch"] == "fcos_r18"
     assert cfg["model_args"] == {"num_classes": 10, "size": SIZE, "width": 8}
     assert cfg["input_contract"]["classes"][0] == "T-shirt/top" and len(cfg["input_contract"]["classes"]) == 10
-    assert set(cfg["quant"]["overrides"]) == {n for names in KEEP_LAYERS.values() for n in names}
+    from zoo.models.mmdet_adapter import KEEP_LAYERS as MMDET_KEEP
+
+    assert set(cfg["quant"]["overrides"]) == {n for names in KEEP_LAYERS.values() for n in names} | set(MMDET_KEEP)
     assert Image.open(rel / "sample.png").size[1] > Image.open(rel / "sample.png").size[0]  # a row per image
     assert (tmp / "samples" / "epoch_000.png").is_file()
     card = (rel / "README.md").read_text()

@@ -261,7 +261,8 @@ def test_save_load_same_output(tmp_path, arch, quant):
     assert torch.equal(out, expected)
     # (the packed form equals the training form layer by layer, tests/test_packed.py; through a whole
     # random-init net a float32 rounding tie can flip one activation code and the flip cascades)
-    assert (out - training_form).abs().median() < 1e-4 * max(training_form.abs().max(), 1.0)
+    tol = 1e-4 if quant is not None else 1e-2  # a float model's release holds float16 values
+    assert (out - training_form).abs().median() < tol * max(training_form.abs().max(), 1.0)
     if quant is not None:  # the packed file really holds 2/4-bit codes
         from zoo.cards import packed_layer_bytes
 

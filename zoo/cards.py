@@ -231,10 +231,16 @@ def card_text(directory: str | Path) -> str:
     lines += task.card_lines(cfg, m, train) + data_lines(train) + seeds_lines(cfg)
     if task.domain(cfg):
         lines.append(f"- **Domain:** {task.domain(cfg)}")
+    stored = " (float16 values; loaded into float32, computes in float32)" \
+        if cfg["weights"].get("float_dtype") == "float16" else ""
     lines += [
-        f"- **Weights file:** {wbytes:,} bytes; the same net in float32: {fbytes:,} bytes "
+        f"- **Weights file:** {wbytes:,} bytes{stored}; the same net in float32: {fbytes:,} bytes "
         f"({fbytes / wbytes:.1f}x smaller)",
     ]
+    if cfg.get("reexported"):
+        r = cfg["reexported"]
+        lines.append(f"- **Re-exported** {r['date'][:10]} in the current format with `{r['command']}`: the test "
+                     f"metrics are re-measured on the stored weights; the training was not repeated")
     for bits, (pb, fb) in packed_layer_bytes(directory).items():
         lines.append(f"- **{bits}-bit layers:** {pb:,} bytes packed (codes, scales, zero points, bias, "
                      f"activation parameters) vs {fb:,} bytes of float32 weights and biases "

@@ -2,7 +2,10 @@
 
 ``save`` converts a training-form model to its packed inference form and writes both files into
 a temporary directory that replaces the target in one rename, so an interrupted save leaves the
-old checkpoint (or nothing) in place. ``load`` verifies the sha256 of the weights before reading
+old checkpoint (or nothing) in place. A float model (no quantized layer) stores its float32 tensors
+as float16 (``FLOAT_STORAGE``; a tensor outside float16's range stays float32): :func:`packed_copy`
+rounds the same way, so the model a release's metrics are measured on is the model it stores, and
+it still computes in float32 after loading. ``load`` verifies the sha256 of the weights before reading
 them and rebuilds the architecture from the config.
 """
 from __future__ import annotations
@@ -44,11 +47,42 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+FLOAT_STORAGE = torch.float16  # the dtype a float model's float32 tensors are released in
+_F16_MAX = torch.finfo(torch.float16).max
+
+
+def is_float_model(model: nn.Module) -> bool:
+    """True if ``model`` has no quantized layer (training or packed form)."""
+    from .quantizers.quantize import quantized_layers
+
+    return not quantized_layers(model) and not any(isinstance(m, PackedLayer) for m in model.modules())
+
+
+def _storable(t: torch.Tensor) -> bool:
+    """A float32 tensor whose values float16 can hold (finite and within its range)."""
+    if t.dtype != torch.float32:
+        return False
+    return t.numel() == 0 or (bool(torch.isfinite(t).all()) and t.abs().max().item() <= _F16_MAX)
+
+
+def round_to_storage(model: nn.Module) -> nn.Module:
+    """Round the float32 tensors of a float model's state dict (what ``save`` writes) to what its
+    release stores (float16 values, kept as float32 tensors), in place. A quantized model is left
+    alone; non-persistent buffers (input normalisation) are not saved, so not rounded."""
+    if is_float_model(model):
+        with torch.no_grad():
+            for t in model.state_dict().values():  # shares storage with the model's tensors
+                if _storable(t):
+                    t.copy_(t.to(FLOAT_STORAGE))
+    return model
+
+
 def packed_copy(model: ZooModel) -> ZooModel:
-    """A deep copy of ``model`` in packed inference form (eval mode)."""
+    """A deep copy of ``model`` in packed inference form (eval mode): exactly the model a release
+    of it stores (a float model's weights rounded to ``FLOAT_STORAGE``)."""
     m = copy.deepcopy(model).eval()
     to_packed(m.net)
-    return m
+    return round_to_storage(m)
 
 
 def save(model: nn.Module, directory: str | os.PathLike, metrics: dict | None = None,
@@ -61,7 +95,8 @@ def save(model: nn.Module, directory: str | os.PathLike, metrics: dict | None = 
     ``quant=``) and, optionally, how to rebuild its float skeleton: ``builder="package.module:factory"``
     and JSON ``kwargs``. The rebuild is tried here, so a builder, kwargs or config that would not give
     back this model fails now rather than at load time. Without a builder, load it with
-    ``zoo.load(directory, model=<float skeleton>)``."""
+    ``zoo.load(directory, model=<float skeleton>)``. A model without quantized layers is stored with
+    float16 values (see ``FLOAT_STORAGE``); ``packed_copy`` gives the model exactly as stored."""
     if isinstance(model, ZooModel):
         if builder is not None or quant is not None:
             raise TypeError("a zoo.ZooModel describes itself: builder= and quant= are for other models")
@@ -78,6 +113,10 @@ def save(model: nn.Module, directory: str | os.PathLike, metrics: dict | None = 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in packed.state_dict().items()}
+    stored = "float32"
+    if is_float_model(packed):  # float16 storage: load_state_dict copies it back into float32
+        tensors = {k: v.to(FLOAT_STORAGE) if _storable(v) else v for k, v in tensors.items()}
+        stored = str(FLOAT_STORAGE).removeprefix("torch.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION),
@@ -87,7 +126,7 @@ def save(model: nn.Module, directory: str | os.PathLike, metrics: dict | None = 
             **header,
             "metrics": metrics or {},
             "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS),
-                        "bytes": (tmp / WEIGHTS).stat().st_size},
+                        "bytes": (tmp / WEIGHTS).stat().st_size, "float_dtype": stored},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **(extra or {}),
         }

@@ -498,8 +498,15 @@ def check_overrides(argv: list[str]) -> None:
         raise ConfigError(text or type(e).__name__) from None
 
 
+def open_model_args(argv: list[str]) -> list[str]:
+    """``model_args.<key>=v`` as Hydra's ``++model_args.<key>=v``: ``model_args`` is an open map of the
+    architecture's arguments (empty in train.yaml), so a key is set whether or not a config gave one."""
+    return [f"++{a}" if a.startswith("model_args.") else a for a in argv]
+
+
 def cli() -> None:
     """``python -m zoo.train``: settings Hydra would reject are reported in one line (exit 2)."""
+    sys.argv[1:] = open_model_args(sys.argv[1:])
     try:
         check_groups(sys.argv[1:])
         check_overrides(sys.argv[1:])
