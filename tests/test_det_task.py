@@ -254,22 +254,29 @@ def test_binary_body_recipe_quantizes_each_part_as_documented():
 
 
 # ----------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("arch, bits, quant", VARIANTS)
-def test_save_load_same_detections(tmp_path, arch, bits, quant):
-    model, x = tiny_model(arch, bits=bits, quant=quant, score_thresh=0.0, detections_per_img=20)
+def save_load_same_detections(model, x, directory, num_classes, k=20):
+    """Save ``model`` and load it back: the same head outputs and the same ``k`` detections per image, in
+    the same order, as the packed model before saving. Returns (loaded, expected head outputs)."""
     expected_heads = head_outputs(packed_copy(model), x)
     with torch.no_grad():
         expected = packed_copy(model)(x)
-    zoo.save(model, tmp_path / "ck")
-    loaded = zoo.load(tmp_path / "ck")
+    zoo.save(model, directory)
+    loaded = zoo.load(directory)
     assert torch.equal(head_outputs(loaded, x), expected_heads)
     with torch.no_grad():
         out = loaded(x)
-    check_contract(out, 2, len(CLASSES))
+    check_contract(out, len(x), num_classes, size=x.shape[-1])
     for a, b in zip(out, expected):  # the same computation: the same detections in the same order
-        assert len(a["scores"]) == 20
-        for k in ("boxes", "scores", "labels"):
-            assert torch.equal(a[k], b[k]), k
+        assert len(a["scores"]) == k
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(a[key], b[key]), key
+    return loaded, expected_heads
+
+
+@pytest.mark.parametrize("arch, bits, quant", VARIANTS)
+def test_save_load_same_detections(tmp_path, arch, bits, quant):
+    model, x = tiny_model(arch, bits=bits, quant=quant, score_thresh=0.0, detections_per_img=20)
+    loaded, expected_heads = save_load_same_detections(model, x, tmp_path / "ck", len(CLASSES))
     # the packed form computes the training form's heads to float tolerance
     train_heads = head_outputs(model, x)
     assert (train_heads - expected_heads).abs().median() < 1e-3 * max(train_heads.abs().max(), 1.0)

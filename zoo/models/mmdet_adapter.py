@@ -40,7 +40,6 @@ from ..registry import register_model
 from .det import IMAGENET_MEAN, IMAGENET_STD
 
 INSTALL = "bash scripts/install_mmdet.sh (mmcv 2.1.0 with its ops, mmengine, mmdet 3.3.0)"
-PREFIX = "detector."
 # names inside the adapter (prefix "detector."): the stem conv and the final convs of each head type
 KEEP_LAYERS = ["detector.backbone.conv1", "detector.bbox_head.retina_cls", "detector.bbox_head.retina_reg",
                "detector.bbox_head.conv_cls", "detector.bbox_head.conv_reg",
