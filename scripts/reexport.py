@@ -1,6 +1,7 @@
 """Re-export shipped releases in the current checkpoint format and measure them again.
 
     python scripts/reexport.py checkpoints/sal/unet_r18.fp32_sal_scenes [more release dirs]
+    python scripts/reexport.py --golden-only checkpoints/*/*
 
 For each release: load it, rebuild the data of the training command on its card (composed the way
 ``python -m zoo.train`` composes it), write it again with ``zoo.save`` (today: a float model's
@@ -8,6 +9,10 @@ weights stored as float16), evaluate the model exactly as re-saved on the test s
 its metrics, golden pair, sample images and card. The training-form metrics and ``best_val`` are
 kept: they describe the training run, which is not repeated. ``reexported`` in config.json records
 the previous weights' sha256 and this command.
+
+``--golden-only`` rewrites only each release's golden pair in the current format (images as 8-bit
+codes), after checking that the release still gives the output its old pair stored; weights, metrics
+and card are untouched.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from zoo.cards import write_card, write_golden
+from zoo.cards import read_golden, write_card, write_golden
 from zoo.checkpoint import load, packed_copy, read_config, save
+from zoo.tasks import get_task
 from zoo.train import validate
 
 HEADER = {"format_version", "arch", "model_args", "task", "input_contract", "quant", "metrics", "weights",
@@ -65,10 +71,27 @@ def reexport(directory: Path) -> dict:
     return {k: (cfg["metrics"].get(k), v) for k, v in metrics.items() if k.startswith("test_")}
 
 
+def regolden(directory: Path) -> None:
+    model = load(directory)
+    output = partial(get_task(model.task).golden_output, model)
+    x, expected = read_golden(directory)
+    diff = (output(x) - expected).abs().max().item()
+    if diff > 1e-4 * expected.abs().max().item():
+        raise RuntimeError(f"{directory}: the release no longer gives its golden output (max diff {diff})")
+    before = (directory / "golden.safetensors").stat().st_size
+    write_golden(output, x, directory)
+    print(f"{directory}: golden pair {before:,} -> {(directory / 'golden.safetensors').stat().st_size:,} bytes")
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("releases", nargs="+", type=Path)
-    for d in p.parse_args(argv).releases:
+    p.add_argument("--golden-only", action="store_true", help="rewrite only the golden pairs")
+    args = p.parse_args(argv)
+    for d in args.releases:
+        if args.golden_only:
+            regolden(d)
+            continue
         for k, (before, after) in reexport(d).items():
             print(f"  {k}: {before} -> {after}")
 

@@ -122,3 +122,12 @@ def test_sal_checkpoints_benchmark_on_a_user_folder(tmp_path):
     assert len(rows) == len(zoo.list_models(task="sal"))
     assert "2 image/mask pairs from" in out.stdout  # every model evaluated on the user's two pairs
     assert (tmp_path / "t.md").read_text().strip() == out.stdout.strip()
+
+
+def test_generate_benchmark_smoke():
+    pytest.importorskip("diffusers")
+    out = _run("generate.py", "--smoke")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| tiny")]
+    assert len(rows) == 2 and "| float |" in rows[0] and "| packed |" in rows[1]
+    assert rows[0].rstrip(" |").endswith("1.00x") and "nothing saved" in out.stdout

@@ -240,3 +240,31 @@ def test_shipped_cards_say_what_data_the_model_knows():
         domain = get_task(cfg["task"]).domain(cfg)
         assert domain, name  # every shipped model is trained on built-in data
         assert f"- **Domain:** {domain}" in (d / "README.md").read_text(), name
+
+
+def test_golden_pair_stores_images_as_8bit_codes(tmp_path):
+    """Images in [0, 1] are stored as their uint8 codes and come back as k/255, with the output the
+    model gives on exactly those values; any other input is stored unchanged."""
+    from safetensors.torch import load_file
+
+    from zoo.cards import read_golden, write_golden
+
+    torch.manual_seed(0)
+    w = torch.randn(3)
+    model = lambda x: (x * w.view(1, 3, 1, 1)).sum(1)  # noqa: E731  (a deterministic stand-in)
+    x = torch.rand(2, 3, 5, 5)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0
+    write_golden(model, x, tmp_path)
+    stored = load_file(str(tmp_path / "golden.safetensors"))
+    assert set(stored) == {"input_u8", "output"} and stored["input_u8"].dtype == torch.uint8
+    xr, y = read_golden(tmp_path)
+    expected_x = torch.floor(x * 255 + 0.5) / 255  # nearest 8-bit level (no ties in random data)
+    assert torch.equal(xr, expected_x) and xr.dtype == torch.float32
+    assert (xr - x).abs().max() <= 0.5 / 255 + 1e-7
+    assert torch.equal(y, model(expected_x))
+
+    z = torch.randn(2, 3, 5, 5)  # not an image in [0, 1]: stored as is
+    write_golden(model, z, tmp_path)
+    assert set(load_file(str(tmp_path / "golden.safetensors"))) == {"input", "output"}
+    zr, yz = read_golden(tmp_path)
+    assert torch.equal(zr, z) and torch.equal(yz, model(z))

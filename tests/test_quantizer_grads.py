@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.quantizers import (N2UQ, PACT, PAMS, RLQ, DoReFa, IRNet, LayerQuant, LSQ, MinMax, QuantConfig,
+from zoo.quantizers import (EBB, N2UQ, PACT, PAMS, RLQ, DoReFa, IRNet, LayerQuant, LSQ, MinMax, QuantConfig,
                             ReAct, UL2Q, XNOR, quantize)
 from zoo.quantizers.binary import RPReLU
 from zoo.quantizers.config import build_quantizer
@@ -246,6 +246,89 @@ def test_react_weight_is_xnor_forward_with_unscaled_clipped_ste(spec):
     close(y, alpha * torch.where(w >= 0, 1.0, -1.0).to(DT))
     if isinstance(spec, ReAct):
         close(dw, g * (w.abs() <= 1))
+
+
+def sgn(t):
+    return torch.where(t >= 0, 1.0, -1.0).to(t.dtype)
+
+
+@pytest.mark.parametrize("progress,beta", [(0.0, 1.0), (0.3, 0.4), (0.5, 0.0), (0.9, 0.0)])
+def test_ebb_two_basis_value_and_gradients_then_single_basis(progress, beta):
+    """BinaryDM EBB: sigma1 sgn(w) + beta sigma2 sgn(w - sigma1 sgn(w)), sigma1 = mean|w| and sigma2 =
+    mean|residual| per channel at init, beta = 1 - progress / decay_end (decay_end 0.5) down to 0;
+    each sign passes the clipped straight-through gradient 1[|x| <= 1] (the authors' BinaryQuantize)."""
+    w, g = rand(6, 4, 3, 3, scale=1.5), rand(6, 4, 3, 3, seed=1)
+    q = make(EBB(decay_end=0.5), "weight")
+    q.set_progress(progress)
+    y, dw, dp = grads(q, w, g)
+    s1 = w.abs().mean(dim=(1, 2, 3), keepdim=True)
+    r = w - s1 * sgn(w)
+    s2 = r.abs().mean(dim=(1, 2, 3), keepdim=True)
+    close(y, s1 * sgn(w) + beta * s2 * sgn(r))
+    iw, ir = (w.abs() <= 1).to(DT), (r.abs() <= 1).to(DT)
+    assert 0 < iw.mean() < 1 and 0 < ir.mean() < 1  # both clipping regions are exercised
+    close(dw, g * (s1 * iw + beta * s2 * ir * (1 - s1 * iw)))
+    close(dp["sigma1"], (g * (sgn(w) - beta * s2 * ir * sgn(w))).sum(dim=(1, 2, 3)))
+    if beta:
+        close(dp["sigma2"], (g * beta * sgn(r)).sum(dim=(1, 2, 3)))
+    else:  # single basis: sigma2 is out of the graph
+        assert dp["sigma2"] is None
+    assert q.single_basis == (beta == 0.0)
+
+
+def test_ebb_basis_weight_never_rises_and_export_needs_a_single_basis():
+    w = rand(6, 4, 3, 3, scale=0.5)
+    q = make(EBB(decay_end=0.5), "weight")
+    q(w)
+    with pytest.raises(ValueError, match="second basis.*decay_end = 0.5"):
+        q.integer_form(w)
+    for p, beta in [(0.1, 0.8), (0.25, 0.5), (0.1, 0.5), (0.5, 0.0), (0.0, 0.0)]:
+        q.set_progress(p)
+        assert float(q.beta) == pytest.approx(beta)
+    codes, scale, zero = q.integer_form(w)
+    close(scale, 2 * q.sigma1.detach())
+    close(zero, torch.full((6,), 0.5, dtype=DT))
+    assert torch.equal(codes, (w >= 0).to(torch.uint8))
+    close(q(w), (codes.to(DT) - 0.5) * 2 * q.sigma1.detach().view(-1, 1, 1, 1))  # exactly +-sigma1
+    fresh = make(EBB(), "weight")  # rebuilt from the packed form (fine-tuning a release): single basis
+    rebuilt = fresh.restore(codes.to(DT), scale.to(DT), zero.to(DT))
+    assert fresh.single_basis and torch.equal(fresh.integer_form(rebuilt)[0], codes)
+    close(fresh.integer_form(rebuilt)[1], scale)
+    fresh.set_progress(0.0)
+    assert fresh.single_basis  # and stays so
+    assert EBB(decay_end=0.0).decay_end == 0.0 and float(make(EBB(decay_end=0.0), "weight").beta) == 0.0
+    with pytest.raises(ValueError, match=r"decay_end must be in \[0, 1\].*1.5"):
+        EBB(decay_end=1.5)
+
+
+def test_ebb_trained_past_decay_end_packs_at_one_bit_and_reloads_to_the_same_output(tmp_path):
+    from zoo.quantizers import set_progress, to_packed
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1))
+    quantize(net, QuantConfig(weight=EBB(decay_end=0.5), act=LSQ(4)))
+    w0 = net[0].weight.detach().clone()
+    r0 = w0 - w0.abs().mean(dim=(1, 2, 3), keepdim=True) * torch.where(w0 >= 0, 1.0, -1.0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for step in range(6):  # second basis present, then gone from step 3 on
+        set_progress(net, step / 6)
+        net.train()
+        opt.zero_grad()
+        net(torch.rand(4, 4, 6, 6)).square().mean().backward()
+        opt.step()
+    assert all(float(m.wq.beta) == 0.0 for m in net if hasattr(m, "wq"))
+    s2 = net[0].wq.sigma2.detach()  # the second basis was trained while it existed:
+    assert not torch.allclose(s2, r0.abs().mean(dim=(1, 2, 3)), rtol=1e-4, atol=0)  # moved from its init
+    net.eval()
+    x = torch.rand(3, 4, 6, 6)
+    with torch.no_grad():
+        y = net(x)
+    packed = to_packed(__import__("copy").deepcopy(net))
+    torch.testing.assert_close(packed(x), y, rtol=1e-5, atol=1e-6)
+    w = net[2].weight
+    stored = {n: b for n, b in packed[2].state_dict().items()}
+    code_bytes = sum(t.numel() * t.element_size() for n, t in stored.items() if t.dtype == torch.uint8)
+    assert code_bytes == w.numel() // 8  # one bit per weight
 
 
 def test_sign_act_clipped_ste():
@@ -554,7 +637,7 @@ def test_packed_n2uq_and_rescaled_dorefa_match_the_training_form():
 
 
 @pytest.mark.parametrize("spec", [MinMax(3, "channel"), LSQ(3, "channel"), UL2Q(2, "channel"), RLQ(3, "channel"),
-                                  XNOR(), IRNet(), ReAct(), N2UQ(2)])
+                                  XNOR(), IRNet(), ReAct(), N2UQ(2), EBB()])
 def test_transposed_conv_weights_are_per_output_channel_on_axis_1(spec):
     """ConvTranspose2d weights are [C_in, C_out, kh, kw]: quantizing them along axis 1 equals
     quantizing the transposed tensor along axis 0, values and gradients."""

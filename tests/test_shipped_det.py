@@ -115,3 +115,18 @@ def test_binary_body_within_12_map_of_float():
     fp = _config("fcos_r18.fp32_det_composites")
     irnet = _binary(_config("fcos_r18.irnet_w1a1_body_lsq_w4a4_det_composites"), "IRNet")
     assert fp["metrics"]["test_map"] - irnet <= 0.12, (fp["metrics"], irnet)
+
+
+def test_binary_body_above_its_xnor_baseline():
+    """IR-Net's binary body above the XNOR-Net body trained with the same recipe, start and budget: the
+    two training commands differ only in quant= and IR-Net's EDE end point (+quant.*.t_max). One run
+    each (the README says the 1.2-point gap is within the seed spread measured for W4A4)."""
+    ir = _config("fcos_r18.irnet_w1a1_body_lsq_w4a4_det_composites")
+    xn = _config("fcos_r18.xnor_w1a1_body_lsq_w4a4_det_composites")
+
+    def recipe(cfg):
+        return sorted(a for a in cfg["train"]["command"].split() if not a.startswith(("quant=", "+quant.")))
+
+    assert recipe(ir) == recipe(xn)
+    assert ir["train"]["global_step"] == xn["train"]["global_step"]
+    assert _binary(ir, "IRNet") > _binary(xn, "XNOR")

@@ -70,7 +70,7 @@ def test_run_binary_irnet(tmp_path, tiny_fmnist):
     (["arch=resnet99"], "unknown arch 'resnet99'; valid: .*'resnet20'.*'swinir'"),
     (["quant=irnet", "bits=4"], "IRNet supports bits 1..1, got 4"),
     (["quant=lsq", "bits=1"], "LSQ supports bits 2..8"),
-    (["task.name=nope"], "unknown task 'nope'; valid: \\['cls', 'det', 'sal', 'sr'\\]"),
+    (["task.name=nope"], "unknown task 'nope'; valid: \\['cls', 'det', 'diffusion', 'sal', 'sr'\\]"),
     (["data=folder", "data.root=/nonexistent"], "needs /nonexistent/train"),
     (["ckpt_path=last"], "nothing to resume"),
 ])
@@ -81,8 +81,8 @@ def test_run_rejects_bad_config(tmp_path, tiny_fmnist, overrides, match):
 
 @pytest.mark.parametrize("args, match", [
     (["bits=9"], "valid: integers 1..8"),
-    (["quant=nope"], "quant='nope' is not available; valid: ['dorefa', "),
-    (["task=nope"], "task='nope' is not available; valid: ['cls', 'det', 'sal', 'sr']"),
+    (["quant=nope"], "quant='nope' is not available; valid: ['binarydm', 'dorefa', "),
+    (["task=nope"], "task='nope' is not available; valid: ['cls', 'det', 'diffusion', 'sal', 'sr']"),
     (["arch=nope"], "unknown arch 'nope'"),
 ])
 def test_cli_exits_nonzero_naming_valid_choices(args, match):
@@ -235,3 +235,24 @@ def test_user_data_release_names_never_collide_with_shipped_ones():
     assert names[("task=sr", "bits=2", "scale=2")] in shipped  # the built-in data: the shipped name
     assert [n for ov, n in names.items() if any("folder" in o for o in ov) and n in shipped] == []
     assert names[("task=sr", "bits=2", "data=sr_folder", "data.root=/x")] == "edsr.quantsr_w2a2_sr_folder_x4"
+
+
+def test_last_checkpoint_is_written_every_epoch_even_when_validation_gets_worse(tmp_path, tiny_fmnist, monkeypatch):
+    """ckpt_path=last must resume from the last epoch, not from the last *improving* one: simulate a
+    validation metric that never improves after epoch 0."""
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    orig = ModelCheckpoint.check_monitor_top_k
+
+    def improves_only_in_epoch_0(self, trainer, current=None):
+        return orig(self, trainer, current) if trainer.current_epoch == 0 else False
+
+    monkeypatch.setattr(ModelCheckpoint, "check_monitor_top_k", improves_only_in_epoch_0)
+    out = run(cfg_for(tmp_path / "fp", tiny_fmnist, "quant=none", "epochs=3"))
+    ckpts = tmp_path / "fp" / "checkpoints"
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(ckpts / "best.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, out["global_step"]) == (2, 12)
+    assert best["epoch"] == 0  # the release is still the best validation epoch
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]

@@ -18,17 +18,27 @@ GOLDEN = "golden.safetensors"
 
 
 def write_golden(model, x: torch.Tensor, directory: str | Path) -> Path:
-    """Store ``x`` and ``model(x)`` (the packed model's output) next to the checkpoint."""
+    """Store ``x`` and ``model(x)`` (the packed model's output) next to the checkpoint. A float batch of
+    images in [0, 1] is first rounded to 8-bit levels (k/255) and stored as its uint8 codes, a quarter of
+    float32's bytes; the output is the model's on exactly those values. Other inputs are stored as they are."""
+    x = x.detach()
+    codes = None
+    if x.is_floating_point() and x.numel() and x.min() >= 0 and x.max() <= 1:
+        codes = (x.float() * 255).round().to(torch.uint8)
+        x = codes.float() / 255
     with torch.no_grad():
         y = model(x)
     path = Path(directory) / GOLDEN
-    save_file({"input": x.contiguous(), "output": y.contiguous()}, str(path))
+    inputs = {"input_u8": codes.contiguous()} if codes is not None else {"input": x.contiguous()}
+    save_file({**inputs, "output": y.contiguous()}, str(path))
     return path
 
 
 def read_golden(directory: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, output) of a release's golden pair; 8-bit stored images come back as float32 k/255."""
     t = load_file(str(Path(directory) / GOLDEN))
-    return t["input"], t["output"]
+    x = t["input_u8"].float() / 255 if "input_u8" in t else t["input"]
+    return x, t["output"]
 
 
 def float_reference_bytes(cfg: dict) -> int:
@@ -267,7 +277,7 @@ def card_text(directory: str | Path) -> str:
         "",
         "```python",
         "import zoo",
-        f'model = zoo.load("{name}")  # images in [0, 1], N x {cfg["input_contract"]["channels"]} x H x W',
+        *task.card_snippet(name, cfg),
         "```",
         "",
     ]

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .kernels.dispatch import check_backend, check_binary_kernel
-from .quantizers import QuantConfig, quantize, set_backend, to_packed
+from .quantizers import QuantConfig, quantize, set_backend, set_progress, to_packed
 from .quantizers.packed import PackedLayer
 from .registry import create_model, resolve_checkpoint
 from .wrapper import ZooModel
@@ -201,6 +201,7 @@ def _rebuild(header: dict, skeleton: nn.Module | None = None) -> nn.Module:
     net = skeleton if skeleton is not None else _import_builder(header["builder"])(**header.get("kwargs", {}))
     if header.get("quant"):
         net = quantize(net, QuantConfig.from_dict(header["quant"]))
+        set_progress(net, 1.0)  # quantizers as training ends (EBB: one basis)
     net.eval()
     return to_packed(net)
 
@@ -235,8 +236,9 @@ def build_from_config(cfg: dict) -> ZooModel:
     quant = QuantConfig.from_dict(cfg["quant"]) if cfg.get("quant") else None
     if quant is not None:
         quantize(net, quant)
-    model = ZooModel(net, cfg["arch"], cfg.get("model_args", {}), cfg["task"], cfg["input_contract"],
-                     quant)
+        set_progress(net, 1.0)  # a release holds its quantizers as training ends (EBB: one basis)
+    wrapper = getattr(net, "zoo_wrapper", ZooModel)  # a net may name the ZooModel subclass it ships in
+    model = wrapper(net, cfg["arch"], cfg.get("model_args", {}), cfg["task"], cfg["input_contract"], quant)
     to_packed(model.net)
     return model
 

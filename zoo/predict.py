@@ -6,6 +6,8 @@ its outputs and adds its own options (``python -m zoo.predict --help`` lists the
 - ``cls``: ``predictions.csv`` with the top-5 classes and probabilities of each image;
 - ``sr``: the upscaled images as PNG (``<stem>_x<scale>.png``), computed in overlapping tiles so
   memory stays bounded on large photos (``--tile``, ``--overlap``; ``--depth`` for DQA models);
+- ``diffusion``: no images in; ``--num`` generated images (``samples.png``, a grid, and
+  ``sample_<i>.png``) from ``--steps`` DDIM steps with ``--seed``;
 - ``sal``: a saliency mask (``<stem>_mask.png``, 0-255 at the image's own size) and an overlay
   (``<stem>_overlay.png``: the image with the salient region tinted red and outlined).
 """
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="python -m zoo.predict", description=__doc__.split("\n")[0])
     ap.add_argument("model", help="a shipped model name (see zoo.list_models()) or a checkpoint directory")
-    ap.add_argument("images", nargs="+", help="image files and/or folders of images")
+    ap.add_argument("images", nargs="*", help="image files and/or folders of images (none for a generator: diffusion)")
     ap.add_argument("--out", required=True, help="output folder (created if missing)")
     ap.add_argument("--backend", default="auto", help="kernel backend: auto | triton | reference")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,6 +107,16 @@ def main(argv=None) -> int:
         if task.predict is None:
             raise ValueError(f"no predictor for task {model.task!r}; tasks with one: "
                              f"{[t for t in task_names() if get_task(t).predict is not None]}")
+        if not task.predict_takes_images:
+            if args.images:
+                raise ValueError(f"task {model.task} generates images and takes none; got {args.images}")
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            written = task.predict(model, [], out, args)
+            print(f"wrote {len(written)} file(s) to {out}")
+            return 0
+        if not args.images:
+            raise ValueError(f"task {model.task} needs images: give image files and/or folders after the model")
         images = collect_images(args.images)
         domain = task.domain(read_config(resolve_checkpoint(args.model)))
         if domain:

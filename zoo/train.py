@@ -375,11 +375,14 @@ def run(cfg: DictConfig, command: str | None = None, overrides=None) -> dict:
         raise ConfigError(str(e)) from None
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
-    metric, mode = ("val/select", task_cls.monitor[1]) if cfg.two_stage else task_cls.monitor
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=metric, mode=mode,
-                                 save_last=True, save_top_k=1),
+    metric, mode = "val/select", task_cls.monitor[1]  # the monitored metric, once the model is in its final form
+    # best.ckpt: the best validation epoch (the release); last.ckpt: every epoch, whatever the metric
+    # did, for ckpt_path=last (Lightning's save_last writes it only when the monitored checkpoint is saved)
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=metric, mode=mode, save_top_k=1),
                  LearningRateMonitor(logging_interval="step"), Timer(verbose=False),
-                 throughput_callback()]
+                 throughput_callback(),
+                 ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                                 enable_version_counter=False)]
     loggers = [CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tb")]
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kw.get("sync_batchnorm") and trainer_kw.get("accelerator") != "gpu" and not torch.cuda.is_available():
@@ -415,19 +418,20 @@ def run(cfg: DictConfig, command: str | None = None, overrides=None) -> dict:
     if best and Path(best).is_file():  # release the best validation epoch, not merely the last
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
+    released = module.release_model()  # the trained weights, or a task's EMA of them
     if len(set(digests)) > 1:
         raise RuntimeError(f"the data-parallel ranks ended with different quantizer states: {digests}")
     if not trainer.is_global_zero:  # rank 0 evaluates the packed model on the whole test split and releases
         return {"metrics": {}, "release_dir": None, "global_step": int(trainer.global_step), "output_dir": str(out)}
     metrics = {f"{k.replace('/', '_')}_training_form": float(v) for k, v in test.items()}
     if cfg.evaluate_packed:
-        packed = packed_copy(module.model.cpu())
+        packed = packed_copy(released.cpu())
         res = task_cls.evaluate(packed, dm.test_dataloader())
         metrics.update({f"test_{k}": v for k, v in res.items()})
         metrics.update(task_cls.extra_metrics(packed))
     best_score = callbacks[0].best_model_score  # a tensor; 0.0 is a score (``or`` would drop it)
     metrics["best_val"] = float(best_score) if best_score is not None else float("nan")
-    release = save(module.model.cpu(), cfg.release_dir, metrics=metrics, extra={"train": {
+    release = save(released.cpu(), cfg.release_dir, metrics=metrics, extra={"train": {
         "command": command, "data": cfg.data.name, "data_root": cfg.data.get("root"),
         "splits": split_sizes(dm), "epochs": int(cfg.epochs),
         "global_step": int(trainer.global_step), "train_seconds": seconds, "resumed": bool(ckpt_path),
@@ -439,7 +443,7 @@ def run(cfg: DictConfig, command: str | None = None, overrides=None) -> dict:
     loaded = load(release)
     x = task_cls.golden_input(dm)
     golden = partial(task_cls.golden_output, loaded)  # the task's tensor form of the output
-    ref = task_cls.golden_output(packed_copy(module.model.cpu()), x)
+    ref = task_cls.golden_output(packed_copy(released.cpu()), x)
     diff = (golden(x) - ref).abs().max().item()
     if diff > 1e-4 * max(ref.abs().max().item(), 1.0):
         raise RuntimeError(f"reloaded release differs from the trained model by {diff}")

@@ -1,5 +1,5 @@
 """Architecture factories: our own (ResNet), torchvision's detectors (FCOS, RetinaNet), mmdet's
-single-stage detectors (``arch=mmdet``), basicsr's SR networks and smp's saliency networks. Importing
-this registers them (torchvision's detection models, mmdet, basicsr and smp are imported only when
-one of theirs is built)."""
-from . import det, mmdet_adapter, resnet, sal, sr  # noqa: F401
+single-stage detectors (``arch=mmdet``), basicsr's SR networks, smp's saliency networks and diffusers'
+DDPM UNet. Importing this registers them (torchvision's detection models, mmdet, basicsr, smp and
+diffusers are imported only when one of theirs is built)."""
+from . import det, diffusion, mmdet_adapter, resnet, sal, sr  # noqa: F401

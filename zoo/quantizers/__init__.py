@@ -1,8 +1,8 @@
 """The shared quantizer library: config dataclasses, quantizer modules, quantized layers,
 ``quantize()`` and the packed inference form. Importing a quantizer module registers its specs."""
-from . import binary, n2uq, rlq, ul2q, uniform  # noqa: F401  (register the built-in quantizers)
+from . import binary, ebb, n2uq, rlq, ul2q, uniform  # noqa: F401  (register the built-in quantizers)
 from .binary import RPReLU
-from .config import (DoReFa, IRNet, LayerQuant, LSQ, MinMax, N2UQ, PACT, PAMS, QuantConfig, QuantSpec,
+from .config import (DoReFa, EBB, IRNet, LayerQuant, LSQ, MinMax, N2UQ, PACT, PAMS, QuantConfig, QuantSpec,
                      ReAct, RLQ, SHORT_NAMES, UL2Q, XNOR, quantizer_names, register_quantizer, spec_from_dict)
 from .layers import LAYER_MAP, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from .packed import PackedConv2d, PackedConvTranspose2d, PackedLinear, set_backend, to_packed
@@ -11,7 +11,7 @@ from .ul2q import optimal_lambda
 
 __all__ = [
     "QuantConfig", "LayerQuant", "QuantSpec", "MinMax", "LSQ", "DoReFa", "PACT", "UL2Q", "XNOR",
-    "IRNet", "ReAct", "RLQ", "PAMS", "N2UQ", "SHORT_NAMES", "register_quantizer", "quantizer_names", "spec_from_dict",
+    "IRNet", "ReAct", "EBB", "RLQ", "PAMS", "N2UQ", "SHORT_NAMES", "register_quantizer", "quantizer_names", "spec_from_dict",
     "quantize", "quantized_layers", "set_progress", "set_weight_quant", "to_packed", "set_backend", "LAYER_MAP",
     "QuantConv2d", "QuantLinear", "QuantConvTranspose2d", "PackedConv2d", "PackedLinear",
     "PackedConvTranspose2d", "RPReLU", "optimal_lambda",

@@ -150,6 +150,12 @@ class Quantizer(nn.Module):
     def set_progress(self, fraction: float) -> None:  # noqa: D401 - optional hook
         """Training progress in [0, 1]; quantizers with a schedule (IR-Net EDE) override this."""
 
+    @property
+    def final_form(self) -> bool:
+        """Whether the quantizer is in the form it is released in (a schedule that changes the form,
+        as EBB's decaying second basis, is False until it ends); only then may an epoch be released."""
+        return True
+
 
 class WeightQuantizer(Quantizer):
     """Weight quantizers return fake-quantized weights and expose their integer form."""

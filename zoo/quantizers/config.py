@@ -323,6 +323,24 @@ class ReAct(QuantSpec):
 
 
 @dataclass(frozen=True)
+class EBB(QuantSpec):
+    """BinaryDM's evolvable-basis binarizer (Zheng et al., ICLR 2025), weights only:
+    ``sigma1 sign(w) + beta sigma2 sign(w - sigma1 sign(w))`` with learnable per-channel sigma1, sigma2
+    (init mean|w| and mean|residual|) and the second basis' weight beta falling linearly from 1 to 0
+    at the fraction ``decay_end`` of training (never rising again), after which the weight is
+    single-basis 1-bit. Clipped straight-through gradient 1[|x| <= 1] through each sign."""
+
+    bits: int = 1
+    decay_end: float = 0.5
+    MAX_BITS: ClassVar[int] = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.decay_end <= 1.0:
+            raise ValueError(f"EBB.decay_end must be in [0, 1] (a fraction of training), got {self.decay_end!r}")
+
+
+@dataclass(frozen=True)
 class RLQ(QuantSpec):
     """QuantSR's redistribution-driven learnable quantizer (Qin et al., NeurIPS 2023).
 
@@ -372,6 +390,7 @@ SHORT_NAMES = {
     "xnor": XNOR,
     "irnet": IRNet,
     "react": ReAct,
+    "ebb": EBB,
     "rlq": RLQ,
     "pams": PAMS,
     "n2uq": N2UQ,

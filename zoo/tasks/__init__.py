@@ -14,6 +14,7 @@ _TASKS: dict[str, str] = {
     "sr": "zoo.tasks.sr.task:SuperResolutionTask",
     "sal": "zoo.tasks.sal.task:SaliencyTask",
     "det": "zoo.tasks.det.task:DetectionTask",
+    "diffusion": "zoo.tasks.diffusion.task:DiffusionTask",
 }
 
 

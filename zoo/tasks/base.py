@@ -80,6 +80,7 @@ class QuantTask(L.LightningModule):
     # benchmark); each task package implements them in its ``release.py``.
     card_images: tuple[tuple[str, str, str], ...] = ()  # (file, caption, alt text) shown on a card if present
     predict = None  # fn(model, images, out_dir, args) -> written paths; None: no zoo.predict support
+    predict_takes_images = True  # False: zoo.predict runs the task without input images (a generator)
 
     @staticmethod
     def card_lines(cfg: dict, metrics: dict, train: dict) -> list[str]:
@@ -90,6 +91,11 @@ class QuantTask(L.LightningModule):
     def domain(cfg: dict) -> str | None:
         """What inputs a release knows (from its training data), for its card and ``zoo.predict``."""
         return None
+
+    @staticmethod
+    def card_snippet(name: str, cfg: dict) -> list[str]:
+        """The card's Python usage lines after ``import zoo``."""
+        return [f'model = zoo.load("{name}")  # images in [0, 1], N x {cfg["input_contract"]["channels"]} x H x W']
 
     @staticmethod
     def card_usage(name: str) -> list[str]:
@@ -145,8 +151,9 @@ class QuantTask(L.LightningModule):
 
     def build_float_model(self) -> ZooModel:
         net = create_model(self.hparams.arch, **self.hparams.model_args)
-        return ZooModel(net, self.hparams.arch, self.hparams.model_args, self.task_name,
-                        self.hparams.input_contract, None)
+        wrapper = getattr(net, "zoo_wrapper", ZooModel)  # a net may name the ZooModel subclass it ships in
+        return wrapper(net, self.hparams.arch, self.hparams.model_args, self.task_name,
+                       self.hparams.input_contract, None)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -175,6 +182,10 @@ class QuantTask(L.LightningModule):
 
     def forward(self, x):
         return self.model(x)
+
+    def release_model(self):
+        """The model that is tested and released (a task keeping an EMA of the weights returns that)."""
+        return self.model
 
     # ------------------------------------------------------------------ training loop
     def on_fit_start(self):
@@ -209,12 +220,13 @@ class QuantTask(L.LightningModule):
         set_weight_quant(self.model, True)
 
     def log_selection(self, metrics: dict, batch_size: int) -> None:
-        """With ``two_stage``, ``val/select`` is the monitored metric in the final stage and the worst
-        value before it, so the released checkpoint always has quantized weights."""
-        if not self.hparams.two_stage:
-            return
+        """``val/select``, the metric that picks the released epoch: the monitored metric, but the worst
+        value while the model is not yet in its released form (with ``two_stage``, before the final
+        stage; or while a quantizer's schedule still changes its form, e.g. EBB's second basis), so the
+        released checkpoint always has its final quantizers."""
         key, mode = self.monitor
-        final, _ = self.stage_progress(self.global_step - 1)  # the step just trained
+        final = not self.hparams.two_stage or self.stage_progress(self.global_step - 1)[0]  # the step just trained
+        final = final and all(m.final_form for m in self.model.modules() if isinstance(m, Quantizer))
         value = metrics[key.split("/", 1)[1]] if final else torch.tensor(
             float("-inf") if mode == "max" else float("inf"))
         self.log("val/select", value, batch_size=batch_size, sync_dist=True)

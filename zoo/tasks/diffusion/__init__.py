@@ -1,0 +1,1 @@
+"""Diffusion (BinaryDM): a DDPM UNet trained with the epsilon-prediction loss, sampled with DDIM."""
