@@ -50,6 +50,12 @@ def test_unet_is_diffusers_with_its_schedule_and_checks_its_inputs():
     assert model.net.unet.config.block_out_channels == (8, 16)
     ref = DDPMScheduler(num_train_timesteps=50, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     assert torch.equal(model.net.scheduler("ddpm").alphas_cumprod, ref.alphas_cumprod)
+    assert torch.equal(model.net.alphas_cumprod, ref.alphas_cumprod)
+    # the training input x_t: images in [0, 1] -> [-1, 1], noised as diffusers' DDPMScheduler.add_noise does
+    from zoo.tasks.diffusion.task import noisy
+
+    img, eps, t = torch.rand(3, 1, 8, 8), torch.randn(3, 1, 8, 8), torch.tensor([0, 20, 49])
+    torch.testing.assert_close(noisy(model, img, t, eps), ref.add_noise(2 * img - 1, eps, t))
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x, 7), model.net.unet(x, torch.tensor([7, 7, 7])).sample)

@@ -56,9 +56,17 @@ class DiffusionUNet(nn.Module):
         self.schedule = dict(num_train_timesteps=int(timesteps), beta_schedule=beta_schedule,
                              beta_start=float(beta_start), beta_end=float(beta_end))
         self.in_chans, self.size = in_chans, size
+        self._alphas_cumprod = None
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         return self.unet(x, t).sample
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """abar_t of the training schedule (the DDPM scheduler's, computed once)."""
+        if self._alphas_cumprod is None:
+            self._alphas_cumprod = self.scheduler("ddpm").alphas_cumprod
+        return self._alphas_cumprod
 
     def scheduler(self, name: str = "ddpm"):
         """A fresh diffusers scheduler with this model's training noise schedule."""
@@ -124,7 +132,7 @@ class DiffusionModel(ZooModel):
                 x = x_all[c * batch_size:(c + 1) * batch_size].to(device)
                 for t in sched.timesteps:
                     eps = self(x, int(t))
-                    x = sched.step(eps.cpu(), t, x.cpu(), generator=gen).prev_sample.to(device)
+                    x = sched.step(eps, t, x, generator=gen).prev_sample  # (diffusers draws DDPM noise from the CPU generator)
                     bar.update(1)
                 out.append(self.to_images(x).cpu())
         finally:

@@ -18,13 +18,9 @@ EMA_DECAY = 0.999  # the float model's weight EMA (quantized models train withou
 GOLDEN_T = (0, 250, 500, 999)
 
 
-def alphas_cumprod(model) -> torch.Tensor:
-    return model.net.scheduler("ddpm").alphas_cumprod
-
-
 def noisy(model, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with x0 the images in the model's space."""
-    abar = alphas_cumprod(model).to(x.device)[t].view(-1, 1, 1, 1)
+    abar = model.net.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
     x0 = (x - model.mean) / model.std
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
