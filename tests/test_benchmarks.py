@@ -131,3 +131,11 @@ def test_generate_benchmark_smoke():
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| tiny")]
     assert len(rows) == 2 and "| float |" in rows[0] and "| packed |" in rows[1]
     assert rows[0].rstrip(" |").endswith("1.00x") and "nothing saved" in out.stdout
+
+
+def test_cpu_benchmark_smoke():
+    out = _run("cpu.py", "--smoke", "--task", "cls")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| resnet20.")]
+    assert len(rows) == 1 and "| 1 |" in rows[0]
+    assert "reference ms (/FP32)" in out.stdout and "cpu ms (/FP32)" in out.stdout

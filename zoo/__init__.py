@@ -9,7 +9,7 @@ Importing zoo imports neither Triton nor Lightning and touches no CUDA device.
 """
 from .checkpoint import CheckpointError, allow_builder, load, save
 from .cost_model import cost
-from .quantizers import (DoReFa, IRNet, LayerQuant, LSQ, MinMax, N2UQ, PACT, PAMS, QuantConfig, ReAct,
+from .quantizers import (DoReFa, EBB, IRNet, LayerQuant, LSQ, MinMax, N2UQ, PACT, PAMS, QuantConfig, ReAct,
                          RLQ, UL2Q, XNOR, quantize, register_quantizer, set_backend, to_packed)
 from .registry import create_model, list_archs, list_models, register_model
 from .wrapper import ZooModel
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "save", "allow_builder", "cost", "CheckpointError", "quantize", "to_packed", "set_backend", "QuantConfig", "LayerQuant",
-    "MinMax", "LSQ", "DoReFa", "PACT", "UL2Q", "XNOR", "IRNet", "ReAct", "RLQ", "PAMS", "N2UQ",
+    "MinMax", "LSQ", "DoReFa", "PACT", "UL2Q", "XNOR", "IRNet", "ReAct", "EBB", "RLQ", "PAMS", "N2UQ",
     "register_quantizer",
     "create_model", "list_models", "list_archs", "register_model", "ZooModel", "__version__",
 ]

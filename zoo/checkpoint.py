@@ -250,7 +250,8 @@ def load(name_or_directory: str | os.PathLike, backend: str = "auto",
 
     Returns an eval-mode :class:`ZooModel` taking float images in [0, 1]; its quantized layers run
     from the packed weights through ``zoo.kernels``: ``backend="auto"`` (Triton kernels on CUDA
-    tensors, the pure-torch reference elsewhere), ``"triton"`` or ``"reference"``; W1A1 layers on
+    tensors, the cached CPU path on CPU tensors), ``"triton"``, ``"cpu"`` (the cached CPU path: weights
+    unpacked once, outputs identical to the reference) or ``"reference"`` (nothing cached); W1A1 layers on
     Triton use ``binary_kernel`` ``"popcount"``, ``"dot"`` or ``"auto"``. ``depth`` runs only that
     many quantized residual blocks of a depth-dynamic (QuantSR DQA) model; None runs all.
 

@@ -1,9 +1,12 @@
 """Backend selection for packed layers.
 
-``reference``: the pure-torch integer path (``reference.py``), any device.
+``reference``: the pure-torch integer path (``reference.py``), any device, nothing cached.
+``cpu``: the cached CPU path (``cached.py``: weights unpacked once, one float32 conv/matmul per
+layer, outputs identical to the reference); CUDA tensors run the reference.
 ``triton``: the Triton kernels on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1``
 was set before Triton was imported (slow; for tests).
-``auto``: Triton on CUDA tensors when Triton is installed, the reference everywhere else.
+``auto``: Triton on CUDA tensors when Triton is installed, the cached CPU path on CPU tensors, the
+reference everywhere else.
 
 Layers or inputs a kernel does not cover fall back to the reference silently in every backend.
 Nothing here imports Triton until a Triton path is actually taken.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 BINARY_KERNELS = ("auto", "popcount", "dot")
 
 
@@ -37,10 +40,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def cpu_cached(backend: str, x) -> bool:
+    """Whether ``x`` runs through the cached CPU path (``cached.py``) before the reference."""
+    return backend in ("auto", "cpu") and not x.is_cuda
+
+
 def triton_ops(backend: str, x):
     """The Triton layer functions to run ``x`` through, or None for the reference."""
     check_backend(backend)
-    if backend == "reference":
+    if backend in ("reference", "cpu"):
         return None
     if backend == "auto":
         if not (x.is_cuda and triton_available()):

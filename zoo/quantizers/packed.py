@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import dispatch, reference
+from ..kernels import cached, dispatch, reference
 from ..kernels.packing import pack, unpack
 from .layers import QuantConv2d, QuantConvTranspose2d, QuantLinear
 
@@ -87,6 +87,12 @@ class PackedLayer(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return reference.dequantize_weight(self.codes(), self.w_scale, self.w_zero, self.ch_axis)
 
+    def _float_weight(self, x) -> torch.Tensor:
+        """The dequantized weight of a weight-only layer (cached on the cached CPU path)."""
+        if dispatch.cpu_cached(self.backend, x):
+            return cached.dequantized_weight(self)
+        return self.dequantized_weight()
+
     def all_act_params(self) -> dict:
         """Every activation parameter as stored (all sites, one after another)."""
         p = {k: getattr(self, "a_" + k) for k in ACT_KEYS} if self.act_mode in SCALAR_MODES else {}
@@ -134,10 +140,12 @@ class PackedConv2d(PackedLayer):
     def forward(self, x):
         self._next_site()
         if self.act_mode == "none":
-            return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
+            return F.conv2d(x, self._float_weight(x), self.bias, self.stride, self.padding,
                             self.dilation, self.groups)
         ops = dispatch.triton_ops(self.backend, x)
         y = ops.conv2d(self, x) if ops is not None else None
+        if y is None and dispatch.cpu_cached(self.backend, x):
+            y = cached.conv2d(self, x)
         if y is not None:
             return y
         v, s_a, z_a = self._int_inputs(x)
@@ -150,9 +158,11 @@ class PackedLinear(PackedLayer):
     def forward(self, x):
         self._next_site()
         if self.act_mode == "none":
-            return F.linear(x, self.dequantized_weight(), self.bias)
+            return F.linear(x, self._float_weight(x), self.bias)
         ops = dispatch.triton_ops(self.backend, x)
         y = ops.linear(self, x) if ops is not None else None
+        if y is None and dispatch.cpu_cached(self.backend, x):
+            y = cached.linear(self, x)
         if y is not None:
             return y
         v, s_a, z_a = self._int_inputs(x, ch_axis=-1)
@@ -181,10 +191,13 @@ class PackedConvTranspose2d(PackedLayer):
     def forward(self, x):
         self._next_site()
         if self.act_mode == "none":
-            return F.conv_transpose2d(x, self.dequantized_weight(), self.bias, self.stride,
+            return F.conv_transpose2d(x, self._float_weight(x), self.bias, self.stride,
                                       self.padding, self.output_padding, self.groups, self.dilation)
-        # no Triton kernel for transposed convs yet: every backend runs the reference
+        # no Triton kernel for transposed convs yet: the cached CPU path or the reference
         dispatch.check_backend(self.backend)
+        y = cached.conv_transpose2d(self, x) if dispatch.cpu_cached(self.backend, x) else None
+        if y is not None:
+            return y
         v, s_a, z_a = self._int_inputs(x)
         y = reference.conv_transpose2d(v, s_a, z_a, self.codes(), self.w_scale, self.w_zero, self.bias,
                                self.stride, self.padding, self.output_padding, self.groups, self.dilation)

@@ -6,6 +6,13 @@ a mean squared error: ``sum_b mean((f_s P_b - f_t P_b)^2)``, where ``P_b`` (C_b 
 as in the authors' code, at least 1) holds the top eigenvectors of the covariance of the teacher's
 C_b-dim feature vectors (one per pixel) on one training batch, computed once at the start of training
 and kept in the checkpoint. The loss is added to the diffusion loss with the weight ``distill``.
+
+Differences from the authors' released code (Xingyu-Zheng/BinaryDM, ``ddpm_ours.py``, read for
+understanding): it hooks every ``TimestepEmbedSequential`` block of the LDM UNet, computes the
+projection with ``torch.pca_lowrank`` on the teacher features reshaped to ``(-1, shape[-1])`` -- for
+N x C x H x W features that is the width axis, not the channels the paper describes -- averages the
+per-block MSEs over blocks and adds ``1e-4`` times that to the loss. We project the channels, as the
+paper writes, sum over blocks, and choose the weight per recipe (the card states it).
 """
 from __future__ import annotations
 

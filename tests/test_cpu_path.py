@@ -1,0 +1,159 @@
+"""The cached CPU path (zoo/kernels/cached.py, backend "cpu" and "auto" on CPU tensors) against the
+uncached integer reference: identical outputs wherever the zero points have an integer multiple
+(bit for bit), float64-close for muL2Q's real-valued zero points, the weight cache following in-place
+updates, and the reference still taken where float32 sums would not be exact."""
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from zoo.kernels import cached, dispatch, reference
+from zoo.quantizers.packed import PackedLayer
+
+CFGS = {"lsq4": zoo.QuantConfig(weight=zoo.LSQ(4), act=zoo.LSQ(4)),
+        "minmax8": zoo.QuantConfig(weight=zoo.MinMax(8), act=zoo.MinMax(8)),
+        "dorefa2": zoo.QuantConfig(weight=zoo.DoReFa(2), act=zoo.DoReFa(2)),
+        "xnor1": zoo.QuantConfig(weight=zoo.XNOR(1), act=zoo.XNOR(1)),
+        "irnet1": zoo.QuantConfig(weight=zoo.IRNet(1), act=zoo.IRNet(1)),
+        "react1": zoo.QuantConfig(weight=zoo.ReAct(1), act=zoo.ReAct(1)),
+        "w2a1": zoo.QuantConfig(weight=zoo.LSQ(2), act=zoo.XNOR(1)),
+        "w1a4": zoo.QuantConfig(weight=zoo.XNOR(1), act=zoo.LSQ(4)),
+        "n2uq2": zoo.QuantConfig(weight=zoo.N2UQ(2), act=zoo.N2UQ(2)),
+        "weight_only4": zoo.QuantConfig(weight=zoo.LSQ(4), act=None)}
+
+
+def _packed(net, cfg, shape):
+    torch.manual_seed(0)
+    zoo.quantize(net, cfg)
+    net.train()
+    for _ in range(3):
+        net(torch.randn(*shape))
+    return zoo.to_packed(net.eval())
+
+
+def _nets(cfg):
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(6, 12, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(12, 8, 3, padding=1))
+    grouped = nn.Sequential(nn.Conv2d(6, 12, 3, padding=1, groups=3), nn.Conv2d(12, 8, 1))
+    lin = nn.Sequential(nn.Linear(40, 9))
+    up = nn.Sequential(nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1))
+    return {"conv": (_packed(conv, cfg, (4, 6, 11, 10)), (2, 6, 11, 10)),
+            "grouped": (_packed(grouped, cfg, (4, 6, 9, 9)), (2, 6, 9, 9)),
+            "linear": (_packed(lin, cfg, (8, 40)), (2, 3, 40)),
+            "transposed": (_packed(up, cfg, (4, 6, 5, 5)), (2, 6, 5, 5))}
+
+
+def _outputs(net, x, backend):
+    zoo.set_backend(net, backend)
+    with torch.no_grad():
+        return net(x)
+
+
+@pytest.mark.parametrize("name", list(CFGS))
+def test_cached_path_identical_to_reference(name, monkeypatch):
+    calls = []
+    for fn in ("conv2d", "linear", "conv_transpose2d"):
+        real = getattr(reference, fn)
+        monkeypatch.setattr(reference, fn, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    for kind, (net, shape) in _nets(CFGS[name]).items():
+        x = torch.randn(*shape)
+        calls.clear()
+        y_ref = _outputs(net, x, "reference")
+        assert calls or CFGS[name].act is None, kind  # the reference really ran
+        for backend in ("cpu", "auto"):
+            calls.clear()
+            y = _outputs(net, x, backend)
+            assert not calls, (kind, backend)  # ... and the cached path replaced it everywhere
+            assert y.dtype == y_ref.dtype and torch.equal(y, y_ref), (kind, backend, (y - y_ref).abs().max())
+
+
+def test_cached_path_half_precision_input():
+    net, shape = _nets(CFGS["lsq4"])["conv"]
+    x = torch.randn(*shape).half()
+    y_ref = _outputs(net, x, "reference")
+    y = _outputs(net, x, "cpu")
+    assert y.dtype == torch.float16 and torch.equal(y, y_ref)
+
+
+def test_real_valued_zero_points_expanded_form_matches_reference():
+    """muL2Q: real-valued weight and activation zero points take the expanded form (integer sums plus
+    border terms C_q, C_1 for the zero-padded windows); equal to the reference to float64 rounding,
+    and to the training form's float convolution."""
+    cfg = zoo.QuantConfig(weight=zoo.UL2Q(2), act=zoo.UL2Q(2))
+    nets = _nets(cfg)
+    for kind in ("conv", "grouped", "linear"):
+        net, shape = nets[kind]
+        first = next(m for m in net.modules() if isinstance(m, PackedLayer))
+        z_a = float(first.act_params()["zero"])
+        assert z_a != round(2 * z_a) / 2 and cached._multiplier(first.w_zero) is None  # really real-valued
+        x = torch.randn(*shape)
+        y_ref = _outputs(net, x, "reference")
+        y = _outputs(net, x, "cpu")
+        assert torch.allclose(y, y_ref, rtol=1e-6, atol=1e-6), (kind, (y - y_ref).abs().max())
+        assert first.__dict__["_cpu_cache"]["q"][1] is not None  # the expanded form ran (not the reference)
+
+
+def test_border_terms_by_hand():
+    """C_q and C_1 of a 3x3 conv, padding 1, on a 3x3 input, against sums written out by hand."""
+    torch.manual_seed(0)
+    q = torch.randint(0, 4, (2, 1, 3, 3)).float()
+
+    layer = types.SimpleNamespace(groups=1, ch_axis=0)  # what cached._sums reads
+    ones = torch.ones(1, 1, 3, 3)
+    c_q, c_1 = cached._sums(lambda a, b: torch.nn.functional.conv2d(a, b, padding=1), ones, q, layer)
+    # output (0, 0) sees input rows/cols 0..1 through kernel rows/cols 1..2; (1, 1) sees everything
+    assert torch.equal(c_q[0, :, 0, 0], q[:, 0, 1:, 1:].sum((1, 2)))
+    assert torch.equal(c_q[0, :, 1, 1], q[:, 0].sum((1, 2)))
+    assert torch.equal(c_q[0, :, 0, 1], q[:, 0, 1:, :].sum((1, 2)))
+    assert c_1[0, 0].tolist() == [[4, 6, 4], [6, 9, 6], [4, 6, 4]]
+
+
+def test_cache_follows_in_place_weight_updates():
+    net, shape = _nets(CFGS["irnet1"])["conv"]
+    x = torch.randn(*shape)
+    _outputs(net, x, "cpu")
+    conv = net[0]
+    conv.qweight.copy_(conv.qweight ^ 0xFF)  # flip every sign in place (same storage)
+    y = _outputs(net, x, "cpu")
+    assert torch.equal(y, _outputs(net, x, "reference"))
+    net, shape = _nets(CFGS["lsq4"])["conv"]
+    _outputs(net, x, "cpu")
+    net[0].w_zero.add_(1.0)
+    net[0].a_scale.mul_(1.5)  # activation parameters are read per call
+    assert torch.equal(_outputs(net, x, "cpu"), _outputs(net, x, "reference"))
+
+
+def test_reference_runs_where_float32_sums_would_not_be_exact(monkeypatch):
+    """K * max|u| * max|w'| >= 2^24 (8-bit codes, K = 512 * 9): the layer takes the reference."""
+    calls = []
+    real = reference.conv2d
+    monkeypatch.setattr(reference, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    net = _packed(nn.Sequential(nn.Conv2d(512, 4, 3, padding=1)), CFGS["minmax8"], (2, 512, 5, 5))
+    x = torch.randn(1, 512, 5, 5)
+    y = _outputs(net, x, "cpu")
+    assert calls == [1]
+    assert torch.equal(y, _outputs(net, x, "reference"))
+
+
+def test_backend_reference_caches_nothing_and_clear_drops_the_cache():
+    net, shape = _nets(CFGS["lsq4"])["conv"]
+    x = torch.randn(*shape)
+    _outputs(net, x, "reference")
+    assert not any("_cpu_cache" in m.__dict__ for m in net.modules())
+    _outputs(net, x, "auto")
+    assert all("_cpu_cache" in m.__dict__ for m in net.modules() if isinstance(m, PackedLayer))
+    cached.clear(net)
+    assert not any("_cpu_cache" in m.__dict__ for m in net.modules())
+    assert "_cpu_cache" not in str(net.state_dict().keys())
+
+
+def test_backend_names():
+    assert dispatch.BACKENDS == ("auto", "triton", "cpu", "reference")
+    cpu = torch.zeros(1)
+    assert dispatch.cpu_cached("auto", cpu) and dispatch.cpu_cached("cpu", cpu)
+    assert not dispatch.cpu_cached("reference", cpu) and not dispatch.cpu_cached("triton", cpu)
+    assert dispatch.triton_ops("cpu", cpu) is None
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'; valid: \['auto', 'triton', 'cpu', 'reference'\]"):
+        dispatch.check_backend("fast")
