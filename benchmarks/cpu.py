@@ -6,8 +6,10 @@
 
 For each shipped quantized model and the float release of the same architecture and data ("torch
 FP32"), on random inputs of its golden input's shape: ``backend="reference"`` (the uncached integer
-path: weights unpacked on every call) and ``backend="cpu"`` (the cached CPU path, what ``auto`` runs on
-CPU tensors). The runs of one model are interleaved (FP32, reference, cpu, FP32, ...) and the table
+path: weights unpacked on every call), ``backend="cpu"`` (the cached CPU path, what ``auto`` runs on
+CPU tensors) and, with the ``export`` extra, onnxruntime on the float release ("ort FP32") and on the
+packed model's QDQ export ("ort int8", ``backend="onnxruntime"``; exported once into the cache).
+The runs of one model are interleaved (FP32, reference, cpu, ..., FP32, ...) and the table
 gives each one's median over the repeats and the ratio to FP32 from the same run (> 1: slower than
 float). "cache MiB": what the cached path holds after a forward (float32 weights, border terms).
 Timings on a shared machine are noisy: compare ratios, not absolute times across runs.
@@ -33,6 +35,13 @@ from zoo.registry import resolve_checkpoint  # noqa: E402
 from zoo.tasks import get_task, task_names  # noqa: E402
 
 BACKENDS = ("reference", "cpu")
+ORT = ("ort FP32", "ort int8")
+
+
+def have_onnxruntime() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
 def cpu_name() -> str:
@@ -103,7 +112,10 @@ def main(argv=None):
     batches = [1] if args.smoke else (args.batch or [1, 32])
     reps, warmup = (1, 0) if args.smoke else (args.reps, args.warmup)
     rows, records = [], []
+    from zoo.export import EXPORT_TASKS
+
     for task in args.task or task_names():
+        ort = have_onnxruntime() and task in EXPORT_TASKS
         if not get_task(task).predict_takes_images:  # generators are timed by their own benchmark
             continue
         names = zoo.list_models(task=task)
@@ -115,6 +127,9 @@ def main(argv=None):
         for name, fp in quantized:
             shape = tuple(read_golden(resolve_checkpoint(name))[0].shape[1:])
             models = {"fp32": zoo.load(fp)} | {b: zoo.load(name, backend=b) for b in BACKENDS}
+            if ort:
+                models |= {"ort FP32": zoo.load(fp, backend="onnxruntime"),
+                           "ort int8": zoo.load(name, backend="onnxruntime")}
             for batch in batches:
                 x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch))
                 ms = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, reps, warmup)
@@ -122,11 +137,12 @@ def main(argv=None):
                            cache_mib=cache_mib(models["cpu"]))
                 records.append(rec)
                 rows.append([name, batch, f"{ms['fp32']:.2f}"]
-                            + [f"{ms[b]:.2f} ({ms[b] / ms['fp32']:.2f}x)" for b in BACKENDS]
+                            + [f"{ms[b]:.2f} ({ms[b] / ms['fp32']:.2f}x)" if b in ms else "n/a"
+                               for b in BACKENDS + ORT]
                             + [f"{rec['cache_mib']:.2f}"])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
     desc = cpu_name()
-    headers = ["model", "batch", "torch FP32 ms"] + [f"{b} ms (/FP32)" for b in BACKENDS] + ["cache MiB"]
+    headers = ["model", "batch", "torch FP32 ms"] + [f"{b} ms (/FP32)" for b in BACKENDS + ORT] + ["cache MiB"]
     cmd = "python benchmarks/cpu.py" + (" --smoke" if args.smoke else "")
     text = "\n".join([f"# Shipped models on CPU — {desc}", "",
                       f"torch {torch.__version__}, `{cmd}`; medians of {reps} interleaved runs, "

@@ -7,6 +7,7 @@
 
 Importing zoo imports neither Triton nor Lightning and touches no CUDA device.
 """
+from . import export
 from .checkpoint import CheckpointError, allow_builder, load, save
 from .cost_model import cost
 from .quantizers import (DoReFa, EBB, IRNet, LayerQuant, LSQ, MinMax, N2UQ, PACT, PAMS, QuantConfig, ReAct,
@@ -20,5 +21,5 @@ __all__ = [
     "load", "save", "allow_builder", "cost", "CheckpointError", "quantize", "to_packed", "set_backend", "QuantConfig", "LayerQuant",
     "MinMax", "LSQ", "DoReFa", "PACT", "UL2Q", "XNOR", "IRNet", "ReAct", "EBB", "RLQ", "PAMS", "N2UQ",
     "register_quantizer",
-    "create_model", "list_models", "list_archs", "register_model", "ZooModel", "__version__",
+    "create_model", "list_models", "list_archs", "register_model", "ZooModel", "export", "__version__",
 ]

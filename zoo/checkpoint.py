@@ -251,7 +251,8 @@ def load(name_or_directory: str | os.PathLike, backend: str = "auto",
     Returns an eval-mode :class:`ZooModel` taking float images in [0, 1]; its quantized layers run
     from the packed weights through ``zoo.kernels``: ``backend="auto"`` (Triton kernels on CUDA
     tensors, the cached CPU path on CPU tensors), ``"triton"``, ``"cpu"`` (the cached CPU path: weights
-    unpacked once, outputs identical to the reference) or ``"reference"`` (nothing cached); W1A1 layers on
+    unpacked once, outputs identical to the reference) or ``"reference"`` (nothing cached), or ``"onnxruntime"`` (the
+    model exported to ONNX in QDQ form once, cached, and run by onnxruntime on CPU: ``zoo.export``); W1A1 layers on
     Triton use ``binary_kernel`` ``"popcount"``, ``"dot"`` or ``"auto"``. ``depth`` runs only that
     many quantized residual blocks of a depth-dynamic (QuantSR DQA) model; None runs all.
 
@@ -259,6 +260,11 @@ def load(name_or_directory: str | os.PathLike, backend: str = "auto",
     packed form: rebuilt by its recorded builder if you allowed it (:func:`allow_builder`), or from
     ``model=``, a float skeleton you build (it is quantized and packed in place).
     """
+    if backend == "onnxruntime":  # the packed model exported to ONNX once (cached), run by onnxruntime
+        from .export import load_onnxruntime
+
+        model = load(name_or_directory, "reference", "cpu", binary_kernel, depth, model)
+        return load_onnxruntime(model, resolve_checkpoint(name_or_directory))
     check_backend(backend)
     check_binary_kernel(binary_kernel)
     directory = resolve_checkpoint(name_or_directory)

@@ -1,0 +1,213 @@
+"""ONNX export (zoo.export) and the onnxruntime backend: the exported graph against the export form
+and the reference, the int8 initializers against the packed codes, BatchNorm folded, integer Clips,
+QLinearConv really fused, the shipped classifiers' predictions, the cache, and errors."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from zoo import export
+from zoo.kernels import reference
+from zoo.quantizers.packed import PackedLayer
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+class _Wrapped(nn.Module):
+    """The attributes export_form reads from a zoo model."""
+
+    def __init__(self, net, channels):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+
+
+def _packed(cfg, layers, shape=(4, 6, 8, 8)):
+    torch.manual_seed(0)
+    net = nn.Sequential(*layers)
+    zoo.quantize(net, cfg)
+    net.train()
+    for _ in range(3):
+        net(torch.randn(*shape))
+    return zoo.to_packed(net.eval())
+
+
+def _export(net, x, path, int8_kernels=True):
+    ef = export.export_form(_Wrapped(net, x.shape[1]))
+    torch.onnx.export(ef, (x,), str(path), opset_version=export.OPSET, dynamo=False, input_names=["images"])
+    m = onnx.load(str(path))
+    export.int8_weights(m)
+    export.fold_batchnorm(m)
+    export.integer_clips(m)
+    if int8_kernels:
+        export.int32_biases(m)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return ef, m
+
+
+def _run(path, x, level="ORT_DISABLE_ALL"):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=["WeightBiasQuantization"])
+    return s.run(None, {"images": x.numpy()})[0]
+
+
+ACT_CFGS = {"lsq4": zoo.QuantConfig(weight=zoo.LSQ(4), act=zoo.LSQ(4)),
+            "minmax8_signed": zoo.QuantConfig(weight=zoo.MinMax(8), act=zoo.MinMax(8)),
+            "react1": zoo.QuantConfig(weight=zoo.ReAct(1), act=zoo.ReAct(1)),
+            "n2uq2": zoo.QuantConfig(weight=zoo.N2UQ(2), act=zoo.N2UQ(2)),
+            "ul2q2": zoo.QuantConfig(weight=zoo.UL2Q(2), act=zoo.UL2Q(2))}
+
+
+@pytest.mark.parametrize("name", list(ACT_CFGS))
+def test_export_activation_codes_match_the_reference(name):
+    """s_a (v - z_a) of the export form's activation against the reference's codes; QuantizeLinear's
+    x * (1/s) rounding may move a value sitting on a tie by one step, never more, and rarely."""
+    net = _packed(ACT_CFGS[name], [nn.Conv2d(6, 8, 3, padding=1)])
+    layer = net[0]
+    act = export.ExportLayer(layer).acts[0]
+    x = torch.randn(4, 6, 8, 8) * 2
+    p = layer.act_params()
+    v = reference.quantize_act(x, layer.act_mode, p, 1)
+    want = (v - reference.act_zero(layer.act_mode, p)) * reference.act_scale(layer.act_mode, p)
+    got = act(x)
+    step = reference.act_scale(layer.act_mode, p)
+    diff = (got - want).abs()
+    assert (diff <= step * 1.0001 + 1e-6).all()
+    assert (diff > 1e-6).float().mean() < 0.002, name
+
+
+def test_int8_initializers_hold_the_packed_codes_and_batchnorm_is_folded(tmp_path):
+    cfgs = {"lsq4": ACT_CFGS["lsq4"], "xnor_w1a4": zoo.QuantConfig(weight=zoo.XNOR(1), act=zoo.LSQ(4))}
+    for name, cfg in cfgs.items():
+        net = _packed(cfg, [nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 4, 3, padding=1)])
+        net[1].running_mean.uniform_(-1, 1), net[1].running_var.uniform_(0.5, 2)
+        x = torch.randn(2, 6, 8, 8)
+        ef, m = _export(net, x, tmp_path / f"{name}.onnx", int8_kernels=False)
+        g = m.graph
+        consts = export._consts(g)
+        ops = [n.op_type for n in g.node]
+        assert "BatchNormalization" not in ops
+        dq_weights = [consts[n.input[0]] for n in g.node
+                      if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[0]].ndim == 4]
+        packed = [mod for mod in net.modules() if isinstance(mod, PackedLayer)]
+        assert len(dq_weights) == len(packed) == 2
+        for codes, layer in zip(dq_weights, packed):
+            q = layer.codes().double()
+            z = layer.w_zero.double().reshape(-1, 1, 1, 1)
+            mult = 2 if name == "xnor_w1a4" else 1  # XNOR's zero point 1/2: codes 2q - 1 = +-1
+            assert codes.dtype == np.int8
+            np.testing.assert_array_equal(codes, ((q - z) * mult).numpy().astype(np.int8))
+        if name == "xnor_w1a4":
+            assert set(np.unique(dq_weights[0]).tolist()) == {-1, 1}
+        # 4-bit activations: the Clip runs on the integer codes after QuantizeLinear (the signed input:
+        # int8 codes -8..7; after the ReLU: uint8 codes 0..15)
+        clips = [n for n in g.node if n.op_type == "Clip" and n.input[1] in consts
+                 and consts[n.input[1]].dtype in (np.uint8, np.int8)]
+        ranges = [(int(consts[c.input[1]]), int(consts[c.input[2]])) for c in clips]
+        assert ranges == [(-8, 7), (0, 15)], ranges
+        # the graph computes the export form (float rounding apart), and that is the reference's
+        np.testing.assert_allclose(_run(tmp_path / f"{name}.onnx", x), ef(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            zoo.set_backend(net, "reference")
+            np.testing.assert_allclose(ef(x).numpy(), net(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_int32_biases_are_the_float_biases_rounded_to_the_accumulator_grid(tmp_path):
+    net = _packed(ACT_CFGS["lsq4"], [nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)])
+    x = torch.randn(2, 6, 8, 8)
+    _, m = _export(net, x, tmp_path / "b.onnx")
+    consts = export._consts(m.graph)
+    biases = [n for n in consts if n.endswith("_bias_int32")]
+    assert len(biases) == 2
+    for name, layer in zip(sorted(biases), [mod for mod in net.modules() if isinstance(mod, PackedLayer)]):
+        scale = consts[name + "_scale"].astype(np.float64)
+        s_w = layer.w_scale.double().numpy()
+        np.testing.assert_allclose(scale, float(layer.act_params()["scale"]) * s_w, rtol=1e-6)
+        assert consts[name].dtype == np.int32
+        assert np.all(np.abs(consts[name] * scale - layer.bias.double().numpy()) <= scale / 2 * 1.0001)
+
+
+def test_onnxruntime_runs_lsq_w4a4_in_qlinearconv(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    model = zoo.load("resnet20.lsq_w4a4_fmnist", backend="onnxruntime")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(model.onnx_path), so, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=["WeightBiasQuantization"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") >= 9  # the convs whose output feeds the next quantized conv
+
+
+def test_onnxruntime_backend_is_cached_and_checks_inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    a = zoo.load("resnet20.lsq_w4a4_fmnist", backend="onnxruntime")
+    stamp = a.onnx_path.stat().st_mtime_ns
+    b = zoo.load("resnet20.lsq_w4a4_fmnist", backend="onnxruntime")
+    assert b.onnx_path == a.onnx_path and b.onnx_path.stat().st_mtime_ns == stamp
+    assert a.onnx_path.parent == tmp_path / "onnx"
+    with pytest.raises(ValueError, match=r"images in \[0, 1\]"):
+        a(torch.full((1, 1, 28, 28), 200.0))
+    assert a.task == "cls" and a.input_contract["channels"] == 1
+
+
+def _fmnist_test(n):
+    from zoo.datasets import load_fmnist
+
+    x, y = load_fmnist(split="test")
+    x = torch.as_tensor(np.asarray(x[:n])).float().div(255).reshape(-1, 1, 28, 28)
+    return x, torch.as_tensor(np.asarray(y[:n])).long()
+
+
+def _agreement(name, n):
+    x, y = _fmnist_test(n)
+    ref, om = zoo.load(name), zoo.load(name, backend="onnxruntime")
+    with torch.no_grad():
+        a = torch.cat([ref(x[i:i + 500]) for i in range(0, len(x), 500)]).argmax(1)
+        b = torch.cat([om(x[i:i + 500]) for i in range(0, len(x), 500)]).argmax(1)
+    return (a == y).float().mean().item(), (b == y).float().mean().item(), (a == b).float().mean().item()
+
+
+QUANT_CLS = [n for n in zoo.list_models(task="cls") if "fp32" not in n]
+
+
+@pytest.mark.parametrize("name", QUANT_CLS)
+def test_shipped_classifier_through_onnxruntime(name, tmp_path, monkeypatch):
+    """500 test images: top-1 accuracy within 1 point of the reference backend and at least 95% of the
+    predictions the same (measured on the whole test set by the slow test below)."""
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    acc_ref, acc_ort, agree = _agreement(name, 500)
+    assert abs(acc_ref - acc_ort) <= 0.01 and agree >= 0.95, (acc_ref, acc_ort, agree)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", QUANT_CLS)
+def test_shipped_classifier_through_onnxruntime_full_test_set(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    acc_ref, acc_ort, agree = _agreement(name, 10_000)
+    print(f"{name}: reference {acc_ref:.4f}, onnxruntime {acc_ort:.4f}, same prediction {agree:.4f}")
+    assert abs(acc_ref - acc_ort) <= 0.005 and agree >= 0.97, (acc_ref, acc_ort, agree)
+
+
+def test_export_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"image-to-tensor tasks \['cls', 'sr', 'sal'\]; this model's task is 'det'"):
+        export.onnx("fcos_r18.lsq_w4a4_det_composites", tmp_path / "d.onnx")
+    import builtins
+
+    real = builtins.__import__
+
+    def no_onnxruntime(name, *a, **k):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'", name="onnxruntime")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    with pytest.raises(ImportError, match=r'onnxruntime is missing\): pip install -c constraints.txt -e "\.\[export\]"'):
+        export.onnx("resnet20.lsq_w4a4_fmnist", tmp_path / "r.onnx")
+    assert not (tmp_path / "r.onnx").exists()

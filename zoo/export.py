@@ -1,0 +1,496 @@
+"""ONNX export of packed models (QDQ form) and an onnxruntime backend.
+
+    zoo.export.onnx("resnet20.lsq_w4a4_fmnist", "r20.onnx")
+    model = zoo.load("resnet20.lsq_w4a4_fmnist", backend="onnxruntime")   # exported once, cached
+
+The graph is built from the packed checkpoint: every packed layer becomes
+
+* **weights**: an int8 initializer holding the exact codes ``m_w * (q - z_w)`` (``m_w`` = 2 for a
+  half-integer zero point such as XNOR's 1/2, so binary weights are +-1 codes) with a per-channel
+  ``DequantizeLinear`` of scale ``s_w / m_w`` and zero point 0; a zero point that no small multiple
+  makes an integer (muL2Q) or codes outside int8 keep a float initializer of the dequantized weight;
+* **activations**: ``QuantizeLinear`` -> (for fewer than 8 bits, ``Clip`` of the integer codes to
+  their range) -> ``DequantizeLinear`` where the codes fit (u)int8 with an integer zero point; sign activations as
+  ``Where(x >= 0, 1, -1)``; other forms (muL2Q's real-valued offsets, N2UQ's thresholds) written out
+  in float ops (Round, Clip, comparisons), which compute the same codes;
+* a ``BatchNormalization`` right after a dequantized-weight ``Conv`` is folded into that conv's
+  per-channel weight scale and bias, so onnxruntime fuses ``DQ -> Conv -> Q`` into ``QLinearConv``.
+
+Where the results differ from the reference backend, and why:
+
+* a conv bias becomes int32 in the accumulator's units (``int8_kernels=True``, the default: what an
+  integer kernel adds, and what lets onnxruntime fuse ``DQ -> Conv -> Q`` into ``QLinearConv``), i.e.
+  rounded to a multiple of ``s_a * s_w``; where activations are coarse (2 bits) this moves some next-
+  layer codes;
+* a fused layer requantizes its int32 sums to the next layer's codes with onnxruntime's own float
+  rounding of ``s_a * s_w / s_next``;
+* ``QuantizeLinear`` rounds ``x / s`` half to even before adding the zero point (the training form
+  rounds ``x / s + z``): an input exactly on a tie can get the neighbouring code.
+
+So outputs agree with the reference to within a quantization step at such points, not bit for bit;
+``tests/test_export.py`` measures the agreement of every shipped classifier.
+
+Needs the ``export`` extra: ``pip install -c constraints.txt -e ".[export]"`` (onnx, onnxruntime).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
+
+OPSET = 17
+EXPORT_VERSION = 4  # part of the onnxruntime cache key: bump when the exported graph changes
+EXPORT_TASKS = ("cls", "sr", "sal")  # image -> tensor models; detectors and generators are not exported yet
+INT8 = (-128, 127)
+UINT8 = (0, 255)
+
+
+def _require():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnx and onnxruntime ({e.name} is missing): "
+                          f'pip install -c constraints.txt -e ".[export]"') from None
+
+
+# ---------------------------------------------------------------------------- export modules
+def _int_weight(layer: PackedLayer):
+    """(codes as float, per-channel scale, per-channel zero point, code range) such that
+    scale * (codes - zero) is the layer's weight: int8 codes m_w (q - z_w) with zero point 0 where they
+    fit (m_w in {1, 2, 4} makes a half- or quarter-integer z_w whole), else the uint8 codes q with the
+    integer zero points z_w (asymmetric 8-bit weights); None if neither represents the weight exactly."""
+    q = layer.codes().double()
+    z, s = layer.w_zero.double(), layer.w_scale.double()
+    shape = [1] * q.ndim
+    shape[layer.ch_axis] = -1
+    zeros = torch.zeros(len(z), dtype=torch.int32)
+    for m in (1, 2, 4):
+        if torch.equal(z * m, torch.round(z * m)):
+            codes = (q - z.reshape(shape)) * m
+            if not codes.numel() or (codes.min() >= INT8[0] and codes.max() <= INT8[1]):
+                return codes.float(), (s / m).float(), zeros, INT8
+            break
+    if torch.equal(z, torch.round(z)) and z.min() >= UINT8[0] and z.max() <= UINT8[1] and layer.bits <= 8:
+        return q.float(), s.float(), z.to(torch.int32), UINT8
+    return None
+
+
+class ExportAct(nn.Module):
+    """One call site's activation quantization, written with ops ONNX has."""
+
+    def __init__(self, mode: str, p: dict, ch_axis: int):
+        super().__init__()
+        self.mode, self.ch_axis = mode, ch_axis
+        self.shift = p["shift"].float().clone() if "shift" in p else None
+        if mode == "sign":
+            return
+        self.scale, self.zero = float(p["scale"]), float(p["zero"])
+        self.offset = float(p.get("offset", p["zero"]))
+        self.qmin, self.qmax = float(p["qmin"]), float(p["qmax"])
+        self.thresholds = p["thresholds"].float().clone() if mode == "threshold" else None
+        self.qdq = None
+        z = self.zero
+        if mode == "affine" and z == self.offset and z == math.floor(z):
+            for lo, hi in (UINT8, INT8):
+                if lo <= self.qmin and self.qmax <= hi and lo <= z <= hi:
+                    self.qdq = (int(z), lo, hi)
+                    break
+
+    def forward(self, x):
+        if self.shift is not None:
+            shape = [1] * x.ndim
+            shape[self.ch_axis] = -1
+            x = x - self.shift.to(x.dtype).reshape(shape)
+        if self.mode == "sign":
+            return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+        s, z = self.scale, self.zero
+        if self.mode == "threshold":
+            v = (x.unsqueeze(-1) > self.thresholds.to(x.dtype)).to(x.dtype).sum(-1)
+            return (v - z) * s
+        if self.qdq is not None:
+            zp, lo, hi = self.qdq
+            if (self.qmin, self.qmax) != (lo, hi):  # fewer than 8 bits: Clip to the codes' range first
+                x = torch.clamp(x, (self.qmin - z) * s, (self.qmax - z) * s)
+            return torch.fake_quantize_per_tensor_affine(x, s, zp, lo, hi)
+        v = torch.clamp(torch.round(x / s + self.offset), self.qmin, self.qmax)
+        return (v - z) * s
+
+
+class ExportLayer(nn.Module):
+    """A packed layer in export form: activation fake-quantization (one per call site), then the float
+    op on per-channel fake-quantized int8 weights (exported as an int8 initializer + DequantizeLinear)."""
+
+    def __init__(self, layer: PackedLayer):
+        super().__init__()
+        self.kind = {PackedConv2d: "conv", PackedLinear: "linear", PackedConvTranspose2d: "transposed"}[type(layer)]
+        self.ch_axis = layer.ch_axis
+        for k in ("stride", "padding", "dilation", "groups", "output_padding"):
+            if hasattr(layer, k):
+                setattr(self, k, getattr(layer, k))
+        iw = _int_weight(layer)
+        if iw is None:
+            self.register_buffer("weight", layer.dequantized_weight().float())
+            self.w_scale = None
+        else:
+            codes, scale, zero, self.w_range = iw
+            shape = [1] * codes.ndim
+            shape[self.ch_axis] = -1
+            # s * (code - zero) in float32; the fake-quantization below gives back exactly these codes
+            self.register_buffer("weight", (codes - zero.reshape(shape)) * scale.reshape(shape))
+            self.register_buffer("w_scale", scale)
+            self.register_buffer("w_zero", zero)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.float().clone())
+        act_axis = -1 if self.kind == "linear" else 1
+        sites = []
+        if layer.act_mode != "none":
+            for i in range(layer.num_sites):
+                layer.site = i
+                sites.append(ExportAct(layer.act_mode, layer.act_params(), act_axis))
+            layer.site = 0
+        self.acts = nn.ModuleList(sites)
+        self.calls = 0
+
+    def _weight(self):
+        if self.w_scale is None:
+            return self.weight
+        return torch.fake_quantize_per_channel_affine(self.weight, self.w_scale, self.w_zero, self.ch_axis,
+                                                      *self.w_range)
+
+    def forward(self, x):
+        if len(self.acts):
+            x = self.acts[self.calls % len(self.acts)](x)
+            self.calls += 1
+        w = self._weight()
+        if self.kind == "conv":
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.kind == "linear":
+            return F.linear(x, w, self.bias)
+        return F.conv_transpose2d(x, w, self.bias, self.stride, self.padding, self.output_padding, self.groups,
+                                  self.dilation)
+
+
+class _Images(nn.Module):
+    """The network on images in [0, 1]: the zoo model's normalisation, then its net."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.net = model.net
+        self.register_buffer("mean", model.mean.clone())
+        self.register_buffer("std", model.std.clone())
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+def export_form(model) -> nn.Module:
+    """A copy of the packed zoo ``model`` with every packed layer in export form, on images in [0, 1]."""
+    from .quantizers.quantize import _set_child
+
+    m = copy.deepcopy(model).cpu().eval()
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, PackedLayer):
+            _set_child(m, name, ExportLayer(mod))
+    return _Images(m).eval()
+
+
+# ---------------------------------------------------------------------------- graph passes
+def _consts(graph) -> dict:
+    import onnx.numpy_helper as nh
+
+    import onnx.helper as oh
+
+    out = {i.name: nh.to_array(i) for i in graph.initializer}
+    for n in graph.node:  # in graph order: an Identity or Cast of a constant is a constant
+        if n.op_type == "Constant":
+            out[n.output[0]] = nh.to_array(n.attribute[0].t)
+        elif n.op_type == "Identity" and n.input[0] in out:
+            out[n.output[0]] = out[n.input[0]]
+        elif n.op_type == "Cast" and n.input[0] in out:
+            to = next(a.i for a in n.attribute if a.name == "to")
+            out[n.output[0]] = out[n.input[0]].astype(oh.tensor_dtype_to_np_dtype(to))
+    return out
+
+
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def int8_weights(model) -> int:
+    """QuantizeLinear of a constant weight -> the int8 initializer it computes (exact codes); returns
+    how many weights were replaced."""
+    import numpy as np
+    import onnx.numpy_helper as nh
+
+    g = model.graph
+    consts = _consts(g)
+    done, keep = 0, []
+    for n in g.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in consts and n.input[1] in consts:
+            w, s = consts[n.input[0]].astype(np.float32), consts[n.input[1]].astype(np.float32)
+            zp = consts[n.input[2]] if len(n.input) > 2 and n.input[2] in consts else np.zeros((), np.uint8)
+            if s.ndim:
+                shape = [1] * w.ndim
+                shape[_axis(n) % w.ndim] = -1
+                s, zpb = s.reshape(shape), zp.reshape(shape)
+            else:
+                zpb = zp
+            info = np.iinfo(zp.dtype)
+            q = np.clip(np.round(w / s) + zpb.astype(np.int64), info.min, info.max).astype(zp.dtype)
+            g.initializer.append(nh.from_array(q, n.output[0] + "_codes"))
+            for m in g.node:
+                for i, name in enumerate(m.input):
+                    if name == n.output[0]:
+                        m.input[i] = n.output[0] + "_codes"
+            done += 1
+        else:
+            keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    _drop_unused(g)
+    return done
+
+
+def integer_clips(model) -> int:
+    """Clip(x, lo, hi) -> QuantizeLinear  ==>  QuantizeLinear -> Clip(codes) on the (u)int8 codes (the same
+    codes: clamp(round(x / s) + zp, qmin, qmax)), so the float op before the Clip can fuse with the
+    QuantizeLinear into an integer kernel (QLinearConv) and the Clip runs on integers. Returns how
+    many were rewritten."""
+    import numpy as np
+    import onnx.helper as oh
+    import onnx.numpy_helper as nh
+
+    g = model.graph
+    consts = _consts(g)
+    users = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    out, done = [], 0
+    pending = {}
+    for n in g.node:
+        if n.op_type == "Clip" and len(n.input) == 3 and all(i in consts for i in n.input[1:]) \
+                and len(users.get(n.output[0], [])) == 1 and users[n.output[0]][0].op_type == "QuantizeLinear":
+            q = users[n.output[0]][0]
+            if q.input[1] in consts and len(q.input) > 2 and q.input[2] in consts and consts[q.input[1]].ndim == 0:
+                pending[id(q)] = n
+                continue  # the Clip moves after its QuantizeLinear
+        out.append(n)
+        clip = pending.pop(id(n), None)
+        if clip is not None:
+            s, zp = float(consts[n.input[1]]), consts[n.input[2]]
+            lo, hi = (np.array(np.round(float(consts[i]) / s) + int(zp), dtype=zp.dtype) for i in clip.input[1:])
+            codes = n.output[0]
+            n.input[0] = clip.input[0]
+            n.output[0] = codes + "_unclipped"
+            g.initializer.extend([nh.from_array(lo, codes + "_min"), nh.from_array(hi, codes + "_max")])
+            out.append(oh.make_node("Clip", [n.output[0], codes + "_min", codes + "_max"], [codes],
+                                    name=(clip.name or codes) + "_codes"))
+            done += 1
+    del g.node[:]
+    g.node.extend(out)
+    _drop_unused(g)
+    return done
+
+
+def int32_biases(model) -> int:
+    """The float bias of a Conv between a DequantizeLinear activation (scale s_a) and per-channel
+    DequantizeLinear weights (s_w) -> an int32 initializer round(b / (s_a s_w)) with its
+    DequantizeLinear, as an integer kernel adds it (onnxruntime would otherwise do this itself and, on
+    the way, requantize float weights it finds there). Returns how many were converted."""
+    import numpy as np
+    import onnx.helper as oh
+    import onnx.numpy_helper as nh
+
+    g = model.graph
+    consts = _consts(g)
+    producer = {o: n for n in g.node for o in n.output}
+    out, done = [], 0
+    for n in g.node:
+        a = producer.get(n.input[0]) if n.op_type == "Conv" else None
+        w = producer.get(n.input[1]) if a is not None else None
+        if (a is not None and w is not None and len(n.input) > 2 and n.input[2] in consts
+                and a.op_type == w.op_type == "DequantizeLinear" and a.input[1] in consts and w.input[1] in consts
+                and consts[a.input[1]].ndim == 0 and w.input[0] in consts):
+            scale = (float(consts[a.input[1]]) * consts[w.input[1]].astype(np.float32)).astype(np.float32)
+            b = consts[n.input[2]].astype(np.float64)
+            scale = np.broadcast_to(scale, b.shape).astype(np.float32)
+            codes = np.round(b / scale.astype(np.float64))
+            if np.all(np.abs(codes) < 2 ** 31 - 1) and np.all(scale > 0):
+                name = n.output[0] + "_bias_int32"  # unique per conv (biases may be shared)
+                g.initializer.extend([nh.from_array(codes.astype(np.int32), name),
+                                      nh.from_array(scale, name + "_scale")])
+                out.append(oh.make_node("DequantizeLinear", [name, name + "_scale"], [name + "_dq"], axis=0,
+                                        name=name + "_dq"))
+                n.input[2] = name + "_dq"
+                done += 1
+        out.append(n)
+    del g.node[:]
+    g.node.extend(out)
+    _drop_unused(g)
+    return done
+
+
+def fold_batchnorm(model) -> int:
+    """Conv(x, DQ(codes, s), b) -> BatchNormalization  ==>  Conv(x, DQ(codes, s * g), b'), with
+    g = gamma / sqrt(var + eps), b' = (b - mean) g + beta. Returns how many were folded."""
+    import numpy as np
+    import onnx.numpy_helper as nh
+
+    g = model.graph
+    consts = _consts(g)
+    producer = {o: n for n in g.node for o in n.output}
+    users = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    drop, folded = set(), 0
+    for bn in g.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or len(users.get(conv.output[0], [])) != 1:
+            continue
+        dq = producer.get(conv.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in consts \
+                or len(users.get(dq.output[0], [])) != 1 or _axis(dq) != 0:
+            continue
+        if not all(i in consts for i in bn.input[1:]):
+            continue
+        gamma, beta, mean, var = (consts[i].astype(np.float64) for i in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        k = gamma / np.sqrt(var + eps)
+        scale = consts[dq.input[1]].astype(np.float64)
+        if scale.shape != k.shape:  # only per-output-channel weight scales (what export_form writes)
+            continue
+        b = consts[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        new_s, new_b = dq.output[0] + "_bn_scale", conv.output[0] + "_bn_bias"
+        g.initializer.append(nh.from_array((scale * k).astype(np.float32), new_s))
+        g.initializer.append(nh.from_array(((b - mean) * k + beta).astype(np.float32), new_b))
+        dq.input[1] = new_s
+        if len(conv.input) > 2:
+            conv.input[2] = new_b
+        else:
+            conv.input.append(new_b)
+        conv.output[0] = bn.output[0]
+        drop.add(id(bn))
+        folded += 1
+    keep = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(keep)
+    _drop_unused(g)
+    return folded
+
+
+def _drop_unused(g) -> None:
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    nodes = [n for n in g.node if n.op_type != "Constant" or n.output[0] in used]
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+# ---------------------------------------------------------------------------- public API
+def onnx(model_or_name, path, int8_kernels: bool = True, opset: int = OPSET) -> Path:
+    """Export a packed zoo model (or a shipped model's name / checkpoint directory) to an ONNX file
+    in QDQ form (see the module docstring); batch, and height/width where the model takes any size,
+    are dynamic. ``int8_kernels``: write conv biases as int32 in the accumulator's units (what lets
+    onnxruntime fuse ``DQ -> Conv -> Q`` into ``QLinearConv``; it rounds each bias to a multiple of
+    s_a * s_w, which with coarse 2-bit activation grids moves outputs visibly); False keeps them float
+    (float convs on the exact dequantized codes: closest to the reference, no integer speed-up).
+    Returns the path, written atomically."""
+    _require()
+    import onnx as onnx_lib
+
+    from .checkpoint import load
+
+    model = load(model_or_name) if isinstance(model_or_name, (str, os.PathLike)) else model_or_name
+    task = getattr(model, "task", None)
+    if task not in EXPORT_TASKS:
+        raise ValueError(f"ONNX export covers the image-to-tensor tasks {list(EXPORT_TASKS)}; this model's "
+                         f"task is {task!r}")
+    ic = model.input_contract
+    size = ic.get("size") or (64, 64)
+    x = torch.rand(1, ic["channels"], *size, generator=torch.Generator().manual_seed(0))
+    dyn = {0: "batch"} if ic.get("size") else {0: "batch", 2: "height", 3: "width"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(export_form(model), (x,), tmp, opset_version=opset, dynamo=False,
+                              input_names=["images"], output_names=["output"],
+                              dynamic_axes={"images": dyn, "output": {0: "batch"}})
+        graph = onnx_lib.load(tmp)
+        int8_weights(graph)
+        fold_batchnorm(graph)
+        integer_clips(graph)
+        if int8_kernels:
+            int32_biases(graph)
+        onnx_lib.checker.check_model(graph)
+        onnx_lib.save(graph, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ZOO_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                       "lowbit-vision-zoo")
+    return Path(root) / "onnx"
+
+
+class OnnxModel(nn.Module):
+    """A zoo model run by onnxruntime: takes images in [0, 1] (checked as the zoo model checks them),
+    returns the network's output as a torch tensor on the input's device."""
+
+    def __init__(self, model, onnx_path: Path, threads: int | None = None, int8_kernels: bool = True):
+        super().__init__()
+        import onnxruntime as ort
+
+        self.source = model  # the packed zoo model: metadata and the input check
+        self.task, self.input_contract = model.task, model.input_contract
+        self.metrics = getattr(model, "metrics", {})
+        self.onnx_path = Path(onnx_path)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        # the graph's integer weights (and, with int8_kernels, biases) are what we chose; this pass would
+        # quantize float biases and requantize float weights it finds after an activation's
+        # DequantizeLinear to int8 per tensor (lossy)
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=["WeightBiasQuantization"])
+
+    def config(self) -> dict:
+        return self.source.config()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.source.check_input(x)
+        out = self.session.run(None, {"images": x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def load_onnxruntime(model, directory: Path, int8_kernels: bool = True) -> OnnxModel:
+    """``zoo.load(..., backend="onnxruntime")``: the model exported once into the cache (keyed by its
+    config.json, which holds the weights' sha256, and the export version), then run by onnxruntime."""
+    _require()
+    key = (directory / "config.json").read_bytes() + f"export{EXPORT_VERSION}-{int8_kernels}".encode()
+    path = cache_dir() / f"{directory.name}-{hashlib.sha256(key).hexdigest()[:16]}.onnx"
+    if not path.is_file():
+        onnx(model, path, int8_kernels)
+    return OnnxModel(model, path)
