@@ -5,6 +5,7 @@
     python benchmarks/checkpoints.py --task sr --data DIR       # your own HR photos (any size)
     python benchmarks/checkpoints.py --task sal --data DIR      # your DUTS-style folder
     python benchmarks/checkpoints.py --task sal --limit 128     # only the first 128 test images
+    python benchmarks/checkpoints.py --task sr --backend onnxruntime   # through the ONNX export
 
 The test data is the task's (its ``benchmark_loader``: the built-in test split, or ``--data`` in
 the task's user format); the table is the task's summary table of the re-measured numbers (the
@@ -28,7 +29,7 @@ from zoo.train import hardware
 
 
 def remeasure(task: str, data: str | None = None, limit: int | None = None,
-              link_from: Path | None = None) -> str:
+              link_from: Path | None = None, backend: str = "auto") -> str:
     """The task's summary table of every shipped model's metrics as measured now; links to the
     cards are relative to ``link_from`` (the folder the table is saved in) when given."""
     task_cls = get_task(task)
@@ -36,7 +37,9 @@ def remeasure(task: str, data: str | None = None, limit: int | None = None,
     for name in zoo.list_models(task=task):
         d = resolve_checkpoint(name)
         cfg = json.loads((d / "config.json").read_text())
-        model = zoo.load(name)
+        if backend == "onnxruntime" and name.split(".", 1)[0] == "mmdet":
+            continue
+        model = zoo.load(name, backend=backend)
         loader, desc = task_cls.benchmark_loader(model, data, limit)
         described.add(desc)
         t = time.time()
@@ -45,7 +48,7 @@ def remeasure(task: str, data: str | None = None, limit: int | None = None,
         cfg = {**{k: v for k, v in cfg.items() if k != "seeds"},  # this run's numbers only
                "metrics": {**{f"test_{k}": v for k, v in res.items()}, **task_cls.extra_metrics(model)}}
         rows.append((d, cfg))
-    lines = [f"Packed models through zoo.load (reference backend); {hardware()}, torch {torch.__version__}"]
+    lines = [f"Packed models through zoo.load (backend={backend!r}); {hardware()}, torch {torch.__version__}"]
     lines += [f"- {t}" for t in sorted(described)]
     lines += ["- evaluation seconds: " + ", ".join(f"{n} {s:.1f}" for n, s in seconds.items()), ""]
     table = task_cls.summary_table(rows)
@@ -61,10 +64,12 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="a folder in the task's user format to evaluate on instead")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
     ap.add_argument("--out", default=None, help="where to save the table (default: benchmarks/results/)")
+    ap.add_argument("--backend", default="auto", help="zoo.load's backend, e.g. onnxruntime (the export extra)")
     args = ap.parse_args(argv)
-    stem = f"{args.task}_checkpoints" + (f"_{Path(args.data).name}" if args.data else "")
+    stem = f"{args.task}_checkpoints" + (f"_{Path(args.data).name}" if args.data else "") + \
+        (f"_{args.backend}" if args.backend != "auto" else "")
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{stem}.md"
-    text = remeasure(args.task, args.data, args.limit, link_from=out.parent.resolve())
+    text = remeasure(args.task, args.data, args.limit, link_from=out.parent.resolve(), backend=args.backend)
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

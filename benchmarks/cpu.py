@@ -112,10 +112,10 @@ def main(argv=None):
     batches = [1] if args.smoke else (args.batch or [1, 32])
     reps, warmup = (1, 0) if args.smoke else (args.reps, args.warmup)
     rows, records = [], []
-    from zoo.export import EXPORT_TASKS
+    from zoo.export import exportable
 
     for task in args.task or task_names():
-        ort = have_onnxruntime() and task in EXPORT_TASKS
+        ort = have_onnxruntime() and exportable(task)
         if not get_task(task).predict_takes_images:  # generators are timed by their own benchmark
             continue
         names = zoo.list_models(task=task)

@@ -10,9 +10,9 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _run(script, *args):
+def _run(script, *args, env=None):
     return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                          timeout=900, cwd=BENCH.parent)
+                          timeout=900, cwd=BENCH.parent, env=env)
 
 
 def test_kernels_benchmark_smoke():
@@ -133,8 +133,10 @@ def test_generate_benchmark_smoke():
     assert rows[0].rstrip(" |").endswith("1.00x") and "nothing saved" in out.stdout
 
 
-def test_cpu_benchmark_smoke():
-    out = _run("cpu.py", "--smoke", "--task", "cls")
+def test_cpu_benchmark_smoke(tmp_path):
+    import os
+
+    out = _run("cpu.py", "--smoke", "--task", "cls", env={**os.environ, "ZOO_CACHE": str(tmp_path)})  # ONNX exports
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| resnet20.")]
     assert len(rows) == 1 and "| 1 |" in rows[0]

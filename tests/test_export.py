@@ -98,14 +98,24 @@ def test_int8_initializers_hold_the_packed_codes_and_batchnorm_is_folded(tmp_pat
                       if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[0]].ndim == 4]
         packed = [mod for mod in net.modules() if isinstance(mod, PackedLayer)]
         assert len(dq_weights) == len(packed) == 2
-        for codes, layer in zip(dq_weights, packed):
+        scales = [consts[n.input[1]] for n in g.node
+                  if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[0]].ndim == 4]
+        bn = net[1]
+        folds = [(bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy(), 1.0]  # BN folded into conv 1
+        for codes, scale, layer, fold in zip(dq_weights, scales, packed, folds):
             q = layer.codes().double()
             z = layer.w_zero.double().reshape(-1, 1, 1, 1)
-            mult = 2 if name == "xnor_w1a4" else 1  # XNOR's zero point 1/2: codes 2q - 1 = +-1
-            assert codes.dtype == np.int8
-            np.testing.assert_array_equal(codes, ((q - z) * mult).numpy().astype(np.int8))
+            base = (q - z).numpy() * (2 if name == "xnor_w1a4" else 1)  # XNOR's zero point 1/2: 2q - 1 = +-1
+            # widened by the largest power of two M that keeps the codes in int8, the scale divided by it
+            mult = 1
+            while np.abs(base).max() * mult * 2 <= 127:
+                mult *= 2
+            assert codes.dtype == np.int8 and mult > 1
+            np.testing.assert_array_equal(codes, (base * mult).astype(np.int8))
+            s_w = layer.w_scale.double().numpy() / ((2 if name == "xnor_w1a4" else 1) * mult)
+            np.testing.assert_allclose(scale.astype(np.float64), s_w * fold, rtol=1e-6)
         if name == "xnor_w1a4":
-            assert set(np.unique(dq_weights[0]).tolist()) == {-1, 1}
+            assert set(np.unique(dq_weights[0] // np.abs(dq_weights[0]).max()).tolist()) == {-1, 1}
         # 4-bit activations: the Clip runs on the integer codes after QuantizeLinear (the signed input:
         # int8 codes -8..7; after the ReLU: uint8 codes 0..15)
         clips = [n for n in g.node if n.op_type == "Clip" and n.input[1] in consts
@@ -129,9 +139,27 @@ def test_int32_biases_are_the_float_biases_rounded_to_the_accumulator_grid(tmp_p
     for name, layer in zip(sorted(biases), [mod for mod in net.modules() if isinstance(mod, PackedLayer)]):
         scale = consts[name + "_scale"].astype(np.float64)
         s_w = layer.w_scale.double().numpy()
-        np.testing.assert_allclose(scale, float(layer.act_params()["scale"]) * s_w, rtol=1e-6)
+        # the accumulator unit: s_a times the (widened) weight scale, 2^k finer than s_a * s_w
+        ratio = float(layer.act_params()["scale"]) * s_w / scale
+        k = np.log2(ratio)
+        assert np.allclose(k, np.round(k), atol=1e-5) and np.all(np.round(k) >= 3), ratio
         assert consts[name].dtype == np.int32
         assert np.all(np.abs(consts[name] * scale - layer.bias.double().numpy()) <= scale / 2 * 1.0001)
+
+
+def test_any_size_model_gets_one_graph_per_input_size(tmp_path, monkeypatch):
+    """Super-resolution takes any size: onnxruntime runs a graph exported for each input size (SwinIR's
+    windows bake the size into reshapes); the outputs match the reference backend closely."""
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    name = "edsr.quantsr_w4a4_x4"
+    model, ref = zoo.load(name, backend="onnxruntime"), zoo.load(name)
+    for size in [(12, 16), (10, 10), (12, 16)]:
+        x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            y, y_ref = model(x), ref(x)
+        assert y.shape == y_ref.shape == (1, 3, 4 * size[0], 4 * size[1])
+        assert (y - y_ref).abs().max() < 0.02
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "onnx").glob("*.onnx")) == ["10x10.onnx", "12x16.onnx"]
 
 
 def test_onnxruntime_runs_lsq_w4a4_in_qlinearconv(tmp_path, monkeypatch):
@@ -196,8 +224,12 @@ def test_shipped_classifier_through_onnxruntime_full_test_set(name, tmp_path, mo
 
 
 def test_export_errors(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match=r"image-to-tensor tasks \['cls', 'sr', 'sal'\]; this model's task is 'det'"):
+    with pytest.raises(ValueError, match=r"image-to-tensor tasks \['cls', 'sal', 'sr'\]; this model's task is 'det'"):
         export.onnx("fcos_r18.lsq_w4a4_det_composites", tmp_path / "d.onnx")
+    with pytest.raises(ValueError, match=r"takes images of any size: give the size=\(H, W\)"):
+        export.onnx("edsr.quantsr_w4a4_x4", tmp_path / "e.onnx")
+    with pytest.raises(ValueError, match=r"takes 28 x 28 images; size=\(32, 32\) is not valid"):
+        export.onnx("resnet20.lsq_w4a4_fmnist", tmp_path / "r.onnx", size=(32, 32))
     import builtins
 
     real = builtins.__import__

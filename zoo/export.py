@@ -48,10 +48,26 @@ from torch import nn
 from .quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
 
 OPSET = 17
-EXPORT_VERSION = 4  # part of the onnxruntime cache key: bump when the exported graph changes
-EXPORT_TASKS = ("cls", "sr", "sal")  # image -> tensor models; detectors and generators are not exported yet
+EXPORT_VERSION = 6  # part of the onnxruntime cache key: bump when the exported graph changes
 INT8 = (-128, 127)
 UINT8 = (0, 255)
+
+
+def exportable(task) -> bool:
+    """Whether ``zoo.export.onnx`` covers the task's models (its ``onnx_exportable``: image in, one
+    tensor out; detectors and generators are not exported yet)."""
+    from .tasks import get_task
+
+    try:
+        return bool(get_task(task).onnx_exportable)
+    except (KeyError, ValueError, ImportError):  # no such task, or its extra is not installed
+        return False
+
+
+def exportable_tasks() -> list[str]:
+    from .tasks import task_names
+
+    return [t for t in task_names() if exportable(t)]
 
 
 def _require():
@@ -78,7 +94,12 @@ def _int_weight(layer: PackedLayer):
         if torch.equal(z * m, torch.round(z * m)):
             codes = (q - z.reshape(shape)) * m
             if not codes.numel() or (codes.min() >= INT8[0] and codes.max() <= INT8[1]):
-                return codes.float(), (s / m).float(), zeros, INT8
+                # widen low-bit codes by the largest power of two that keeps them in int8: the same
+                # weights, but a 2^k finer accumulator unit, so an int32 bias rounds 2^k times finer
+                peak, f = (float(codes.abs().max()) if codes.numel() else 0.0), 1
+                while peak and peak * f * 2 <= INT8[1]:
+                    f *= 2
+                return (codes * f).float(), (s / (m * f)).float(), zeros, INT8
             break
     if torch.equal(z, torch.round(z)) and z.min() >= UINT8[0] and z.max() <= UINT8[1] and layer.bits <= 8:
         return q.float(), s.float(), z.to(torch.int32), UINT8
@@ -254,9 +275,7 @@ def int8_weights(model) -> int:
             done += 1
         else:
             keep.append(n)
-    del g.node[:]
-    g.node.extend(keep)
-    _drop_unused(g)
+    _set_nodes(g, keep)
     return done
 
 
@@ -296,9 +315,7 @@ def integer_clips(model) -> int:
             out.append(oh.make_node("Clip", [n.output[0], codes + "_min", codes + "_max"], [codes],
                                     name=(clip.name or codes) + "_codes"))
             done += 1
-    del g.node[:]
-    g.node.extend(out)
-    _drop_unused(g)
+    _set_nodes(g, out)
     return done
 
 
@@ -334,9 +351,7 @@ def int32_biases(model) -> int:
                 n.input[2] = name + "_dq"
                 done += 1
         out.append(n)
-    del g.node[:]
-    g.node.extend(out)
-    _drop_unused(g)
+    _set_nodes(g, out)
     return done
 
 
@@ -385,10 +400,15 @@ def fold_batchnorm(model) -> int:
         drop.add(id(bn))
         folded += 1
     keep = [n for n in g.node if id(n) not in drop]
-    del g.node[:]
-    g.node.extend(keep)
-    _drop_unused(g)
+    _set_nodes(g, keep)
     return folded
+
+
+def _set_nodes(g, nodes) -> None:
+    """Replace the graph's nodes (kept in order) and drop what no node uses any more."""
+    del g.node[:]
+    g.node.extend(nodes)
+    _drop_unused(g)
 
 
 def _drop_unused(g) -> None:
@@ -402,14 +422,16 @@ def _drop_unused(g) -> None:
 
 
 # ---------------------------------------------------------------------------- public API
-def onnx(model_or_name, path, int8_kernels: bool = True, opset: int = OPSET) -> Path:
+def onnx(model_or_name, path, int8_kernels: bool = True, size: tuple[int, int] | None = None,
+         opset: int = OPSET) -> Path:
     """Export a packed zoo model (or a shipped model's name / checkpoint directory) to an ONNX file
-    in QDQ form (see the module docstring); batch, and height/width where the model takes any size,
-    are dynamic. ``int8_kernels``: write conv biases as int32 in the accumulator's units (what lets
-    onnxruntime fuse ``DQ -> Conv -> Q`` into ``QLinearConv``; it rounds each bias to a multiple of
-    s_a * s_w, which with coarse 2-bit activation grids moves outputs visibly); False keeps them float
-    (float convs on the exact dequantized codes: closest to the reference, no integer speed-up).
-    Returns the path, written atomically."""
+    in QDQ form (see the module docstring), for images of the model's fixed size, or of ``size``
+    (H, W) for a model that takes any size (super-resolution: one graph per input size, as windowed
+    attention bakes the size into its reshapes); the batch is dynamic. ``int8_kernels``: write conv
+    biases as int32 in the accumulator's units (what lets onnxruntime fuse ``DQ -> Conv -> Q`` into
+    ``QLinearConv``; it rounds each bias to a multiple of s_a * s_w, which with coarse 2-bit activation
+    grids moves outputs visibly); False keeps them float (float convs on the exact dequantized codes:
+    closest to the reference, no integer speed-up). Returns the path, written atomically."""
     _require()
     import onnx as onnx_lib
 
@@ -417,13 +439,17 @@ def onnx(model_or_name, path, int8_kernels: bool = True, opset: int = OPSET) -> 
 
     model = load(model_or_name) if isinstance(model_or_name, (str, os.PathLike)) else model_or_name
     task = getattr(model, "task", None)
-    if task not in EXPORT_TASKS:
-        raise ValueError(f"ONNX export covers the image-to-tensor tasks {list(EXPORT_TASKS)}; this model's "
+    if not exportable(task):
+        raise ValueError(f"ONNX export covers the image-to-tensor tasks {exportable_tasks()}; this model's "
                          f"task is {task!r}")
     ic = model.input_contract
-    size = ic.get("size") or (64, 64)
-    x = torch.rand(1, ic["channels"], *size, generator=torch.Generator().manual_seed(0))
-    dyn = {0: "batch"} if ic.get("size") else {0: "batch", 2: "height", 3: "width"}
+    fixed = ic.get("size")
+    if fixed and size is not None and tuple(size) != tuple(fixed):
+        raise ValueError(f"this model takes {fixed[0]} x {fixed[1]} images; size={tuple(size)} is not valid")
+    if not fixed and size is None:
+        raise ValueError("this model takes images of any size: give the size=(H, W) to export for")
+    x = torch.rand(1, ic["channels"], *(fixed or size), generator=torch.Generator().manual_seed(0))
+    dyn = {0: "batch"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
@@ -454,43 +480,63 @@ def cache_dir() -> Path:
     return Path(root) / "onnx"
 
 
+def session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session for an exported graph (every optimisation level but the
+    ``WeightBiasQuantization`` pass, which would quantize float biases and requantize float weights it
+    finds after an activation's DequantizeLinear to per-tensor int8, losing precision)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["WeightBiasQuantization"])
+
+
 class OnnxModel(nn.Module):
     """A zoo model run by onnxruntime: takes images in [0, 1] (checked as the zoo model checks them),
-    returns the network's output as a torch tensor on the input's device."""
+    returns the network's output as a torch tensor on the input's device. The graph is exported into
+    the cache on first use (per input size for a model that takes any size), keyed by the release's
+    config.json (which holds the weights' sha256) and the export version."""
 
-    def __init__(self, model, onnx_path: Path, threads: int | None = None, int8_kernels: bool = True):
+    def __init__(self, model, directory: Path, int8_kernels: bool = True, threads: int | None = None):
         super().__init__()
-        import onnxruntime as ort
-
         self.source = model  # the packed zoo model: metadata and the input check
         self.task, self.input_contract = model.task, model.input_contract
         self.metrics = getattr(model, "metrics", {})
-        self.onnx_path = Path(onnx_path)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        # the graph's integer weights (and, with int8_kernels, biases) are what we chose; this pass would
-        # quantize float biases and requantize float weights it finds after an activation's
-        # DequantizeLinear to int8 per tensor (lossy)
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"],
-                                            disabled_optimizers=["WeightBiasQuantization"])
+        self.int8_kernels, self.threads = int8_kernels, threads
+        key = (Path(directory) / "config.json").read_bytes() + f"export{EXPORT_VERSION}-{int8_kernels}".encode()
+        self.stem = f"{Path(directory).name}-{hashlib.sha256(key).hexdigest()[:16]}"
+        self.sessions = {}
+        fixed = self.input_contract.get("size")
+        self.onnx_path = self._path(tuple(fixed)) if fixed else None
+        if fixed:
+            self._session(tuple(fixed))
+
+    def _path(self, size) -> Path:
+        return cache_dir() / (self.stem + ("" if self.input_contract.get("size") else f"-{size[0]}x{size[1]}")
+                              + ".onnx")
+
+    def _session(self, size):
+        if size not in self.sessions:
+            path = self._path(size)
+            if not path.is_file():
+                onnx(self.source, path, self.int8_kernels, None if self.input_contract.get("size") else size)
+            self.sessions[size] = session(path, self.threads)
+        return self.sessions[size]
 
     def config(self) -> dict:
         return self.source.config()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.source.check_input(x)
-        out = self.session.run(None, {"images": x.detach().float().cpu().numpy()})[0]
+        s = self._session(tuple(x.shape[-2:]))
+        out = s.run(None, {"images": x.detach().float().cpu().numpy()})[0]
         return torch.from_numpy(out).to(x.device)
 
 
 def load_onnxruntime(model, directory: Path, int8_kernels: bool = True) -> OnnxModel:
-    """``zoo.load(..., backend="onnxruntime")``: the model exported once into the cache (keyed by its
-    config.json, which holds the weights' sha256, and the export version), then run by onnxruntime."""
+    """``zoo.load(..., backend="onnxruntime")``."""
     _require()
-    key = (directory / "config.json").read_bytes() + f"export{EXPORT_VERSION}-{int8_kernels}".encode()
-    path = cache_dir() / f"{directory.name}-{hashlib.sha256(key).hexdigest()[:16]}.onnx"
-    if not path.is_file():
-        onnx(model, path, int8_kernels)
-    return OnnxModel(model, path)
+    return OnnxModel(model, directory, int8_kernels)

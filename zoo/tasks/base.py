@@ -81,6 +81,7 @@ class QuantTask(L.LightningModule):
     card_images: tuple[tuple[str, str, str], ...] = ()  # (file, caption, alt text) shown on a card if present
     predict = None  # fn(model, images, out_dir, args) -> written paths; None: no zoo.predict support
     predict_takes_images = True  # False: zoo.predict runs the task without input images (a generator)
+    onnx_exportable = False  # zoo.export.onnx covers its models (image in, one tensor out)
 
     @staticmethod
     def card_lines(cfg: dict, metrics: dict, train: dict) -> list[str]:

@@ -25,6 +25,7 @@ def evaluate(model, loader, progress: bool = True) -> dict:
 
 
 class ClassificationTask(QuantTask):
+    onnx_exportable = True
     task_name = "cls"
     datamodules = {"fmnist": FashionMNISTData, "folder": ImageFolderData}
     monitor = ("val/acc", "max")

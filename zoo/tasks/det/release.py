@@ -65,7 +65,12 @@ def _num(m: dict, key: str) -> str:
 
 
 def summary_table(rows) -> str:
-    fp = {c["arch"]: c["metrics"].get("test_map") for _, c in rows if not c.get("quant")}
+    # the float reference of an arch: its float release with the fewest model arguments (the default
+    # architecture, not a variant such as the IR-Net-block float start of the binary bodies)
+    fp = {}
+    for d, c in sorted(((d, c) for d, c in rows if not c.get("quant")),
+                       key=lambda dc: (len(dc[1].get("model_args") or {}), dc[0].name), reverse=True):
+        fp[c["arch"]] = c["metrics"].get("test_map")
     seeds = any(c.get("seeds") for _, c in rows)
     out = ["| model | mAP | vs FP32 (same arch) |" + (" mAP over seeds (n) |" if seeds else "")
            + " mAP50 | mAP75 | weights file bytes | vs FP32 file | low-bit layers vs FP32 |",

@@ -79,6 +79,7 @@ def fixed_samples(dm, n: int = GRID_SAMPLES) -> tuple[torch.Tensor, torch.Tensor
 
 
 class SaliencyTask(QuantTask):
+    onnx_exportable = True
     task_name = "sal"
     datamodules = {"sal_scenes": SceneSalData, "sal_composites": CompositeSalData, "sal_folder": FolderSalData}
     monitor = ("val/mae", "min")

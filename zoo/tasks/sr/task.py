@@ -83,6 +83,7 @@ def side_by_side(model, lr: torch.Tensor, hr: torch.Tensor, path, crop: int = 96
 
 
 class SuperResolutionTask(QuantTask):
+    onnx_exportable = True
     task_name = "sr"
     datamodules = {"sr_images": BuiltinSRData, "sr_folder": FolderSRData}
     monitor = ("val/psnr", "max")
