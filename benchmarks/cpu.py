@@ -3,6 +3,7 @@
     python benchmarks/cpu.py                  # every task; saves benchmarks/results/cpu_<cpu>.md
     python benchmarks/cpu.py --task cls --batch 1 64
     python benchmarks/cpu.py --smoke          # one model per task, batch 1, one run; saves nothing
+    python benchmarks/cpu.py --task cls --layers   # also the W1A1 conv layers alone (the C++ kernel)
 
 For each shipped quantized model and the float release of the same architecture and data ("torch
 FP32"), on random inputs of its golden input's shape: ``backend="reference"`` (the uncached integer
@@ -13,6 +14,14 @@ The runs of one model are interleaved (FP32, reference, cpu, ..., FP32, ...) and
 gives each one's median over the repeats and the ratio to FP32 from the same run (> 1: slower than
 float). "cache MiB": what the cached path holds after a forward (float32 weights, border terms).
 Timings on a shared machine are noisy: compare ratios, not absolute times across runs.
+
+``--compile`` adds two columns: the float release and the packed model (cpu backend) under
+``torch.compile`` (inductor), both as ratios to the eager float network.
+
+``--layers`` adds a table of single W1A1 convolutions at ResNet-20 and ResNet-18 shapes (3x3, stride 1,
+padding 1): torch's float32 conv of the same shape against the packed binary layer through the C++
+XOR-popcount kernel (``zoo/kernels/cpu_binary.py``) and through the cached float32 path it replaces
+(``ZOO_CPU_KERNELS=0``), interleaved, medians, ratios to FP32 (> 1: slower).
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ from zoo.tasks import get_task, task_names  # noqa: E402
 
 BACKENDS = ("reference", "cpu")
 ORT = ("ort FP32", "ort int8")
+COMPILED = ("FP32 compiled", "cpu compiled")
 
 
 def have_onnxruntime() -> bool:
@@ -100,6 +110,51 @@ def interleaved(fns: dict, reps: int, warmup: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+LAYERS = [  # (name, C_in = C_out, H = W, batch): ResNet-20 on 28x28 Fashion-MNIST, ResNet-18 on 224x224
+    ("resnet20 stage 1", 16, 28, 64), ("resnet20 stage 2", 32, 14, 64), ("resnet20 stage 3", 64, 7, 64),
+    ("resnet18 layer1", 64, 56, 1), ("resnet18 layer2", 128, 28, 1), ("resnet18 layer3", 256, 14, 1),
+    ("resnet18 layer4", 512, 7, 1), ("resnet18 layer4", 512, 7, 8)]
+
+
+def binary_layers(reps: int, warmup: int, smoke: bool = False) -> tuple[list, list]:
+    """Rows and records of the W1A1 layer table (empty when the C++ kernel is not available)."""
+    import os
+
+    from torch import nn
+
+    from zoo.kernels import cpu_binary
+
+    if not cpu_binary.available():
+        print("the C++ binary kernel is not available: no layer table")
+        return [], []
+    rows, records = [], []
+    for name, c, hw, batch in LAYERS[:1] if smoke else LAYERS:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        q = zoo.quantize(nn.Sequential(conv), zoo.QuantConfig(weight=zoo.IRNet(1), act=zoo.IRNet(1)))
+        x = torch.randn(batch, c, hw, hw)
+        q.train()(x)
+        packed = zoo.to_packed(q.eval())
+        zoo.set_backend(packed, "cpu")
+        w = conv.weight.detach().clone()
+
+        def off(m=packed):
+            os.environ["ZOO_CPU_KERNELS"] = "0"
+            try:
+                return m(x)
+            finally:
+                os.environ.pop("ZOO_CPU_KERNELS")
+
+        ms = interleaved({"fp32": lambda: torch.nn.functional.conv2d(x, w, None, 1, 1),
+                          "kernel": lambda: packed(x), "float32 path": off}, reps, warmup)
+        records.append(dict(layer=name, channels=c, size=hw, batch=batch, **{f"{k}_ms": v for k, v in ms.items()}))
+        rows.append([name, f"{c}x{hw}x{hw}", batch, f"{ms['fp32']:.3f}",
+                     f"{ms['kernel']:.3f} ({ms['kernel'] / ms['fp32']:.2f}x)",
+                     f"{ms['float32 path']:.3f} ({ms['float32 path'] / ms['fp32']:.2f}x)"])
+        print(" | ".join(str(v) for v in rows[-1]), flush=True)
+    return rows, records
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", nargs="*", default=None, choices=task_names(), help="default: every task")
@@ -107,6 +162,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="one model per task, batch 1, one run; saves nothing")
+    ap.add_argument("--layers", action="store_true", help="also time single W1A1 convs (the C++ kernel)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also torch.compile'd FP32 and packed (cpu backend) models (compiling takes a while)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     batches = [1] if args.smoke else (args.batch or [1, 32])
@@ -130,6 +188,10 @@ def main(argv=None):
             if ort:
                 models |= {"ort FP32": zoo.load(fp, backend="onnxruntime"),
                            "ort int8": zoo.load(name, backend="onnxruntime")}
+            if args.compile:
+                torch._dynamo.reset()
+                models |= {"FP32 compiled": torch.compile(zoo.load(fp)),
+                           "cpu compiled": torch.compile(zoo.load(name, backend="cpu"))}
             for batch in batches:
                 x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch))
                 ms = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, reps, warmup)
@@ -138,16 +200,27 @@ def main(argv=None):
                 records.append(rec)
                 rows.append([name, batch, f"{ms['fp32']:.2f}"]
                             + [f"{ms[b]:.2f} ({ms[b] / ms['fp32']:.2f}x)" if b in ms else "n/a"
-                               for b in BACKENDS + ORT]
+                               for b in BACKENDS + ORT + (COMPILED if args.compile else ())]
                             + [f"{rec['cache_mib']:.2f}"])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
     desc = cpu_name()
-    headers = ["model", "batch", "torch FP32 ms"] + [f"{b} ms (/FP32)" for b in BACKENDS + ORT] + ["cache MiB"]
-    cmd = "python benchmarks/cpu.py" + (" --smoke" if args.smoke else "")
+    headers = ["model", "batch", "torch FP32 ms"] + [f"{b} ms (/FP32)" for b in BACKENDS + ORT] \
+        + [f"{b} ms (/FP32)" for b in (COMPILED if args.compile else ())] + ["cache MiB"]
+    cmd = "python benchmarks/cpu.py" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
     text = "\n".join([f"# Shipped models on CPU — {desc}", "",
                       f"torch {torch.__version__}, `{cmd}`; medians of {reps} interleaved runs, "
                       "ratios to the float network from the same run (> 1: slower)", "",
                       markdown(headers, rows)])
+    if args.layers:
+        lrows, lrecords = binary_layers(reps, warmup, args.smoke)
+        records += lrecords
+        if lrows:
+            text += "\n".join(["", "", "## W1A1 convolutions (3x3, stride 1, padding 1)", "",
+                               "The packed IR-Net layer through the C++ XOR-popcount kernel and through the "
+                               "cached float32 path (`ZOO_CPU_KERNELS=0`), against torch's float32 conv of the "
+                               "same shape; medians, ratios to FP32 (< 1: faster)", "",
+                               markdown(["layer", "C x H x W", "batch", "torch FP32 ms", "kernel ms (/FP32)",
+                                         "float32 path ms (/FP32)"], lrows)])
     print("\n" + text)
     path = save("cpu", desc, text, records, None if args.smoke else args.out)
     if path:

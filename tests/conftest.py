@@ -54,6 +54,22 @@ def check_golden(name: str):
     return out, expected
 
 
+def check_card(name: str) -> tuple[dict, str]:
+    """A shipped release's card against its config.json (its training command, the weights file's
+    size) and its sample image; returns (config, card text) for the task's own metric lines."""
+    import json
+
+    from zoo.registry import resolve_checkpoint
+
+    d = resolve_checkpoint(name)
+    cfg = json.loads((d / "config.json").read_text())
+    card = (d / "README.md").read_text()
+    assert cfg["train"]["command"] in card
+    assert cfg["weights"]["bytes"] == (d / "model.safetensors").stat().st_size
+    assert (d / "sample.png").is_file()
+    return cfg, card
+
+
 def check_seed_record(cfg: dict, key: str):
     """A ``zoo.seeds`` release: 3 seeds, the released metrics are the median seed's, and the
     recorded mean / sample std are those of the per-seed runs (recomputed here)."""

@@ -2,8 +2,6 @@
 uncached integer reference: identical outputs wherever the zero points have an integer multiple
 (bit for bit), float64-close for muL2Q's real-valued zero points, the weight cache following in-place
 updates, and the reference still taken where float32 sums would not be exact."""
-import types
-
 import pytest
 import torch
 from torch import nn
@@ -83,7 +81,10 @@ def test_real_valued_zero_points_expanded_form_matches_reference():
     and to the training form's float convolution."""
     cfg = zoo.QuantConfig(weight=zoo.UL2Q(2), act=zoo.UL2Q(2))
     nets = _nets(cfg)
-    for kind in ("conv", "grouped", "linear"):
+    torch.manual_seed(1)
+    up = nn.Sequential(nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2))
+    nets["grouped transposed"] = (_packed(up, cfg, (4, 6, 5, 5)), (2, 6, 5, 5))
+    for kind in ("conv", "grouped", "linear", "transposed", "grouped transposed"):
         net, shape = nets[kind]
         first = next(m for m in net.modules() if isinstance(m, PackedLayer))
         z_a = float(first.act_params()["zero"])
@@ -92,7 +93,8 @@ def test_real_valued_zero_points_expanded_form_matches_reference():
         y_ref = _outputs(net, x, "reference")
         y = _outputs(net, x, "cpu")
         assert torch.allclose(y, y_ref, rtol=1e-6, atol=1e-6), (kind, (y - y_ref).abs().max())
-        assert first.__dict__["_cpu_cache"]["q"][1] is not None  # the expanded form ran (not the reference)
+        plans = first.__dict__["_cpu_cache"]["plans"]
+        assert [pl.kind for _, pl in plans.values()] == ["expanded"]  # the expanded form ran (not the reference)
 
 
 def test_border_terms_by_hand():
@@ -100,9 +102,12 @@ def test_border_terms_by_hand():
     torch.manual_seed(0)
     q = torch.randint(0, 4, (2, 1, 3, 3)).float()
 
-    layer = types.SimpleNamespace(groups=1, ch_axis=0)  # what cached._sums reads
     ones = torch.ones(1, 1, 3, 3)
-    c_q, c_1 = cached._sums(lambda a, b: torch.nn.functional.conv2d(a, b, padding=1), ones, q, layer)
+    conv = lambda a, b: torch.nn.functional.conv2d(a, b, padding=1)  # noqa: E731
+    stacked = cached.Plan("expanded", {}, w=q, stack=torch.cat([q, torch.ones(1, 1, 3, 3)]))  # groups = 1
+    c_q, c_1 = cached._sums(conv, ones, stacked)
+    c_q2, c_1g = cached._sums(conv, ones, cached.Plan("expanded", {}, w=q))  # no stack: grouped layers' form
+    assert torch.equal(c_q2, c_q) and torch.equal(c_1g, c_1.expand_as(c_1g))
     # output (0, 0) sees input rows/cols 0..1 through kernel rows/cols 1..2; (1, 1) sees everything
     assert torch.equal(c_q[0, :, 0, 0], q[:, 0, 1:, 1:].sum((1, 2)))
     assert torch.equal(c_q[0, :, 1, 1], q[:, 0].sum((1, 2)))
@@ -125,16 +130,22 @@ def test_cache_follows_in_place_weight_updates():
     assert torch.equal(_outputs(net, x, "cpu"), _outputs(net, x, "reference"))
 
 
-def test_reference_runs_where_float32_sums_would_not_be_exact(monkeypatch):
-    """K * max|u| * max|w'| >= 2^24 (8-bit codes, K = 512 * 9): the layer takes the reference."""
+def test_float64_sums_where_float32_would_not_be_exact(monkeypatch):
+    """K * max|u| * max|w'| >= 2^24 (8-bit codes, K = 512 * 9): the layer's sums run in float64 (exact
+    below 2^53), still bit-identical to the reference; the reference itself is not called."""
     calls = []
     real = reference.conv2d
     monkeypatch.setattr(reference, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
     net = _packed(nn.Sequential(nn.Conv2d(512, 4, 3, padding=1)), CFGS["minmax8"], (2, 512, 5, 5))
     x = torch.randn(1, 512, 5, 5)
     y = _outputs(net, x, "cpu")
-    assert calls == [1]
-    assert torch.equal(y, _outputs(net, x, "reference"))
+    assert not calls
+    (_, pl), = net[0].__dict__["_cpu_cache"]["plans"].items()
+    assert pl[1].kind == "folded" and pl[1].w.dtype == torch.float64
+    assert torch.equal(y, _outputs(net, x, "reference")) and calls == [1]
+    small = _packed(nn.Sequential(nn.Conv2d(8, 4, 3, padding=1)), CFGS["minmax8"], (2, 8, 5, 5))
+    _outputs(small, torch.randn(1, 8, 5, 5), "cpu")  # K = 72: 72 * 255 * 255 < 2^24 -> float32
+    assert next(iter(small[0].__dict__["_cpu_cache"]["plans"].values()))[1].w.dtype == torch.float32
 
 
 def test_backend_reference_caches_nothing_and_clear_drops_the_cache():

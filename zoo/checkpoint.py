@@ -301,7 +301,11 @@ def load(name_or_directory: str | os.PathLike, backend: str = "auto",
 
         set_depth(net, depth)
     net.metrics = cfg.get("metrics", {})
-    return net.to(map_location).eval()
+    net = net.to(map_location).eval()
+    from .kernels import cached
+
+    cached.prepare(net)  # the CPU path's caches now: a first call, or a torch.compile trace, finds them built
+    return net
 
 
 def _module_net(cfg: dict, wpath: Path, skeleton: nn.Module | None) -> nn.Module:

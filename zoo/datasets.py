@@ -205,3 +205,32 @@ class SeededSet(torch.utils.data.Dataset):
         if not 0 <= i < self.n:
             raise IndexError(i)
         return self.make(np.random.default_rng([*self.key, int(i)]))
+
+
+class SplitLoaders:
+    """DataModule mixin: ``train/val/test_dataloader`` over ``self.train_set``/``val_set``/``test_set``
+    (which ``setup`` sets), batched by ``self.collate(train)``; ``drop_last_train`` drops a ragged
+    last training batch. ``limit(ds, n)`` keeps the first ``n`` items (all if ``n`` is falsy)."""
+
+    drop_last_train = False
+
+    def collate(self, train: bool):
+        raise NotImplementedError
+
+    def _loader(self, ds, train: bool):
+        return torch.utils.data.DataLoader(
+            ds, batch_size=self.batch_size, shuffle=train, drop_last=train and self.drop_last_train,
+            num_workers=self.num_workers, collate_fn=self.collate(train), persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, False)
+
+    @staticmethod
+    def _limit(ds, n):
+        return ds if not n or n >= len(ds) else torch.utils.data.Subset(ds, range(int(n)))

@@ -475,9 +475,9 @@ def onnx(model_or_name, path, int8_kernels: bool = True, size: tuple[int, int] |
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ZOO_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                       "lowbit-vision-zoo")
-    return Path(root) / "onnx"
+    from .registry import cache_root
+
+    return cache_root() / "onnx"
 
 
 def session(path: Path, threads: int | None = None):

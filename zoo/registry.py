@@ -39,9 +39,23 @@ def create_model(name: str, **kwargs):
 
 
 def checkpoint_root() -> Path:
-    """Where shipped checkpoints live: $ZOO_CHECKPOINTS, else the repository's checkpoints/."""
+    """Where shipped checkpoints live: $ZOO_CHECKPOINTS; else ``zoo/checkpoints/`` inside an installed
+    package (the wheel carries them there, ``setup.py``); else the repository's ``checkpoints/`` (a
+    source checkout or an editable install)."""
     env = os.environ.get("ZOO_CHECKPOINTS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "checkpoints"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    packaged = here / "checkpoints"
+    return packaged if packaged.is_dir() else here.parent / "checkpoints"
+
+
+def cache_root() -> Path:
+    """Where built artefacts are cached (ONNX exports, the compiled CPU kernels, the mmcv wheel):
+    $ZOO_CACHE, else $XDG_CACHE_HOME/lowbit-vision-zoo, else ~/.cache/lowbit-vision-zoo."""
+    root = os.environ.get("ZOO_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                       "lowbit-vision-zoo")
+    return Path(root)
 
 
 def _shipped() -> dict[str, tuple[str, Path]]:

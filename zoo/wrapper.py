@@ -37,8 +37,10 @@ class ZooModel(nn.Module):
             raise ValueError(f"expected images of shape N x {ic['channels']} x H x W, got {tuple(x.shape)}")
         # the range is checked in eval mode (training data comes from the DataModules, in range, and
         # skipping it there avoids a device sync per step); not while a CUDA graph is being captured,
-        # where reading the values back (a sync) is not allowed
-        if not self.training and x.numel() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # where reading the values back (a sync) is not allowed, nor inside a torch.compile trace (a
+        # check on the values would split the graph)
+        if not self.training and x.numel() and not torch.compiler.is_compiling() \
+                and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             lo, hi = torch.aminmax(x.detach())
             if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
                 raise ValueError(f"expected images in [0, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]"

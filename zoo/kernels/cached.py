@@ -10,9 +10,10 @@ rebuilt when the packed weights change in place):
 so the weight zero point is folded into the weights and one float32 convolution (or matmul) of the
 integer-valued activations U' = m_a * (v - z_a) (m_a likewise; a half-integer zero point, as muL2Q's,
 gives m_a = 2) gives m_a * m_w * (sum u*q - z_w * sum u) exactly: every partial sum is an integer, and
-the layer is only taken here when K * max|U'| * max|W'| < 2^24 (max|U'| from the activation code
-range, so no data-dependent check), where float32 integer sums are exact in any order. The epilogue
-is the reference's, in float64 on the output:
+the sums are computed in float32 when K * max|U'| * max|W'| < 2^24 (max|U'| from the activation code
+range, so no data-dependent check), where float32 integer sums are exact in any order, and in float64
+(exact below 2^53: 8-bit layers with a large K) otherwise. The epilogue is the reference's, in float64
+on the output:
 
     y = acc * (s_a * s_w / (m_a * m_w)) + bias
 
@@ -27,10 +28,17 @@ where sum v*q and sum v come from one float32 convolution of the codes v with [q
 above) and C_q = sum q, C_1 = sum 1 over each output's window of real (unpadded) input positions are
 constants of the input size, cached per size. The terms are exact integers combined in float64;
 the reference convolves the non-integer u = v - z_a in float64, so the two agree to float64
-rounding (not bit for bit). A K too large for exact float32 sums returns ``None`` (the reference).
+rounding (not bit for bit); float32 or float64 by the same bound. Sums that could pass 2^53 (none in
+practice) return ``None`` (the reference).
+
+Everything data-dependent (the multipliers, the bounds, the packed weights) is decided once per layer,
+weight version and activation site (a ``Plan``), so the call itself is tensor operations only and a
+model runs under ``torch.compile`` without graph breaks in its packed layers. Inside a compile trace
+the plans are used as built, without the version checks (``prepare``, which ``zoo.load`` runs, builds
+them beforehand); after changing weights in place, call ``clear(model)`` and compile again.
 
 Memory: the cache holds a float32 copy of each packed layer's weights, i.e. as much as the float
-model's weights (4 bytes per weight against 1/8 to 1 byte packed). ``backend="reference"`` (or
+model's weights (4 bytes per weight against 1/8 to 1 byte packed; 8 for the float64 layers). ``backend="reference"`` (or
 :func:`clear`) turns it off.
 """
 from __future__ import annotations
@@ -40,7 +48,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from ..quantizers.base import channel_view
+from . import cpu_binary, dispatch, reference
 
 MULTIPLIERS = (1, 2, 4)  # the power-of-two multiples tried to make a zero point an integer
 EXACT_LIMIT = 2 ** 24  # float32 holds every integer below this
@@ -65,48 +74,80 @@ def clear(model) -> None:
         m.__dict__.pop("_cpu_cache", None)
 
 
-def _weights(layer, x: torch.Tensor):
-    """(W' float32, m_w, max|W'|) for the layer on ``x``'s device, or None; cached per device and
-    version of the packed weights and zero points."""
-    tag = tuple((t.device, t.data_ptr(), t._version) for t in (layer.qweight, layer.w_zero))
-    hit = _cache(layer).get("w")
-    if hit is None or hit[0] != tag:
-        m_w = _multiplier(layer.w_zero)
-        built = None
-        if m_w is not None:
-            q = layer.codes().to(torch.float32)
-            z = layer.w_zero.to(torch.float32)
-            w = (q - reference_view(z, q.ndim, layer.ch_axis)) * m_w
-            built = (w.contiguous(), m_w, float(w.abs().max()) if w.numel() else 0.0)
-        hit = (tag, built)
-        _cache(layer)["w"] = hit
-    return hit[1]
+def compiling() -> bool:
+    """Inside a torch.compile trace: the caches are read as they are (their version checks would be
+    graph breaks), so they must be built before compiling (``prepare``, which ``zoo.load`` runs)."""
+    return torch.compiler.is_compiling()
 
 
-def reference_view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return t.reshape(shape)
+def _tag(layer) -> tuple:
+    """Device, storage and version of every buffer: a plan is rebuilt when any of them changes."""
+    return tuple((t.device, t.data_ptr(), t._version) for t in layer._buffers.values() if t is not None)
+
+
+class Plan:
+    """What a packed layer runs on this path, built once per weight/parameter version and site.
+
+    kind: "folded" (W', the epilogue scale), "expanded" (codes q, [q; 1]) or "reference" (none fits
+    float32); binary: a W1A1 conv the C++ kernel (``cpu_binary``) can run, with its packed sign words
+    in ``bits`` once built (on the first call with the kernel available and enabled)."""
+
+    def __init__(self, kind, p, s_a=1.0, z_a=0.0, m_a=1, w=None, scale=None, stack=None, binary=False):
+        self.kind, self.p, self.s_a, self.z_a, self.m_a = kind, p, s_a, z_a, m_a
+        self.w, self.scale, self.stack, self.binary, self.bits = w, scale, stack, binary, None
+
+
+def _exact_dtype(bound: float):
+    """float32 where every partial sum stays below 2^24, float64 below 2^53, else None."""
+    return torch.float32 if bound < EXACT_LIMIT else torch.float64 if bound < 2.0 ** 53 else None
+
+
+def _build_plan(layer, k: int, binary_ok: bool) -> Plan:
+    vmax, s_a, z_a, p = _act(layer)
+    m_a, m_w = _multiplier(z_a), _multiplier(layer.w_zero)
+    q = layer.codes()
+    # W1A1: the folded scale below has m_a = 1 (sign codes, z_a = 0) and m_w = 2 (W' = 2 (q - 1/2) = +-1)
+    binary = binary_ok and layer.act_mode == "sign" and layer.bits == 1 and bool((layer.w_zero == 0.5).all())
+    if m_a is not None and m_w is not None:
+        w = (q.to(torch.float64) - channel_view(layer.w_zero.double(), q.ndim, layer.ch_axis)) * m_w
+        wmax = float(w.abs().max()) if w.numel() else 0.0
+        umax = max(abs(float(p.get("qmin", -1)) - z_a), abs(float(p.get("qmax", 1)) - z_a))
+        dtype = _exact_dtype(k * umax * m_a * wmax)
+        if dtype is not None:
+            scale = (s_a * layer.w_scale.double()) / (m_a * m_w)
+            return Plan("folded", p, s_a, z_a, m_a, w=w.to(dtype).contiguous(), scale=scale, binary=binary)
+    qmax = float(q.max()) if q.numel() else 0.0
+    dtype = _exact_dtype(k * vmax * qmax)
+    if dtype is None:
+        return Plan("reference", p)
+    qf = q.to(dtype).contiguous()
+    stack = None
+    if getattr(layer, "groups", 1) == 1 and layer.ch_axis == 0:
+        stack = torch.cat([qf, qf.new_ones((1,) + tuple(qf.shape[1:]))])
+    return Plan("expanded", p, s_a, z_a, m_a, w=qf, stack=stack)
+
+
+def plan(layer, k: int, binary_ok: bool = False) -> Plan:
+    """The layer's plan for its current activation site, rebuilt when a buffer changed (not while
+    compiling: then the plan built before is used as it is)."""
+    plans = _cache(layer).setdefault("plans", {})
+    hit = plans.get(layer.site)
+    if hit is not None and (compiling() or hit[0] == _tag(layer)):
+        return hit[1]
+    built = _build_plan(layer, k, binary_ok)
+    plans[layer.site] = (_tag(layer), built)
+    return built
 
 
 def dequantized_weight(layer) -> torch.Tensor:
     """The float weight of a weight-only packed layer, built once per device and weight version."""
-    tag = tuple((t.device, t.data_ptr(), t._version) for t in (layer.qweight, layer.w_scale, layer.w_zero))
     hit = _cache(layer).get("wf")
+    if hit is not None and compiling():
+        return hit[1]
+    tag = tuple((t.device, t.data_ptr(), t._version) for t in (layer.qweight, layer.w_scale, layer.w_zero))
     if hit is None or hit[0] != tag:
         hit = (tag, reference.dequantize_weight(layer.codes(), layer.w_scale, layer.w_zero, layer.ch_axis))
         _cache(layer)["wf"] = hit
-    return hit[1]
-
-
-def _general_weights(layer):
-    """(codes q float32, max q) for the expanded form, cached per device and weight version."""
-    tag = (layer.qweight.device, layer.qweight.data_ptr(), layer.qweight._version)
-    hit = _cache(layer).get("q")
-    if hit is None or hit[0] != tag:
-        q = layer.codes().to(torch.float32).contiguous()
-        hit = (tag, (q, float(q.max()) if q.numel() else 0.0))
-        _cache(layer)["q"] = hit
     return hit[1]
 
 
@@ -120,31 +161,28 @@ def _act(layer):
     return vmax, reference.act_scale(mode, p), reference.act_zero(mode, p), p
 
 
-def _inputs(layer, x: torch.Tensor, ch_axis: int, k: int):
-    """("folded", U', W', epilogue scale) or ("expanded", v, q, s_a, z_a), or None (the reference)."""
-    if x.is_cuda or not x.is_floating_point() or x.numel() == 0:
-        return None
-    vmax, s_a, z_a, p = _act(layer)
-    m_a = _multiplier(z_a)
-    wt = _weights(layer, x) if m_a is not None else None
-    if wt is not None:
-        w, m_w, wmax = wt
-        umax = max(abs(float(p.get("qmin", -1)) - z_a), abs(float(p.get("qmax", 1)) - z_a))
-        if k * umax * m_a * wmax < EXACT_LIMIT:
-            v = reference.quantize_act(x, layer.act_mode, p, ch_axis).float()  # the reference's codes
-            u = (v - z_a) * m_a if (z_a or m_a != 1) else v  # exact: v and z_a are small (half-)integers
-            return "folded", u, w, (s_a * layer.w_scale.double()) / (m_a * m_w)
-    q, qmax = _general_weights(layer)
-    if k * vmax * qmax >= EXACT_LIMIT:
-        return None
-    return "expanded", reference.quantize_act(x, layer.act_mode, p, ch_axis).float(), q, s_a, z_a
+def _usable(x: torch.Tensor) -> bool:
+    return not x.is_cuda and x.is_floating_point() and x.numel() > 0
+
+
+def _codes(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    """The reference's activation codes v for this plan's site, in the plan's dtype."""
+    return reference.quantize_act(x, layer.act_mode, pl.p, ch_axis).to(pl.w.dtype)
+
+
+def _folded_input(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    v = _codes(layer, pl, x, ch_axis)
+    return (v - pl.z_a) * pl.m_a if (pl.z_a or pl.m_a != 1) else v  # exact: small (half-)integers
 
 
 def _borders(layer, key, build):
-    """C_q and C_1 of the expanded form for one input size, cached with the weights' version."""
-    tag = (layer.qweight.device, layer.qweight.data_ptr(), layer.qweight._version, key)
+    """C_q and C_1 of the expanded form for one input size, cached with the weights' version (while
+    compiling: the cached ones if any, else computed in the graph)."""
     cache = _cache(layer).setdefault("borders", {})
     hit = cache.get(key)
+    if compiling():
+        return hit[1] if hit is not None else build()
+    tag = (layer.qweight.device, layer.qweight.data_ptr(), layer.qweight._version, key)
     if hit is None or hit[0] != tag:
         if len(cache) > 16:  # many input sizes: keep the cache bounded
             cache.clear()
@@ -153,15 +191,16 @@ def _borders(layer, key, build):
     return hit[1]
 
 
-def _expanded(layer, acc_v, sum_v, c_q, c_1, s_a, z_a, ch_dim, dtype):
-    """y = s_a s_w (sum v q - z_w sum v - z_a C_q + z_a z_w C_1) + bias, in float64."""
+def _expanded(layer, acc_v, sum_v, c_q, c_1, s_a, z_a, ch_dim, dtype, groups=1):
+    """y = s_a s_w (sum v q - z_w sum v - z_a C_q + z_a z_w C_1) + bias, in float64 (``groups``: the
+    transposed conv's per-column scales and zero points, repeated per group)."""
     shape = [1] * acc_v.ndim
     shape[ch_dim] = -1
-    z_w = layer.w_zero.double().reshape(shape)
+    z_w = layer.w_zero.double().repeat(groups).reshape(shape)
     acc = acc_v.double().round_() - z_w * sum_v.double().round_()
     if z_a:
         acc = acc - z_a * (c_q.double().round_() - z_w * c_1.double().round_())
-    y = acc * (s_a * layer.w_scale.double().reshape(shape))
+    y = acc * (s_a * layer.w_scale.double().repeat(groups).reshape(shape))
     if layer.bias is not None:
         y = y + layer.bias.double().reshape(shape)
     return y.to(dtype)
@@ -176,66 +215,109 @@ def _epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_dim: int, dtype) 
     return y.to(dtype)
 
 
-def _sums(op, v, q, layer):
+def _sums(op, v, pl: Plan):
     """(op(v, q), op(v, 1)): one call with [q; 1] stacked as an extra output channel when groups = 1."""
-    if getattr(layer, "groups", 1) == 1 and layer.ch_axis == 0:
-        both = _cached_stack(layer, q)
-        out = op(v, both)
+    if pl.stack is not None:
+        out = op(v, pl.stack)
         return out[:, :-1], out[:, -1:]
-    return op(v, q), op(v, torch.ones_like(q))
+    return op(v, pl.w), op(v, torch.ones_like(pl.w))
 
 
-def _cached_stack(layer, q):
-    hit = _cache(layer).get("stack")
-    if hit is None or hit[0] is not q:
-        hit = (q, torch.cat([q, q.new_ones((1,) + tuple(q.shape[1:]))]))
-        _cache(layer)["stack"] = hit
-    return hit[1]
+def _binary_ready(layer, pl: Plan) -> bool:
+    """Whether the C++ kernel runs this W1A1 plan now (packing its weights on first use)."""
+    if compiling():
+        return pl.bits is not None  # as prepared before compiling
+    if isinstance(layer.padding, str) or not cpu_binary.enabled() or not cpu_binary.available():
+        return False
+    if pl.bits is None:
+        pl.bits = cpu_binary.pack_weight_signs(layer.codes().to(torch.uint8))
+    return True
 
 
 def conv2d(layer, x: torch.Tensor):
-    k = math.prod(layer.weight_shape[1:])
-    got = _inputs(layer, x, 1, k)
-    if got is None:
+    if not _usable(x):
         return None
+    pl = plan(layer, math.prod(layer.weight_shape[1:]), binary_ok=layer.groups == 1)
     geom = (layer.stride, layer.padding, layer.dilation, layer.groups)
-    if got[0] == "folded":
-        _, u, w, scale = got
-        return _epilogue(F.conv2d(u, w, None, *geom), scale, layer.bias, 1, x.dtype)
-    _, v, q, s_a, z_a = got
-    acc_v, sum_v = _sums(lambda a, b: F.conv2d(a, b, None, *geom), v, q, layer)
+    if pl.binary and x.dtype == torch.float32 and x.dim() == 4 and _binary_ready(layer, pl):
+        pair = torch.nn.modules.utils._pair
+        xbits = cpu_binary.pack_signs(x, pl.p.get("shift"))
+        return cpu_binary.binary_conv2d(xbits, pl.bits, x.shape[1], pair(layer.stride), pair(layer.padding),
+                                        pair(layer.dilation), pl.scale, layer.bias)
+    if pl.kind == "folded":
+        u = _folded_input(layer, pl, x, 1)
+        return _epilogue(F.conv2d(u, pl.w, None, *geom), pl.scale, layer.bias, 1, x.dtype)
+    if pl.kind == "reference":
+        return None
+    v = _codes(layer, pl, x, 1)
+    acc_v, sum_v = _sums(lambda a, b: F.conv2d(a, b, None, *geom), v, pl)
     c_q = c_1 = None
-    if z_a:
+    if pl.z_a:
         ones = v.new_ones((1,) + tuple(v.shape[1:]))
         c_q, c_1 = _borders(layer, tuple(v.shape[1:]), lambda: _sums(
-            lambda a, b: F.conv2d(a, b, None, *geom), ones, q, layer))
-    return _expanded(layer, acc_v, sum_v, c_q, c_1, s_a, z_a, 1, x.dtype)
+            lambda a, b: F.conv2d(a, b, None, *geom), ones, pl))
+    return _expanded(layer, acc_v, sum_v, c_q, c_1, pl.s_a, pl.z_a, 1, x.dtype)
 
 
 def linear(layer, x: torch.Tensor):
-    k = layer.weight_shape[1]
-    got = _inputs(layer, x, -1, k)
-    if got is None:
+    if not _usable(x):
         return None
-    if got[0] == "folded":
-        _, u, w, scale = got
-        return _epilogue(u @ w.t(), scale, layer.bias, -1, x.dtype)
-    _, v, q, s_a, z_a = got
+    k = layer.weight_shape[1]
+    pl = plan(layer, k)
+    if pl.kind == "folded":
+        return _epilogue(_folded_input(layer, pl, x, -1) @ pl.w.t(), pl.scale, layer.bias, -1, x.dtype)
+    if pl.kind == "reference":
+        return None
+    v = _codes(layer, pl, x, -1)
     c_q = c_1 = None
-    if z_a:
-        c_q, c_1 = q.sum(1), torch.full((1,), float(k), dtype=torch.float64)
-    return _expanded(layer, v @ q.t(), v.sum(-1, keepdim=True), c_q, c_1, s_a, z_a, -1, x.dtype)
+    if pl.z_a:
+        c_q, c_1 = pl.w.sum(1), torch.full((1,), float(k), dtype=torch.float64)
+    return _expanded(layer, v @ pl.w.t(), v.sum(-1, keepdim=True), c_q, c_1, pl.s_a, pl.z_a, -1, x.dtype)
 
 
 def conv_transpose2d(layer, x: torch.Tensor):
+    if not _usable(x):
+        return None
     c_in, _, kh, kw = layer.weight_shape
-    got = _inputs(layer, x, 1, c_in // layer.groups * kh * kw)
-    if got is None:
+    pl = plan(layer, c_in // layer.groups * kh * kw)
+    if pl.kind == "reference":
         return None
     geom = (layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
-    if got[0] == "folded":
-        _, u, w, scale = got
+    if pl.kind == "folded":
         # per-output-channel scales are stored per column of the [C_in, C_out/g] weight
-        return _epilogue(F.conv_transpose2d(u, w, None, *geom), scale.repeat(layer.groups), layer.bias, 1,
-                         x.dtype)
-    return None  # no transposed layer uses a non-integer zero point yet: the reference
+        return _epilogue(F.conv_transpose2d(_folded_input(layer, pl, x, 1), pl.w, None, *geom),
+                         pl.scale.repeat(layer.groups), layer.bias, 1, x.dtype)
+    v = _codes(layer, pl, x, 1)
+    op = lambda a, b: F.conv_transpose2d(a, b, None, *geom)  # noqa: E731
+    acc_v, sum_v = _sums(op, v, pl)
+    c_q = c_1 = None
+    if pl.z_a:
+        ones = v.new_ones((1,) + tuple(v.shape[1:]))
+        c_q, c_1 = _borders(layer, tuple(v.shape[1:]), lambda: _sums(op, ones, pl))
+    return _expanded(layer, acc_v, sum_v, c_q, c_1, pl.s_a, pl.z_a, 1, x.dtype, layer.groups)
+
+
+def prepare(model) -> None:
+    """Build the plan of every packed layer on the CPU (every activation site) now, so a first call
+    -- or a torch.compile trace, which cannot build them without graph breaks -- finds them ready."""
+    from ..quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
+
+    for m in model.modules():
+        if not isinstance(m, PackedLayer) or m.qweight.is_cuda or not dispatch.cpu_cached(m.backend, m.qweight):
+            continue
+        if m.act_mode == "none":
+            dequantized_weight(m)
+            continue
+        site = m.site
+        for s in range(m.num_sites):
+            m.site = s
+            if isinstance(m, PackedConv2d):
+                pl = plan(m, math.prod(m.weight_shape[1:]), binary_ok=m.groups == 1)
+                if pl.binary:
+                    _binary_ready(m, pl)
+            elif isinstance(m, PackedLinear):
+                plan(m, m.weight_shape[1])
+            elif isinstance(m, PackedConvTranspose2d):
+                c_in, _, kh, kw = m.weight_shape
+                plan(m, c_in // m.groups * kh * kw)
+        m.site = site

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torch.utils.data import Dataset, TensorDataset, random_split
 
-from ...datasets import FMNIST_CLASSES, FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, load_fmnist
+from ...datasets import FMNIST_CLASSES, FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, SplitLoaders, load_fmnist
 
 
 def to_float_batch(batch):
@@ -42,7 +42,7 @@ class _Collate:
         return (augment(x) if self.train else x), y
 
 
-class ClassificationData(L.LightningDataModule):
+class ClassificationData(SplitLoaders, L.LightningDataModule):
     """Base: subclasses set ``self.train_set``/``val_set``/``test_set`` in ``setup``."""
 
     channels, size, mean, std, classes = 1, None, [0.0], [1.0], []
@@ -57,23 +57,8 @@ class ClassificationData(L.LightningDataModule):
         return {"channels": self.channels, "size": self.size, "range": [0.0, 1.0],
                 "mean": list(self.mean), "std": list(self.std), "classes": list(self.classes)}
 
-    def _loader(self, ds, train):
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=train, drop_last=False,
-                          num_workers=self.num_workers, collate_fn=_Collate(train and self.augment),
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, False)
-
-    @staticmethod
-    def _limit(ds, n):
-        return ds if not n or n >= len(ds) else torch.utils.data.Subset(ds, range(int(n)))
+    def collate(self, train):
+        return _Collate(train and self.augment)
 
 
 class FashionMNISTData(ClassificationData):

@@ -10,9 +10,9 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from ...datasets import FMNIST_CLASSES, FMNIST_DIR, IMAGE_EXTS, load_fmnist
+from ...datasets import FMNIST_CLASSES, FMNIST_DIR, IMAGE_EXTS, SplitLoaders, load_fmnist
 
 
 class _Collate:
@@ -29,10 +29,11 @@ class _Collate:
         return x, y
 
 
-class DiffusionData(L.LightningDataModule):
+class DiffusionData(SplitLoaders, L.LightningDataModule):
     """Base: subclasses set ``train_set`` / ``val_set`` / ``test_set`` (uint8 or float images) in setup."""
 
     channels, size, classes = 1, [32, 32], []
+    drop_last_train = True
 
     def __init__(self, batch_size=128, num_workers=0, seed=0, limit_train=None, limit_test=None, augment=True,
                  fd_feature=None, fd_layer="fc", fd_steps=50):
@@ -50,23 +51,8 @@ class DiffusionData(L.LightningDataModule):
                 "mean": [0.5] * self.channels, "std": [0.5] * self.channels, "classes": list(self.classes),
                 "fd": self.fd}
 
-    def _loader(self, ds, train):
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=train, drop_last=train,
-                          num_workers=self.num_workers, collate_fn=_Collate(train and self.augment),
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, False)
-
-    @staticmethod
-    def _limit(ds, n):
-        return ds if not n or n >= len(ds) else torch.utils.data.Subset(ds, range(int(n)))
+    def collate(self, train):
+        return _Collate(train and self.augment)
 
     def images(self, split: str, n: int | None = None) -> torch.Tensor:
         """The first ``n`` images (all if None) of ``split`` as a float tensor in [0, 1]."""

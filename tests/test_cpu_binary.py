@@ -1,0 +1,221 @@
+"""The C++ W1A1 CPU kernel (zoo/kernels/cpu_binary.py, csrc/binary_conv.cpp): packed signs, XOR +
+popcount convolution with zero padding and the float64 epilogue, against sums written out here with
++-1 tensors, and the cached CPU path taking it (bit-identical to the integer reference) exactly where
+it applies."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zoo
+from zoo.kernels import cached, cpu_binary
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    if shutil.which("c++") is None or shutil.which("ninja") is None and not _ninja_module():
+        pytest.skip("no C++ compiler or ninja here: the CPU binary kernel cannot be built")
+    assert cpu_binary.available(), "the C++ kernel failed to build (see the warning above)"
+
+
+def _ninja_module():
+    import importlib.util
+
+    return importlib.util.find_spec("ninja") is not None
+
+
+def _expected(x, shift, q, stride, padding, dilation, scale, bias):
+    """float32(float64(sum over valid taps of u * w) * scale + bias), u = +-1 from x - shift >= 0 (zero
+    outside the input), w = 2q - 1, written with float64 convolutions of +-1 tensors."""
+    xs = x - shift.view(1, -1, 1, 1) if shift is not None else x
+    u = torch.where(xs >= 0, 1.0, -1.0).double()
+    w = q.double() * 2 - 1
+    acc = F.conv2d(u, w, None, stride, padding, dilation)
+    y = acc * scale.view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.double().view(1, -1, 1, 1)
+    return y.float()
+
+
+GEOMETRIES = [  # c_in, c_out, k, stride, padding, dilation, h, w
+    (16, 16, 3, 1, 1, 1, 9, 7), (70, 130, 3, 2, 1, 1, 11, 13), (64, 64, 1, 1, 0, 1, 5, 5),
+    (3, 8, 5, 1, 2, 2, 12, 10), (128, 65, 3, 1, 0, 1, 6, 8), (200, 9, (1, 3), (2, 1), (0, 1), 1, 7, 9),
+    # few input channels: horizontally adjacent taps share a word (2 to 21 taps per word)
+    (32, 40, 3, 2, 1, 1, 9, 9), (21, 16, 3, 1, 0, 2, 10, 11), (16, 33, (3, 5), 1, (1, 2), 1, 8, 9),
+    (1, 8, 7, 2, 3, 1, 13, 12), (20, 5, (2, 3), (1, 2), 2, (1, 2), 6, 7)]
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+@pytest.mark.parametrize("with_shift", [False, True])
+def test_binary_conv_equals_the_written_out_sums(geom, with_shift):
+    ci, co, k, stride, padding, dilation, h, w = geom
+    g = torch.Generator().manual_seed(ci * co)
+    pair = nn.modules.utils._pair
+    k, stride, padding, dilation = pair(k), pair(stride), pair(padding), pair(dilation)
+    x = torch.randn(2, ci, h, w, generator=g)
+    shift = torch.randn(ci, generator=g) * 0.3 if with_shift else None
+    if with_shift:
+        x[:, :, 0, 0] = shift  # ties: x - shift == 0 is +1, as sign(0) = +1 in the training form
+    else:
+        x[:, :, 0, 0] = 0.0
+    q = torch.randint(0, 2, (co, ci, *k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(co, generator=g, dtype=torch.float64) + 0.1
+    bias = torch.randn(co, generator=g)
+    xbits = cpu_binary.pack_signs(x, shift)
+    wbits = cpu_binary.pack_weight_signs(q)
+    y = cpu_binary.binary_conv2d(xbits, wbits, ci, stride, padding, dilation, scale, bias)
+    assert torch.equal(y, _expected(x, shift, q, stride, padding, dilation, scale, bias))
+    y0 = cpu_binary.binary_conv2d(xbits, wbits, ci, stride, padding, dilation, scale, None)
+    assert torch.equal(y0, _expected(x, shift, q, stride, padding, dilation, scale, None))
+
+
+def test_packed_sign_words_bit_by_bit():
+    x = torch.tensor([[[[0.5, -1.0]], [[-0.0, 2.0]], [[-3.0, 0.0]]]])  # 1 x 3 x 1 x 2
+    words = cpu_binary.pack_signs(x)
+    assert words.shape == (1, 1, 2, 1)
+    # pixel 0: channel 0 (+0.5) and channel 1 (-0.0 >= 0) set -> 0b011; pixel 1: channels 1, 2 -> 0b110
+    assert words.flatten().tolist() == [0b011, 0b110]
+    x = torch.full((1, 130, 1, 1), -1.0)
+    x[0, [0, 63, 64, 129]] = 1.0
+    words = cpu_binary.pack_signs(x).flatten().tolist()
+    assert words == [1 - 2 ** 63, 1, 2]  # bit 63 of word 0 is the int64 sign bit
+    q = torch.zeros(2, 65, 1, 1, dtype=torch.uint8)
+    q[1, 64] = 1
+    q[0, 3] = 1
+    words = cpu_binary.pack_weight_signs(q)  # taps x words x C_out, padded to a multiple of 32 with zeros
+    assert words.shape == (1, 1, 2, 32)
+    assert words[0, 0, :, :2].tolist() == [[8, 0], [0, 1]] and not words[..., 2:].any()
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(RuntimeError, match="not a 1-bit code"):
+        cpu_binary.pack_weight_signs(torch.full((1, 1, 1, 1), 2, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="shift has 2 values for 3 channels"):
+        cpu_binary.pack_signs(torch.randn(1, 3, 2, 2), torch.zeros(2))
+    xbits = cpu_binary.pack_signs(torch.randn(1, 70, 4, 4))
+    wbits = cpu_binary.pack_weight_signs(torch.zeros(4, 70, 3, 3, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="64 channels need 1 words, got 2"):
+        cpu_binary.binary_conv2d(xbits, wbits, 64, (1, 1), (1, 1), (1, 1), torch.ones(4, dtype=torch.float64), None)
+    with pytest.raises(RuntimeError, match="40 scales for packed weights of 32 output channels"):
+        cpu_binary.binary_conv2d(xbits, wbits, 70, (1, 1), (1, 1), (1, 1), torch.ones(40, dtype=torch.float64), None)
+    with pytest.raises(RuntimeError, match="3 biases for 4 output channels"):
+        cpu_binary.binary_conv2d(xbits, wbits, 70, (1, 1), (1, 1), (1, 1), torch.ones(4, dtype=torch.float64),
+                                 torch.zeros(3))
+
+
+def _binary_net(spec, shift=False):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(6, 70, 3, stride=2, padding=1), nn.Conv2d(70, 8, 3, padding=1, bias=False))
+    zoo.quantize(net, zoo.QuantConfig(weight=spec, act=spec))
+    net.train()
+    for _ in range(3):
+        net(torch.randn(4, 6, 11, 10))
+    net = zoo.to_packed(net.eval())
+    if shift:  # ReAct's RSign thresholds, away from their zero init
+        for m in net.modules():
+            if hasattr(m, "a_shift"):
+                m.a_shift.copy_(torch.randn_like(m.a_shift) * 0.2)
+    return net
+
+
+def _count(monkeypatch):
+    calls = []
+    real = cpu_binary.binary_conv2d
+    monkeypatch.setattr(cpu_binary, "binary_conv2d", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("spec,shift", [(zoo.XNOR(1), False), (zoo.IRNet(1), False), (zoo.ReAct(1), True)])
+def test_binary_layers_take_the_kernel_and_equal_the_reference(spec, shift, monkeypatch):
+    net = _binary_net(spec, shift)
+    x = torch.randn(3, 6, 11, 10)
+    zoo.set_backend(net, "reference")
+    with torch.no_grad():
+        y_ref = net(x)
+    calls = _count(monkeypatch)
+    for backend in ("cpu", "auto"):
+        zoo.set_backend(net, backend)
+        calls.clear()
+        with torch.no_grad():
+            y = net(x)
+        assert len(calls) == 2, backend  # both convs
+        assert torch.equal(y, y_ref), (backend, (y - y_ref).abs().max())
+
+
+def test_layers_that_are_not_w1a1_or_not_float32_do_not_take_it(monkeypatch):
+    calls = _count(monkeypatch)
+    for cfg in (zoo.QuantConfig(weight=zoo.LSQ(2), act=zoo.XNOR(1)), zoo.QuantConfig(weight=zoo.XNOR(1), act=zoo.LSQ(4))):
+        torch.manual_seed(0)
+        net = zoo.quantize(nn.Sequential(nn.Conv2d(6, 8, 3, padding=1)), cfg)
+        net.train()(torch.randn(4, 6, 5, 5))
+        net = zoo.to_packed(net.eval())
+        zoo.set_backend(net, "cpu")
+        with torch.no_grad():
+            net(torch.randn(2, 6, 5, 5))
+    net = _binary_net(zoo.XNOR(1))
+    zoo.set_backend(net, "cpu")
+    x = torch.randn(2, 6, 11, 10)
+    with torch.no_grad():
+        y16 = net(x.half())
+        zoo.set_backend(net, "reference")
+        assert torch.equal(y16, net(x.half()))
+    assert not calls
+
+
+def test_the_kernel_can_be_turned_off_and_follows_weight_updates(monkeypatch):
+    net = _binary_net(zoo.XNOR(1))
+    x = torch.randn(2, 6, 11, 10)
+    zoo.set_backend(net, "cpu")
+    calls = _count(monkeypatch)
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+    with torch.no_grad():
+        y_off = net(x)
+    assert not calls
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "1")
+    with torch.no_grad():
+        assert torch.equal(net(x), y_off) and calls
+        conv = net[1]
+        conv.qweight.bitwise_not_()  # every weight sign flips, in place
+        y_flipped = net(x)
+        zoo.set_backend(net, "reference")
+        assert torch.equal(y_flipped, net(x))
+    cached.clear(net)
+
+
+def test_shipped_binary_classifiers_identical_through_the_kernel(monkeypatch):
+    from zoo.cards import read_golden
+    from zoo.registry import resolve_checkpoint
+
+    names = [n for n in zoo.list_models("resnet20.*w1a1*", task="cls")]
+    assert len(names) >= 3
+    calls = _count(monkeypatch)
+    for name in names:
+        x = read_golden(resolve_checkpoint(name))[0]
+        model = zoo.load(name, backend="reference")
+        with torch.no_grad():
+            y_ref = model(x)
+            zoo.set_backend(model, "auto")
+            calls.clear()
+            y = model(x)
+        assert calls, name
+        assert torch.equal(y, y_ref), name
+
+
+@pytest.mark.slow
+def test_the_portable_build_without_avx512_gives_the_same_results(tmp_path):
+    """The plain-loop popcount (what CPUs without AVX-512 VPOPCNTDQ run), built with -march=x86-64-v2
+    into a fresh cache in another process, passes this file's kernel tests."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ZOO_CPU_KERNEL_MARCH": "x86-64-v2", "ZOO_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "written_out or bit_by_bit or refused"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+    so = next(tmp_path.rglob("zoo_cpu_binary.so"))  # built fresh, into the given cache
+    if shutil.which("objdump"):
+        asm = subprocess.run(["objdump", "-d", str(so)], capture_output=True, text=True).stdout
+        assert "popcnt" in asm and "vpopcntq" not in asm  # the scalar popcount, not AVX-512's
