@@ -20,7 +20,7 @@ Timings on a shared machine are noisy: compare ratios, not absolute times across
 
 ``--layers`` adds a table of single W1A1 convolutions at ResNet-20 and ResNet-18 shapes (3x3, stride 1,
 padding 1): torch's float32 conv of the same shape against the packed binary layer through the C++
-XOR-popcount kernel (``zoo/kernels/cpu_binary.py``) and through the cached float32 path it replaces
+XOR-popcount kernel (``zoo/kernels/cpu_ops.py``) and through the cached float32 path it replaces
 (``ZOO_CPU_KERNELS=0``), interleaved, medians, ratios to FP32 (> 1: slower).
 """
 from __future__ import annotations
@@ -122,9 +122,9 @@ def binary_layers(reps: int, warmup: int, smoke: bool = False) -> tuple[list, li
 
     from torch import nn
 
-    from zoo.kernels import cpu_binary
+    from zoo.kernels import cpu_ops
 
-    if not cpu_binary.available():
+    if not cpu_ops.available():
         print("the C++ binary kernel is not available: no layer table")
         return [], []
     rows, records = [], []

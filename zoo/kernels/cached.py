@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quantizers.base import channel_view
-from . import cpu_binary, dispatch, reference
+from . import cpu_ops, dispatch, reference
 
 MULTIPLIERS = (1, 2, 4)  # the power-of-two multiples tried to make a zero point an integer
 EXACT_LIMIT = 2 ** 24  # float32 holds every integer below this
@@ -89,12 +89,13 @@ class Plan:
     """What a packed layer runs on this path, built once per weight/parameter version and site.
 
     kind: "folded" (W', the epilogue scale), "expanded" (codes q, [q; 1]) or "reference" (none fits
-    float32); binary: a W1A1 conv the C++ kernel (``cpu_binary``) can run, with its packed sign words
+    float32); binary: a W1A1 conv the C++ kernel (``cpu_ops``) can run, with its packed sign words
     in ``bits`` once built (on the first call with the kernel available and enabled)."""
 
-    def __init__(self, kind, p, s_a=1.0, z_a=0.0, m_a=1, w=None, scale=None, stack=None, binary=False):
+    def __init__(self, kind, p, s_a=1.0, z_a=0.0, m_a=1, w=None, scale=None, stack=None, binary=False, affine=None):
         self.kind, self.p, self.s_a, self.z_a, self.m_a = kind, p, s_a, z_a, m_a
         self.w, self.scale, self.stack, self.binary, self.bits = w, scale, stack, binary, None
+        self.affine = affine  # (scale, offset, qmin, qmax) as floats for the C++ input kernel, or None
 
 
 def _exact_dtype(bound: float):
@@ -115,7 +116,11 @@ def _build_plan(layer, k: int, binary_ok: bool) -> Plan:
         dtype = _exact_dtype(k * umax * m_a * wmax)
         if dtype is not None:
             scale = (s_a * layer.w_scale.double()) / (m_a * m_w)
-            return Plan("folded", p, s_a, z_a, m_a, w=w.to(dtype).contiguous(), scale=scale, binary=binary)
+            affine = None
+            if layer.act_mode == "affine":
+                affine = tuple(float(p[k].reshape(-1)[0]) for k in ("scale", "offset", "qmin", "qmax"))
+            return Plan("folded", p, s_a, z_a, m_a, w=w.to(dtype).contiguous(), scale=scale, binary=binary,
+                        affine=affine)
     qmax = float(q.max()) if q.numel() else 0.0
     dtype = _exact_dtype(k * vmax * qmax)
     if dtype is None:
@@ -170,7 +175,17 @@ def _codes(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
     return reference.quantize_act(x, layer.act_mode, pl.p, ch_axis).to(pl.w.dtype)
 
 
+def _fast(x: torch.Tensor, dtypes=(torch.float32,)) -> bool:
+    """Eager work on ``dtypes`` with the C++ elementwise kernels (``cpu_ops``) built and enabled."""
+    return x.dtype in dtypes and not compiling() and cpu_ops.enabled() and cpu_ops.available()
+
+
 def _folded_input(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    if pl.w.dtype == torch.float32 and layer.act_mode in ("affine", "threshold") and _fast(x):
+        if pl.affine is not None:
+            s, o, lo, hi = pl.affine
+            return cpu_ops.affine_input(x, pl.p.get("shift"), s, o, lo, hi, pl.z_a, pl.m_a, ch_axis == -1)
+        return cpu_ops.threshold_input(x, pl.p.get("shift"), pl.p["thresholds"], pl.z_a, pl.m_a, ch_axis == -1)
     v = _codes(layer, pl, x, ch_axis)
     return (v - pl.z_a) * pl.m_a if (pl.z_a or pl.m_a != 1) else v  # exact: small (half-)integers
 
@@ -207,6 +222,8 @@ def _expanded(layer, acc_v, sum_v, c_q, c_1, s_a, z_a, ch_dim, dtype, groups=1):
 
 
 def _epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_dim: int, dtype) -> torch.Tensor:
+    if dtype == torch.float32 and _fast(acc, (torch.float32, torch.float64)):
+        return cpu_ops.epilogue(acc, scale, bias, ch_dim == -1)
     shape = [1] * acc.ndim
     shape[ch_dim] = -1
     y = acc.double().round_().mul_(scale.reshape(shape))  # round: a no-op for exact integer sums
@@ -227,10 +244,10 @@ def _binary_ready(layer, pl: Plan) -> bool:
     """Whether the C++ kernel runs this W1A1 plan now (packing its weights on first use)."""
     if compiling():
         return pl.bits is not None  # as prepared before compiling
-    if isinstance(layer.padding, str) or not cpu_binary.enabled() or not cpu_binary.available():
+    if isinstance(layer.padding, str) or not cpu_ops.enabled() or not cpu_ops.available():
         return False
     if pl.bits is None:
-        pl.bits = cpu_binary.pack_weight_signs(layer.codes().to(torch.uint8))
+        pl.bits = cpu_ops.pack_weight_signs(layer.codes().to(torch.uint8))
     return True
 
 
@@ -241,8 +258,8 @@ def conv2d(layer, x: torch.Tensor):
     geom = (layer.stride, layer.padding, layer.dilation, layer.groups)
     if pl.binary and x.dtype == torch.float32 and x.dim() == 4 and _binary_ready(layer, pl):
         pair = torch.nn.modules.utils._pair
-        xbits = cpu_binary.pack_signs(x, pl.p.get("shift"))
-        return cpu_binary.binary_conv2d(xbits, pl.bits, x.shape[1], pair(layer.stride), pair(layer.padding),
+        xbits = cpu_ops.pack_signs(x, pl.p.get("shift"))
+        return cpu_ops.binary_conv2d(xbits, pl.bits, x.shape[1], pair(layer.stride), pair(layer.padding),
                                         pair(layer.dilation), pl.scale, layer.bias)
     if pl.kind == "folded":
         u = _folded_input(layer, pl, x, 1)

@@ -1,6 +1,6 @@
 // W1A1 convolution on the CPU: signs packed 64 per word, XOR + popcount, the reference's epilogue.
 //
-// Built on first use against the installed torch by zoo/kernels/cpu_binary.py (torch's cpp_extension,
+// Built on first use against the installed torch by zoo/kernels/cpu_ops.py (torch's cpp_extension,
 // -O3 -march=native so AVX-512 VPOPCNTDQ is used where the CPU has it; -ffp-contract=off so the
 // epilogue rounds exactly as torch's separate float64 multiply and add do).
 //

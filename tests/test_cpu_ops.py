@@ -1,7 +1,8 @@
-"""The C++ W1A1 CPU kernel (zoo/kernels/cpu_binary.py, csrc/binary_conv.cpp): packed signs, XOR +
-popcount convolution with zero padding and the float64 epilogue, against sums written out here with
-+-1 tensors, and the cached CPU path taking it (bit-identical to the integer reference) exactly where
-it applies."""
+"""The C++ CPU kernels (zoo/kernels/cpu_ops.py): the W1A1 convolution (csrc/binary_conv.cpp: packed
+signs, XOR + popcount with zero padding and the float64 epilogue) against sums written out here with
++-1 tensors; the elementwise input and epilogue kernels (csrc/elementwise.cpp) against torch's
+operations written out here; and the cached CPU path taking them (bit-identical to the integer
+reference) exactly where they apply."""
 import shutil
 
 import pytest
@@ -10,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import zoo
-from zoo.kernels import cached, cpu_binary
+from zoo.kernels import cached, cpu_ops
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
     if shutil.which("c++") is None or shutil.which("ninja") is None and not _ninja_module():
         pytest.skip("no C++ compiler or ninja here: the CPU binary kernel cannot be built")
-    assert cpu_binary.available(), "the C++ kernel failed to build (see the warning above)"
+    assert cpu_ops.available(), "the C++ kernel failed to build (see the warning above)"
 
 
 def _ninja_module():
@@ -63,45 +64,45 @@ def test_binary_conv_equals_the_written_out_sums(geom, with_shift):
     q = torch.randint(0, 2, (co, ci, *k), generator=g, dtype=torch.uint8)
     scale = torch.rand(co, generator=g, dtype=torch.float64) + 0.1
     bias = torch.randn(co, generator=g)
-    xbits = cpu_binary.pack_signs(x, shift)
-    wbits = cpu_binary.pack_weight_signs(q)
-    y = cpu_binary.binary_conv2d(xbits, wbits, ci, stride, padding, dilation, scale, bias)
+    xbits = cpu_ops.pack_signs(x, shift)
+    wbits = cpu_ops.pack_weight_signs(q)
+    y = cpu_ops.binary_conv2d(xbits, wbits, ci, stride, padding, dilation, scale, bias)
     assert torch.equal(y, _expected(x, shift, q, stride, padding, dilation, scale, bias))
-    y0 = cpu_binary.binary_conv2d(xbits, wbits, ci, stride, padding, dilation, scale, None)
+    y0 = cpu_ops.binary_conv2d(xbits, wbits, ci, stride, padding, dilation, scale, None)
     assert torch.equal(y0, _expected(x, shift, q, stride, padding, dilation, scale, None))
 
 
 def test_packed_sign_words_bit_by_bit():
     x = torch.tensor([[[[0.5, -1.0]], [[-0.0, 2.0]], [[-3.0, 0.0]]]])  # 1 x 3 x 1 x 2
-    words = cpu_binary.pack_signs(x)
+    words = cpu_ops.pack_signs(x)
     assert words.shape == (1, 1, 2, 1)
     # pixel 0: channel 0 (+0.5) and channel 1 (-0.0 >= 0) set -> 0b011; pixel 1: channels 1, 2 -> 0b110
     assert words.flatten().tolist() == [0b011, 0b110]
     x = torch.full((1, 130, 1, 1), -1.0)
     x[0, [0, 63, 64, 129]] = 1.0
-    words = cpu_binary.pack_signs(x).flatten().tolist()
+    words = cpu_ops.pack_signs(x).flatten().tolist()
     assert words == [1 - 2 ** 63, 1, 2]  # bit 63 of word 0 is the int64 sign bit
     q = torch.zeros(2, 65, 1, 1, dtype=torch.uint8)
     q[1, 64] = 1
     q[0, 3] = 1
-    words = cpu_binary.pack_weight_signs(q)  # taps x words x C_out, padded to a multiple of 32 with zeros
+    words = cpu_ops.pack_weight_signs(q)  # taps x words x C_out, padded to a multiple of 32 with zeros
     assert words.shape == (1, 1, 2, 32)
     assert words[0, 0, :, :2].tolist() == [[8, 0], [0, 1]] and not words[..., 2:].any()
 
 
 def test_bad_inputs_are_refused():
     with pytest.raises(RuntimeError, match="not a 1-bit code"):
-        cpu_binary.pack_weight_signs(torch.full((1, 1, 1, 1), 2, dtype=torch.uint8))
+        cpu_ops.pack_weight_signs(torch.full((1, 1, 1, 1), 2, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="shift has 2 values for 3 channels"):
-        cpu_binary.pack_signs(torch.randn(1, 3, 2, 2), torch.zeros(2))
-    xbits = cpu_binary.pack_signs(torch.randn(1, 70, 4, 4))
-    wbits = cpu_binary.pack_weight_signs(torch.zeros(4, 70, 3, 3, dtype=torch.uint8))
+        cpu_ops.pack_signs(torch.randn(1, 3, 2, 2), torch.zeros(2))
+    xbits = cpu_ops.pack_signs(torch.randn(1, 70, 4, 4))
+    wbits = cpu_ops.pack_weight_signs(torch.zeros(4, 70, 3, 3, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="64 channels need 1 words, got 2"):
-        cpu_binary.binary_conv2d(xbits, wbits, 64, (1, 1), (1, 1), (1, 1), torch.ones(4, dtype=torch.float64), None)
+        cpu_ops.binary_conv2d(xbits, wbits, 64, (1, 1), (1, 1), (1, 1), torch.ones(4, dtype=torch.float64), None)
     with pytest.raises(RuntimeError, match="40 scales for packed weights of 32 output channels"):
-        cpu_binary.binary_conv2d(xbits, wbits, 70, (1, 1), (1, 1), (1, 1), torch.ones(40, dtype=torch.float64), None)
+        cpu_ops.binary_conv2d(xbits, wbits, 70, (1, 1), (1, 1), (1, 1), torch.ones(40, dtype=torch.float64), None)
     with pytest.raises(RuntimeError, match="3 biases for 4 output channels"):
-        cpu_binary.binary_conv2d(xbits, wbits, 70, (1, 1), (1, 1), (1, 1), torch.ones(4, dtype=torch.float64),
+        cpu_ops.binary_conv2d(xbits, wbits, 70, (1, 1), (1, 1), (1, 1), torch.ones(4, dtype=torch.float64),
                                  torch.zeros(3))
 
 
@@ -122,8 +123,8 @@ def _binary_net(spec, shift=False):
 
 def _count(monkeypatch):
     calls = []
-    real = cpu_binary.binary_conv2d
-    monkeypatch.setattr(cpu_binary, "binary_conv2d", lambda *a: calls.append(1) or real(*a))
+    real = cpu_ops.binary_conv2d
+    monkeypatch.setattr(cpu_ops, "binary_conv2d", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -215,7 +216,76 @@ def test_the_portable_build_without_avx512_gives_the_same_results(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                         "written_out or bit_by_bit or refused"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
-    so = next(tmp_path.rglob("zoo_cpu_binary.so"))  # built fresh, into the given cache
+    so = next(tmp_path.rglob("zoo_cpu_kernels.so"))  # built fresh, into the given cache
     if shutil.which("objdump"):
         asm = subprocess.run(["objdump", "-d", str(so)], capture_output=True, text=True).stdout
         assert "popcnt" in asm and "vpopcntq" not in asm  # the scalar popcount, not AVX-512's
+
+
+# ----------------------------------------------------------------------------- elementwise kernels
+def test_affine_input_equals_torchs_operations():
+    """(clamp(round((x - shift) / s + o), qmin, qmax) - z) * m in float32: ties round to even, both
+    clamps, NaN kept, channels on dim 1 or last, with and without a shift."""
+    g = torch.Generator().manual_seed(0)
+    s, o, lo, hi, z, m = 0.0731, 3.0, 0.0, 15.0, 3.0, 1.0
+    x = torch.randn(3, 5, 4, 6, generator=g) * 0.6
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, 2.5, -0.5]) * s  # exact ties of x / s (before the offset)
+    x[0, 1, 0, 0] = float("nan")
+    shift = torch.randn(5, generator=g) * 0.1
+
+    def written_out(x, shift, ch_last):
+        if shift is not None:
+            x = x - (shift if ch_last else shift.view(1, -1, 1, 1))
+        v = torch.clamp(torch.round(x / torch.tensor(s) + torch.tensor(o)), torch.tensor(lo), torch.tensor(hi))
+        return (v - z) * m
+
+    for sh in (None, shift):
+        got = cpu_ops.affine_input(x, sh, s, o, lo, hi, z, m, False)
+        assert torch.allclose(got, written_out(x, sh, False), rtol=0, atol=0, equal_nan=True)  # exactly equal
+        xl = x.permute(0, 2, 3, 1).contiguous()  # channels last: a linear layer's input
+        assert torch.allclose(cpu_ops.affine_input(xl, sh, s, o, lo, hi, z, m, True), written_out(xl, sh, True),
+                              rtol=0, atol=0, equal_nan=True)
+    half = cpu_ops.affine_input(x, None, s, o, lo, hi, 7.5, 2.0, False)  # muL2Q-style half-integer zero point
+    assert torch.allclose(half, (written_out(x, None, False) + z - 7.5) * 2, rtol=0, atol=0, equal_nan=True)
+    # x / s + o = 3.5, 4.5, 5.5, 2.5 round half to even to 4, 4, 6, 2 (half up would give 4, 5, 6, 3)
+    assert torch.isnan(half[0, 1, 0, 0]) and half[0, 0, 0, :4].tolist() == [(v - 7.5) * 2 for v in (4, 4, 6, 2)]
+
+
+def test_epilogue_equals_torchs_float64_operations():
+    g = torch.Generator().manual_seed(1)
+    scale = torch.rand(7, generator=g, dtype=torch.float64) * 1e-3
+    bias = torch.randn(7, generator=g)
+    for dtype in (torch.float32, torch.float64):
+        acc = torch.randint(-5000, 5000, (2, 7, 5, 3), generator=g).to(dtype)
+        want = (acc.double() * scale.view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)).float()
+        assert torch.equal(cpu_ops.epilogue(acc, scale, bias, False), want)
+        assert torch.equal(cpu_ops.epilogue(acc, scale, None, False), (acc.double() * scale.view(1, -1, 1, 1)).float())
+        rows = acc.permute(0, 2, 3, 1).contiguous()
+        assert torch.equal(cpu_ops.epilogue(rows, scale, bias, True), (rows.double() * scale + bias.double()).float())
+    with pytest.raises(RuntimeError, match="6 scales for 7 channels"):
+        cpu_ops.epilogue(acc, scale[:6], None, False)
+
+
+def test_affine_layers_take_the_elementwise_kernels(monkeypatch):
+    """An LSQ W4A4 conv + linear through the cached path: the C++ input and epilogue kernels run (and
+    nothing of it with ZOO_CPU_KERNELS=0), outputs identical to the reference either way."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 5 * 5, 4))
+    zoo.quantize(net, zoo.QuantConfig(weight=zoo.LSQ(4), act=zoo.LSQ(4)))
+    net.train()(torch.randn(4, 3, 5, 5))
+    net = zoo.to_packed(net.eval())
+    x = torch.randn(2, 3, 5, 5)
+    zoo.set_backend(net, "reference")
+    with torch.no_grad():
+        y_ref = net(x)
+    calls = []
+    for fn in ("affine_input", "epilogue"):
+        real = getattr(cpu_ops, fn)
+        monkeypatch.setattr(cpu_ops, fn, lambda *a, _r=real, _n=fn: calls.append(_n) or _r(*a))
+    zoo.set_backend(net, "cpu")
+    with torch.no_grad():
+        assert torch.equal(net(x), y_ref)
+        assert calls == ["affine_input", "epilogue"] * 2
+        calls.clear()
+        monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+        assert torch.equal(net(x), y_ref) and not calls

@@ -1,19 +1,26 @@
-"""W1A1 convolutions at bit speed on the CPU: a C++ kernel (``csrc/binary_conv.cpp``) with the signs
-packed 64 per word, XOR + popcount, the training form's zero padding and the reference's epilogue.
+"""C++ CPU kernels of the cached path, built on first use against the installed torch.
 
-It is compiled against the installed torch **on first use** (torch's ``cpp_extension``, ninja, the
+- ``csrc/binary_conv.cpp``: W1A1 convolutions at bit speed -- signs packed 64 per word, XOR + popcount,
+  the training form's zero padding and the reference's epilogue.
+- ``csrc/elementwise.cpp``: the elementwise halves of every other float32 packed layer in one pass
+  each -- the activation codes and folded input ``u = (clamp(round((x - shift) / s + o), qmin, qmax) - z)
+  * m`` (float32, as torch computes them) and the float64 epilogue ``float(acc * scale + bias)`` --
+  where torch takes five or six passes over the tensor.
+
+They are compiled against the installed torch **on first use** (torch's ``cpp_extension``, ninja, the
 system C++ compiler; about a minute) with ``-march=native`` -- so AVX-512 VPOPCNTDQ where the CPU has
 it, the compiler's portable popcount elsewhere; ``ZOO_CPU_KERNEL_MARCH`` sets another ``-march``) -- and
-cached under ``$ZOO_CACHE/ext/`` (default
-``~/.cache/lowbit-vision-zoo/ext/``), one build per torch version, source and CPU. Afterwards loading
-takes milliseconds. ``ZOO_CPU_KERNELS=0`` turns it off (the cached float32 path runs those layers);
-if the build fails, a warning says why once and the same fallback is taken.
+cached under ``$ZOO_CACHE/ext/`` (default ``~/.cache/lowbit-vision-zoo/ext/``), one build per torch
+version, source and CPU. Afterwards loading takes milliseconds. ``ZOO_CPU_KERNELS=0`` turns them off
+(the torch operations of the cached path run instead); if the build fails, a warning says why once and
+the same fallback is taken. Outputs are bit-identical either way (``-ffp-contract=off``: no fused
+multiply-add changes a rounding).
 
-The cached CPU path (``cached.conv2d``, i.e. ``backend="cpu"`` and ``"auto"`` on CPU) sends a packed
-conv here when both its weights and activations are binary: 1-bit codes with the zero point 1/2 (W' =
-2q - 1 = +-1) and sign activations (with ReAct's per-channel threshold, if any), groups = 1, float32
-input. Outputs equal the reference's bit for bit: the integer sums are exact and the epilogue is the
-same float64 multiply and add.
+The cached CPU path (``cached.py``, i.e. ``backend="cpu"`` and ``"auto"`` on CPU) sends a packed conv
+to the binary kernel when both its weights and activations are binary: 1-bit codes with the zero point
+1/2 (W' = 2q - 1 = +-1) and sign activations (with ReAct's per-channel threshold, if any), groups = 1,
+float32 input; and the affine activations and epilogues of float32 inputs to the elementwise ones
+(eager only: inside a torch.compile trace inductor fuses the torch operations itself).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("csrc") / "binary_conv.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / f for f in ("binary_conv.cpp", "elementwise.cpp")]
 # ZOO_CPU_KERNEL_MARCH: the -march= of the build (default native; e.g. x86-64-v2 for a portable build
 # without AVX-512, or for a cache shared by machines with different CPUs)
 MARCH = os.environ.get("ZOO_CPU_KERNEL_MARCH", "native")
@@ -52,8 +59,8 @@ def _cpu_tag() -> str:
 def build_dir() -> Path:
     from ..registry import cache_root
 
-    src = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:10]
-    return cache_root() / "ext" / f"torch-{torch.__version__}" / f"binary_conv-{src}-{_cpu_tag()}"
+    src = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:10]
+    return cache_root() / "ext" / f"torch-{torch.__version__}" / f"cpu_kernels-{src}-{_cpu_tag()}"
 
 
 def enabled() -> bool:
@@ -78,14 +85,15 @@ def available() -> bool:
 
             d = build_dir()
             d.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name="zoo_cpu_binary", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+            cpp_extension.load(name="zoo_cpu_kernels", sources=[str(f) for f in SOURCES], extra_cflags=CFLAGS,
                                build_directory=str(d), is_python_module=False, verbose=False)
-            _state["ok"] = hasattr(torch.ops.zoo_cpu, "binary_conv2d")
+            _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
+                               for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue"))
             if _state["ok"]:
                 _register_fakes()
         except Exception as e:  # no compiler, no ninja, a failed build: the float32 path runs instead
-            log.warning("the CPU binary-conv kernel could not be built (%s: %s); binary layers run on the "
-                        "cached float32 path. Set ZOO_CPU_KERNELS=0 to skip trying.", type(e).__name__,
+            log.warning("the C++ CPU kernels could not be built (%s: %s); packed layers run on the cached "
+                        "path's torch operations. Set ZOO_CPU_KERNELS=0 to skip trying.", type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "")
     return _state["ok"]
 
@@ -98,6 +106,18 @@ def _register_fakes() -> None:
         n, c, h, w = x.shape
         return x.new_empty((n, h, w, (c + 63) // 64), dtype=torch.int64)
 
+    @torch.library.register_fake("zoo_cpu::affine_input")
+    def _affine(x, shift, scale, offset, qmin, qmax, z, m, ch_last):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("zoo_cpu::threshold_input")
+    def _threshold(x, shift, thresholds, z, m, ch_last):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("zoo_cpu::epilogue")
+    def _epilogue(acc, scale, bias, ch_last):
+        return acc.new_empty(acc.shape, dtype=torch.float32)
+
     @torch.library.register_fake("zoo_cpu::binary_conv2d")
     def _conv(xbits, wbits, c_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale, bias):
         n, h, w, _ = xbits.shape
@@ -106,6 +126,23 @@ def _register_fakes() -> None:
         oh = (h + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
         ow = (w + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
         return xbits.new_empty((n, co, oh, ow), dtype=torch.float32)
+
+
+def affine_input(x: torch.Tensor, shift, scale: float, offset: float, qmin: float, qmax: float, z: float,
+                 m: float, ch_last: bool) -> torch.Tensor:
+    """(clamp(round((x - shift) / scale + offset), qmin, qmax) - z) * m in float32, channels on dim 1 or
+    (``ch_last``) the last dim: the cached path's folded input of affine activation codes."""
+    return torch.ops.zoo_cpu.affine_input(x, shift, scale, offset, qmin, qmax, z, m, ch_last)
+
+
+def threshold_input(x: torch.Tensor, shift, thresholds: torch.Tensor, z: float, m: float, ch_last: bool):
+    """(number of thresholds below x - shift - z) * m in float32 (N2UQ's codes, as torch.bucketize)."""
+    return torch.ops.zoo_cpu.threshold_input(x, shift, thresholds, z, m, ch_last)
+
+
+def epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_last: bool) -> torch.Tensor:
+    """float32(float64(acc) * scale[c] + bias[c]), channels on dim 1 or (``ch_last``) the last dim."""
+    return torch.ops.zoo_cpu.epilogue(acc, scale, bias, ch_last)
 
 
 def pack_signs(x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
