@@ -251,6 +251,21 @@ def test_affine_input_equals_torchs_operations():
     assert torch.isnan(half[0, 1, 0, 0]) and half[0, 0, 0, :4].tolist() == [(v - 7.5) * 2 for v in (4, 4, 6, 2)]
 
 
+def test_threshold_input_counts_as_bucketize():
+    """N2UQ's codes: the number of thresholds below x - shift (torch.bucketize), NaN counting all of
+    them, values equal to a threshold not counted; then (v - z) * m."""
+    g = torch.Generator().manual_seed(2)
+    th = torch.tensor([-0.4, 0.1, 0.7])
+    x = torch.randn(2, 4, 3, 5, generator=g)
+    x[0, 0, 0, :5] = torch.tensor([-0.4, 0.1, 0.7, float("nan"), -float("inf")])
+    shift = torch.randn(4, generator=g) * 0.1
+    for sh in (None, shift):
+        xs = x - shift.view(1, -1, 1, 1) if sh is not None else x
+        want = (torch.bucketize(xs.contiguous(), th).float() - 1.0) * 2.0
+        assert torch.equal(cpu_ops.threshold_input(x, sh, th, 1.0, 2.0, False), want)
+    assert cpu_ops.threshold_input(x, None, th, 0.0, 1.0, False)[0, 0, 0, :5].tolist() == [0, 1, 2, 3, 0]
+
+
 def test_epilogue_equals_torchs_float64_operations():
     g = torch.Generator().manual_seed(1)
     scale = torch.rand(7, generator=g, dtype=torch.float64) * 1e-3

@@ -67,9 +67,11 @@ void for_channel_runs(int64_t total, int64_t c, int64_t inner, bool ch_last, F&&
 }
 
 // x: float32, channels on dim 1 (N x C x ...) when ch_last is false, on the last dim when true
-at::Tensor affine_input(const at::Tensor& x_in, const c10::optional<at::Tensor>& shift_in, double scale,
-                        double offset, double qmin, double qmax, double z, double m, bool ch_last) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 2, "affine_input: x must be float32, 2-d or more");
+// The shared frame of the input kernels: checks, the per-channel shift, one run per channel.
+template <typename Run>
+at::Tensor per_channel_input(const char* name, const at::Tensor& x_in, const c10::optional<at::Tensor>& shift_in,
+                             bool ch_last, Run&& run) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 2, name, ": x must be float32, 2-d or more");
   const at::Tensor x = x_in.contiguous();
   const int64_t c = ch_last ? x.size(-1) : x.size(1);
   const int64_t inner = ch_last ? 1 : x.numel() / (x.size(0) * c);  // elements per (sample, channel) plane
@@ -77,45 +79,39 @@ at::Tensor affine_input(const at::Tensor& x_in, const c10::optional<at::Tensor>&
   at::Tensor shift;
   if (shift_in.has_value() && shift_in->defined()) {
     shift = shift_in->contiguous().to(at::kFloat);
-    TORCH_CHECK(shift.numel() == c, "affine_input: shift has ", shift.numel(), " values for ", c, " channels");
+    TORCH_CHECK(shift.numel() == c, name, ": shift has ", shift.numel(), " values for ", c, " channels");
     sp = shift.data_ptr<float>();
   }
   at::Tensor out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float s = float(scale), o = float(offset), lo = float(qmin), hi = float(qmax), zf = float(z), mf = float(m);
   for_channel_runs(x.numel(), c, inner, ch_last, [&](int64_t start, int64_t len, int64_t ch) {
-    affine_run(xp + start, op + start, len, sp != nullptr, sp ? sp[ch] : 0.0f, s, o, lo, hi, zf, mf);
+    run(xp + start, op + start, len, sp != nullptr, sp ? sp[ch] : 0.0f);
   });
   return out;
 }
 
+at::Tensor affine_input(const at::Tensor& x, const c10::optional<at::Tensor>& shift, double scale, double offset,
+                        double qmin, double qmax, double z, double m, bool ch_last) {
+  const float s = float(scale), o = float(offset), lo = float(qmin), hi = float(qmax), zf = float(z), mf = float(m);
+  return per_channel_input("affine_input", x, shift, ch_last,
+                           [&](const float* src, float* dst, int64_t n, bool has_shift, float sh) {
+                             affine_run(src, dst, n, has_shift, sh, s, o, lo, hi, zf, mf);
+                           });
+}
+
 // N2UQ's threshold activations: v = the number of thresholds t_k < x - shift[c] (torch.bucketize's count,
 // NaN counting all of them), u = (v - z) * m; thresholds sorted ascending, float32
-at::Tensor threshold_input(const at::Tensor& x_in, const c10::optional<at::Tensor>& shift_in, const at::Tensor& th_in,
+at::Tensor threshold_input(const at::Tensor& x, const c10::optional<at::Tensor>& shift, const at::Tensor& th_in,
                            double z, double m, bool ch_last) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 2, "threshold_input: x must be float32, 2-d or more");
-  const at::Tensor x = x_in.contiguous();
   const at::Tensor th = th_in.contiguous().to(at::kFloat);
-  const int64_t c = ch_last ? x.size(-1) : x.size(1);
-  const int64_t inner = ch_last ? 1 : x.numel() / (x.size(0) * c);
-  const float* sp = nullptr;
-  at::Tensor shift;
-  if (shift_in.has_value() && shift_in->defined()) {
-    shift = shift_in->contiguous().to(at::kFloat);
-    TORCH_CHECK(shift.numel() == c, "threshold_input: shift has ", shift.numel(), " values for ", c, " channels");
-    sp = shift.data_ptr<float>();
-  }
-  at::Tensor out = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
   const float* tp = th.data_ptr<float>();
   const int64_t nt = th.numel();
-  float* op = out.data_ptr<float>();
   const float zf = float(z), mf = float(m);
-  for_channel_runs(x.numel(), c, inner, ch_last, [&](int64_t start, int64_t len, int64_t ch) {
-    threshold_run(xp + start, op + start, len, sp != nullptr, sp ? sp[ch] : 0.0f, tp, nt, zf, mf);
-  });
-  return out;
+  return per_channel_input("threshold_input", x, shift, ch_last,
+                           [&](const float* src, float* dst, int64_t n, bool has_shift, float sh) {
+                             threshold_run(src, dst, n, has_shift, sh, tp, nt, zf, mf);
+                           });
 }
 
 // acc: float32 or float64 integer sums, channels on dim 1 or the last dim; scale: float64 [C];
