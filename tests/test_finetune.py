@@ -143,3 +143,21 @@ def test_a_quantizer_without_restore_is_named():
     fresh[3].wq.restore = lambda *a: (_ for _ in ()).throw(NotImplementedError("MyQuant cannot be rebuilt"))
     with pytest.raises(ValueError, match="layer 3: MyQuant cannot be rebuilt; give it a restore()"):
         restore_from_packed(fresh, packed)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_irnet_magnitude_weights_rebuild_exactly(seed):
+    """IRNet(magnitude=True): the stored power of two is of E|w - mean|; the rebuilt +-1 pattern
+    (stretched by 1 / (1 - m^2) for a channel of mean m) gives back the same codes and scales."""
+    from zoo.quantizers.binary import IRNetWeight
+
+    torch.manual_seed(seed)
+    w = torch.randn(5, 40) * torch.tensor([0.01, 0.03, 0.1, 0.4, 2.0])[:, None] + 0.3 * torch.randn(5, 1) * 0.01
+    w[2, :30] = w[2, :30].abs()  # an unbalanced channel: mostly +1
+    wq = IRNetWeight(magnitude=True)
+    q, scale, zero = wq.integer_form(w)
+    assert len(set((scale / 2).tolist())) >= 3  # several powers of two, far from 1
+    rebuilt = wq.restore(q.float(), scale, zero)
+    q2, scale2, zero2 = wq.integer_form(rebuilt)
+    assert torch.equal(q2, q)
+    torch.testing.assert_close(scale2, scale, rtol=0, atol=0)

@@ -344,10 +344,12 @@ def ede(t_min, t_max, p):
     return t, max(1 / t, 1.0)
 
 
+@pytest.mark.parametrize("magnitude", [False, True])
 @pytest.mark.parametrize("progress", [0.0, 0.3, 1.0])
-def test_irnet_weight_libra_pb_and_ede_through_the_standardisation(progress):
+def test_irnet_weight_libra_pb_and_ede_through_the_standardisation(progress, magnitude):
+    """magnitude=True: the power of two of E|w - mean| (here 2^-2 or 2^-3) instead of E|w_std| (1)."""
     w, g = rand(6, 4, 3, 3, scale=0.2, shift=0.03), rand(6, 4, 3, 3, seed=1)
-    q = make(IRNet(t_min=0.1, t_max=10.0), "weight")
+    q = make(IRNet(t_min=0.1, t_max=10.0, magnitude=magnitude), "weight")
     q.set_progress(progress)
     t, k = ede(0.1, 10.0, progress)
     y, dw, _ = grads(q, w, g)
@@ -355,7 +357,8 @@ def test_irnet_weight_libra_pb_and_ede_through_the_standardisation(progress):
     mu = w.mean(dim=(1, 2, 3), keepdim=True)
     sd = w.std(dim=(1, 2, 3), keepdim=True)  # unbiased, as the authors' torch.std
     z = (w - mu) / sd
-    shift = 2.0 ** torch.round(torch.log2(z.abs().mean(dim=(1, 2, 3), keepdim=True)))
+    shift = 2.0 ** torch.round(torch.log2(((w - mu) if magnitude else z).abs().mean(dim=(1, 2, 3), keepdim=True)))
+    assert set(shift.flatten().tolist()) <= ({2.0 ** -2, 2.0 ** -3} if magnitude else {1.0})
     close(y, shift * torch.where(z >= 0, 1.0, -1.0).to(DT))
     h = g * shift * k * t * (1 - torch.tanh(t * z) ** 2)  # dL/dz (EDE on sign, power-of-two scale a constant)
     c = w - mu
@@ -637,7 +640,7 @@ def test_packed_n2uq_and_rescaled_dorefa_match_the_training_form():
 
 
 @pytest.mark.parametrize("spec", [MinMax(3, "channel"), LSQ(3, "channel"), UL2Q(2, "channel"), RLQ(3, "channel"),
-                                  XNOR(), IRNet(), ReAct(), N2UQ(2), EBB()])
+                                  XNOR(), IRNet(), IRNet(magnitude=True), ReAct(), N2UQ(2), EBB()])
 def test_transposed_conv_weights_are_per_output_channel_on_axis_1(spec):
     """ConvTranspose2d weights are [C_in, C_out, kh, kw]: quantizing them along axis 1 equals
     quantizing the transposed tensor along axis 0, values and gradients."""

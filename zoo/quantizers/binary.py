@@ -99,11 +99,12 @@ class SignAct(ActQuantizer):
 
 class IRNetWeight(_EDESchedule, WeightQuantizer):
     """Libra-PB: balance and standardise each output channel, binarize, scale by 2^round(log2 E|w|);
-    EDE backward k * t * (1 - tanh^2(t x))."""
+    EDE backward k * t * (1 - tanh^2(t x)). ``magnitude``: the power of two of E|w - mean| instead."""
 
-    def __init__(self, t_min=0.1, t_max=10.0, ch_axis=0):
+    def __init__(self, t_min=0.1, t_max=10.0, ch_axis=0, magnitude=False):
         super().__init__(1, ch_axis)
         self._init_ede(t_min, t_max)
+        self.magnitude = magnitude
 
     def codes(self, w):
         dims = reduce_dims(w.ndim, self.ch_axis)
@@ -111,7 +112,8 @@ class IRNetWeight(_EDESchedule, WeightQuantizer):
         std = centred.std(dim=dims, keepdim=True).clamp(min=1e-8)
         wstd = centred / std
         with torch.no_grad():
-            shift = torch.pow(2.0, torch.round(torch.log2(wstd.abs().mean(dim=dims, keepdim=True))))
+            size = (centred if self.magnitude else wstd).abs().mean(dim=dims, keepdim=True)
+            shift = torch.pow(2.0, torch.round(torch.log2(size)))
             q = (wstd >= 0).to(w.dtype)
         surrogate = shift * self.k * torch.tanh(self.t * wstd)
         return q, 2 * shift, torch.full_like(shift, 0.5), surrogate
@@ -122,6 +124,11 @@ class IRNetWeight(_EDESchedule, WeightQuantizer):
         E|standardised w| rounds to the stored power of two; the pair leaves the mean (and so every
         sign after centring) unchanged."""
         w = (2 * q.double() - 1).movedim(self.ch_axis, 0).reshape(q.shape[self.ch_axis], -1).clone()
+        if self.magnitude:  # +-1 of mean m has E|w - m| = 1 - m^2: stretched, exactly the stored power of two
+            m = w.mean(dim=1, keepdim=True)
+            stretch = torch.where(m.abs() < 1, 1 - m * m, torch.ones_like(m))
+            w = w * (scale.double().reshape(-1, 1) / 2) / stretch
+            return w.reshape(q.movedim(self.ch_axis, 0).shape).movedim(0, self.ch_axis).to(scale.dtype)
         target = torch.log2(scale.double() / 2)
         for c in range(w.shape[0]):
             row, pos, neg = w[c], (w[c] > 0).nonzero(), (w[c] < 0).nonzero()
@@ -209,7 +216,7 @@ def _xnor_a(spec, layer):
 
 @register_quantizer(IRNet, "weight")
 def _irnet_w(spec, layer):
-    return IRNetWeight(spec.t_min, spec.t_max, getattr(layer, "ch_axis", 0))
+    return IRNetWeight(spec.t_min, spec.t_max, getattr(layer, "ch_axis", 0), spec.magnitude)
 
 
 @register_quantizer(IRNet, "act")

@@ -303,11 +303,16 @@ class IRNet(QuantSpec):
     ``w_std = (w - mean) / std`` (unbiased std), ``w_b = sign(w_std) * 2^round(log2 mean|w_std|)``
     (the power-of-two scale carries no gradient). EDE backward of sign: ``k t (1 - tanh^2(t x))``,
     through the standardisation to w, with ``t = t_min 10^(p log10(t_max / t_min))`` over the
-    training progress p and ``k = max(1/t, 1)``. Activations ``sign(x)`` with the same EDE."""
+    training progress p and ``k = max(1/t, 1)``. Activations ``sign(x)`` with the same EDE.
+
+    ``magnitude=True`` takes the power of two of ``mean|w - mean|`` (the balanced weights' own size)
+    instead of ``mean|w_std|`` (about 1): the authors' scale relies on a BatchNorm after the conv to
+    absorb it, which networks like diffusers' UNet (residual sums, time embeddings) do not have."""
 
     bits: int = 1
     t_min: float = 0.1
     t_max: float = 10.0
+    magnitude: bool = False
     MAX_BITS: ClassVar[int] = 1
 
 
