@@ -1,6 +1,6 @@
 """CPU latency of the shipped checkpoints: the float network against the packed model's CPU backends.
 
-    python benchmarks/cpu.py                  # every task; saves benchmarks/results/cpu_<cpu>.md
+    python benchmarks/cpu.py                  # every task; saves benchmarks/results/cpu_<cpu>.md (with --task: cpu_<tasks>_<cpu>.md)
     python benchmarks/cpu.py --task cls --batch 1 64
     python benchmarks/cpu.py --smoke          # one model per task, batch 1, one run; saves nothing
     python benchmarks/cpu.py --task cls --layers   # also the W1A1 conv layers alone (the C++ kernel)
@@ -224,7 +224,8 @@ def main(argv=None):
                                markdown(["layer", "C x H x W", "batch", "torch FP32 ms", "kernel ms (/FP32)",
                                          "float32 path ms (/FP32)"], lrows)])
     print("\n" + text)
-    path = save("cpu", desc, text, records, None if args.smoke else args.out)
+    stem = "_".join(["cpu", *(args.task or [])])  # one file per task selection: runs do not overwrite each other
+    path = save(stem, desc, text, records, None if args.smoke else args.out)
     if path:
         print(f"\nsaved {path}")
     return 0
