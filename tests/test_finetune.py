@@ -153,7 +153,8 @@ def test_irnet_magnitude_weights_rebuild_exactly(seed):
 
     torch.manual_seed(seed)
     w = torch.randn(5, 40) * torch.tensor([0.01, 0.03, 0.1, 0.4, 2.0])[:, None] + 0.3 * torch.randn(5, 1) * 0.01
-    w[2, :30] = w[2, :30].abs()  # an unbalanced channel: mostly +1
+    w[2] = torch.tensor([0.1] * 36 + [-0.9] * 4)  # skewed: mean 0, 36 of 40 codes +1 (sign mean m = 0.8),
+    # so an unstretched rebuild would have E|w - mean| 0.36x the stored power of two
     wq = IRNetWeight(magnitude=True)
     q, scale, zero = wq.integer_form(w)
     assert len(set((scale / 2).tolist())) >= 3  # several powers of two, far from 1

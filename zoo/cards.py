@@ -114,6 +114,16 @@ def _nbytes(f, key: str) -> int:
     return t.numel() * t.element_size()
 
 
+def low_bit_cell(directory: str | Path) -> str:
+    """``1/<ratio> (W<bits>)``: the narrowest packed layers' bytes against their float32 weights, for the
+    summary tables ("—" for a float checkpoint)."""
+    layers = packed_layer_bytes(directory)
+    if not layers:
+        return "—"
+    low = min(layers)
+    return f"1/{layers[low][1] / layers[low][0]:.1f} (W{low})"
+
+
 def seed_cell(cfg: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
     """``mean ± std (n)`` of test metric ``key`` over the seeds a ``zoo.seeds`` release records
     (times ``scale``), or an empty string for a single run."""

@@ -209,13 +209,14 @@ class SeededSet(torch.utils.data.Dataset):
 
 class SplitLoaders:
     """DataModule mixin: ``train/val/test_dataloader`` over ``self.train_set``/``val_set``/``test_set``
-    (which ``setup`` sets), batched by ``self.collate(train)``; ``drop_last_train`` drops a ragged
-    last training batch. ``limit(ds, n)`` keeps the first ``n`` items (all if ``n`` is falsy)."""
+    (which ``setup`` sets), batched by ``self.collate(train)`` (default: torch's default collate);
+    ``drop_last_train`` drops a ragged last training batch. ``_limit(ds, n)`` keeps the first ``n``
+    items (all if ``n`` is falsy)."""
 
     drop_last_train = False
 
     def collate(self, train: bool):
-        raise NotImplementedError
+        return None  # DataLoader's default collate
 
     def _loader(self, ds, train: bool):
         return torch.utils.data.DataLoader(

@@ -89,7 +89,7 @@ class Plan:
     """What a packed layer runs on this path, built once per weight/parameter version and site.
 
     kind: "folded" (W', the epilogue scale), "expanded" (codes q, [q; 1]) or "reference" (none fits
-    float32); binary: a W1A1 conv the C++ kernel (``cpu_ops``) can run, with its packed sign words
+    float64 exactly); binary: a W1A1 conv the C++ kernel (``cpu_ops``) can run, with its packed sign words
     in ``bits`` once built (on the first call with the kernel available and enabled)."""
 
     def __init__(self, kind, p, s_a=1.0, z_a=0.0, m_a=1, w=None, scale=None, stack=None, binary=False, affine=None):
@@ -118,7 +118,7 @@ def _build_plan(layer, k: int, binary_ok: bool) -> Plan:
             scale = (s_a * layer.w_scale.double()) / (m_a * m_w)
             affine = None
             if layer.act_mode == "affine":
-                affine = tuple(float(p[k].reshape(-1)[0]) for k in ("scale", "offset", "qmin", "qmax"))
+                affine = tuple(float(p[key].reshape(-1)[0]) for key in ("scale", "offset", "qmin", "qmax"))
             return Plan("folded", p, s_a, z_a, m_a, w=w.to(dtype).contiguous(), scale=scale, binary=binary,
                         affine=affine)
     qmax = float(q.max()) if q.numel() else 0.0

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...cards import float_reference_bytes, made_by, packed_layer_bytes, seed_cell
+from ...cards import float_reference_bytes, made_by, low_bit_cell, seed_cell
 from ...datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, read_image, save_png
 
 CARD_IMAGES = (("sample.png", ("Fixed test images: ground-truth boxes (green) | this model's detections with "
@@ -81,9 +81,7 @@ def summary_table(rows) -> str:
         ref = fp.get(cfg["arch"])
         gap = f"{mp - ref:+.4f}" if cfg.get("quant") and ref is not None and mp is not None else "—"
         wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
-        layers = packed_layer_bytes(path)
-        low = min(layers) if layers else None
-        lb = f"1/{layers[low][1] / layers[low][0]:.1f} (W{low})" if low is not None else "—"
+        lb = low_bit_cell(path)
         col = f" {seed_cell(cfg, 'test_map', digits=4) or '—'} |" if seeds else ""
         out.append(f"| [{path.name}]({path}/README.md) | {_num(m, 'test_map')} | {gap} |{col} "
                    f"{_num(m, 'test_map50')} | {_num(m, 'test_map75')} | {wb:,} | 1/{fb / wb:.1f} | {lb} |")

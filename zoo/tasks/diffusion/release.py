@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...cards import float_reference_bytes, made_by, packed_layer_bytes
+from ...cards import float_reference_bytes, made_by, low_bit_cell
 from ...datasets import save_png
 
 CARD_IMAGES = (("sample.png", "64 DDIM samples (50 steps, seed 0) from the packed model:", "samples"),)
@@ -82,9 +82,7 @@ def summary_table(rows) -> str:
         wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
         gap = f"{fd - fp:+.3f}" if fd is not None and fp is not None else "n/a"
         kid = m.get("test_kid")
-        layers = packed_layer_bytes(path)
-        low = min(layers) if layers else None
-        lb = f"1/{layers[low][1] / layers[low][0]:.1f} (W{low})" if low is not None else "—"
+        lb = low_bit_cell(path)
         out.append(f"| [{path.name}]({path}/README.md) | {'n/a' if fd is None else f'{fd:.3f}'} | {gap} | "
                    f"{'n/a' if kid is None else f'{kid:.5f}'} | "
                    f"{m.get('test_loss', float('nan')):.5f} | {wb:,} | 1/{fb / wb:.1f} | {lb} |")
