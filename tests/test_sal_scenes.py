@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from zoo import sources
 from zoo.tasks.sal import real, scenes
 
 from .conftest import needs_scenes
@@ -72,9 +73,9 @@ def test_shadow_darkens_the_background_but_is_not_foreground():
 
 def test_missing_packages_name_the_apt_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install -y openclipart-png"):
-        scenes.clipart_files(str(tmp_path / "nope"))
+        sources.clipart_files(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="apt-get install -y opencv-doc"):
-        scenes.photo_backgrounds("test", str(tmp_path / "nope"))
+        sources.photo_backgrounds("test", str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="apt-get install -y opencv-doc"):
         real.real_pairs(str(tmp_path / "nope"))
 
@@ -92,29 +93,29 @@ def test_clipart_loader_keeps_true_alpha_only(tmp_path):
     boxed[5:35, 5:25] = 255  # an opaque rectangle fills its own box: no object outline to learn
     Image.fromarray(boxed).save(tmp_path / "boxed.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    t = scenes.load_clipart(str(tmp_path / "ok.png"))
+    t = sources.load_clipart(str(tmp_path / "ok.png"))
     assert t.shape == (4, 17, 17)  # cropped to the disc's box
     assert torch.equal(t[3] > 0.5, torch.from_numpy(disc[12:29, 4:21]))
     assert torch.allclose(t[0][t[3] > 0.5], torch.tensor(200 / 255))
     for bad in ("opaque.png", "boxed.png", "broken.png"):
-        assert scenes.load_clipart(str(tmp_path / bad)) is None, bad
+        assert sources.load_clipart(str(tmp_path / bad)) is None, bad
 
 
 @needs_scenes
 def test_clipart_splits_are_disjoint_and_follow_the_crc_rule():
     import zlib
 
-    files = scenes.clipart_files()
+    files = sources.clipart_files()
     sets = {s: set(v) for s, v in files.items()}
     assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
     assert len(sets["train"]) > 3000 and len(sets["test"]) > 300
     for split, code in (("test", {0}), ("val", {1}), ("train", set(range(2, 10)))):
         assert {zlib.crc32(f.encode()) % 10 for f in files[split][:200]} <= code
-    assert all(f.split("/")[0] in scenes.CLIPART_CATEGORIES for f in files["train"])
+    assert all(f.split("/")[0] in sources.CLIPART_CATEGORIES for f in files["train"])
 
 
 def test_background_photos_are_disjoint_from_each_other_and_from_sal_real():
-    listed = [n for s in scenes.OPENCV_BACKGROUNDS.values() for n in s]
+    listed = [n for s in sources.OPENCV_BACKGROUNDS.values() for n in s]
     assert len(listed) == len(set(listed))
     assert not set(listed) & set(real.REAL_PHOTOS)
 

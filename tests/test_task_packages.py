@@ -111,7 +111,7 @@ def test_a_new_task_plugs_in_through_the_registry_alone(tmp_path, monkeypatch):
 
 
 def test_registry_errors_name_the_valid_tasks():
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; valid: \['cls', 'det', 'diffusion', 'sal', 'sr'\]"):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; valid: \['cls', 'det', 'diffusion', 'matting', 'sal', 'sr'\]"):
         get_task("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_task("sr", "somewhere:Else")

@@ -70,7 +70,7 @@ def test_run_binary_irnet(tmp_path, tiny_fmnist):
     (["arch=resnet99"], "unknown arch 'resnet99'; valid: .*'resnet20'.*'swinir'"),
     (["quant=irnet", "bits=4"], "IRNet supports bits 1..1, got 4"),
     (["quant=lsq", "bits=1"], "LSQ supports bits 2..8"),
-    (["task.name=nope"], "unknown task 'nope'; valid: \\['cls', 'det', 'diffusion', 'sal', 'sr'\\]"),
+    (["task.name=nope"], "unknown task 'nope'; valid: \\['cls', 'det', 'diffusion', 'matting', 'sal', 'sr'\\]"),
     (["data=folder", "data.root=/nonexistent"], "needs /nonexistent/train"),
     (["ckpt_path=last"], "nothing to resume"),
 ])
@@ -82,7 +82,7 @@ def test_run_rejects_bad_config(tmp_path, tiny_fmnist, overrides, match):
 @pytest.mark.parametrize("args, match", [
     (["bits=9"], "valid: integers 1..8"),
     (["quant=nope"], "quant='nope' is not available; valid: ['binarydm', 'dorefa', "),
-    (["task=nope"], "task='nope' is not available; valid: ['cls', 'det', 'diffusion', 'sal', 'sr']"),
+    (["task=nope"], "task='nope' is not available; valid: ['cls', 'det', 'diffusion', 'matting', 'sal', 'sr']"),
     (["arch=nope"], "unknown arch 'nope'"),
 ])
 def test_cli_exits_nonzero_naming_valid_choices(args, match):

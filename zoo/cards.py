@@ -248,7 +248,7 @@ def card_text(directory: str | Path) -> str:
         "",
         f"- **Quantization:** {_quant_line(cfg.get('quant'))}",
     ]
-    lines += task.card_lines(cfg, m, train) + data_lines(train) + seeds_lines(cfg)
+    lines += task.card_lines(cfg, m, train) + data_lines(train, task.sample_unit) + seeds_lines(cfg)
     if task.domain(cfg):
         lines.append(f"- **Domain:** {task.domain(cfg)}")
     stored = " (float16 values; loaded into float32, computes in float32)" \
@@ -306,15 +306,15 @@ def card_text(directory: str | Path) -> str:
     return "\n".join(lines)
 
 
-def data_lines(train: dict) -> list[str]:
-    """The data a release was trained on, as the run measured it: images per split and the root."""
+def data_lines(train: dict, unit: str = "images") -> list[str]:
+    """The data a release was trained on, as the run measured it: samples (``unit``) per split and the root."""
     splits = train.get("splits")
     if not splits:
         return []
     names = {"train": "train", "val": "validation", "test": "test"}
     sizes = " / ".join(f"{names.get(k, k)} {v:,}" for k, v in splits.items())
     root = f" from `{train['data_root']}`" if train.get("data_root") else ""
-    return [f"- **Splits ({train.get('data', '?')}{root}):** {sizes} images"]
+    return [f"- **Splits ({train.get('data', '?')}{root}):** {sizes} {unit}"]
 
 
 def write_card(directory: str | Path) -> Path:

@@ -14,6 +14,7 @@ import torch
 import torch.utils.data
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # the photo tasks' input normalisation
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                   "Sneaker", "Bag", "Ankle boot"]
 FMNIST_MEAN, FMNIST_STD = [0.2860], [0.3530]
@@ -113,6 +114,19 @@ def save_png(arr: np.ndarray, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     Image.fromarray(arr).save(tmp, format="PNG")
     tmp.replace(path)
+
+
+def save_panel(panel: np.ndarray, path, zoom: int = 1) -> Path:
+    """Write the uint8 picture ``panel`` enlarged ``zoom`` times (nearest neighbour) as a PNG, atomically,
+    creating its folder; returns the path."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if zoom != 1:
+        panel = np.asarray(Image.fromarray(panel).resize((panel.shape[1] * zoom, panel.shape[0] * zoom), Image.NEAREST))
+    save_png(panel, path)
+    return path
 
 
 def list_images(folder) -> list[Path]:

@@ -9,7 +9,9 @@ its outputs and adds its own options (``python -m zoo.predict --help`` lists the
 - ``diffusion``: no images in; ``--num`` generated images (``samples.png``, a grid, and
   ``sample_<i>.png``) from ``--steps`` DDIM steps with ``--seed``;
 - ``sal``: a saliency mask (``<stem>_mask.png``, 0-255 at the image's own size) and an overlay
-  (``<stem>_overlay.png``: the image with the salient region tinted red and outlined).
+  (``<stem>_overlay.png``: the image with the salient region tinted red and outlined);
+- ``matting``: one video file or folder of frames in, streamed frame by frame with the recurrent
+  state: ``alpha/<i>.png``, ``alpha.mp4`` and ``composite.mp4`` (over green or ``--background``).
 """
 from __future__ import annotations
 
@@ -117,11 +119,11 @@ def main(argv=None) -> int:
             return 0
         if not args.images:
             raise ValueError(f"task {model.task} needs images: give image files and/or folders after the model")
-        images = collect_images(args.images)
+        images = (task.predict_inputs or collect_images)(args.images)
         domain = task.domain(read_config(resolve_checkpoint(args.model)))
         if domain:
             print(f"note: {args.model} knows {domain}", file=sys.stderr)
-        bad = {p: why for p in images if (why := check_image(p))}
+        bad = {p: why for p in images if (why := (task.input_problem or check_image)(p))}
         good = [p for p in images if p not in bad]
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(written)} file(s) for {len(good)} image(s) to {out}")
+    what = "image(s)" if task.predict_inputs is None else "input(s)"
+    print(f"wrote {len(written)} file(s) for {len(good)} {what} to {out}")
     if bad:
         for p, why in bad.items():
             print(f"skipped {p}: {why}", file=sys.stderr)

@@ -15,6 +15,7 @@ _TASKS: dict[str, str] = {
     "sal": "zoo.tasks.sal.task:SaliencyTask",
     "det": "zoo.tasks.det.task:DetectionTask",
     "diffusion": "zoo.tasks.diffusion.task:DiffusionTask",
+    "matting": "zoo.tasks.matting.task:MattingTask",
 }
 
 

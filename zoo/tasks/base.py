@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -81,7 +82,12 @@ class QuantTask(L.LightningModule):
     card_images: tuple[tuple[str, str, str], ...] = ()  # (file, caption, alt text) shown on a card if present
     predict = None  # fn(model, images, out_dir, args) -> written paths; None: no zoo.predict support
     predict_takes_images = True  # False: zoo.predict runs the task without input images (a generator)
+    # fn(paths) -> inputs for ``predict`` (None: image files and folders of images, zoo.predict.collect_images)
+    # and fn(input) -> why it cannot be processed or None (None: zoo.predict.check_image)
+    predict_inputs = None
+    input_problem = None
     onnx_exportable = False  # zoo.export.onnx covers its models (image in, one tensor out)
+    sample_unit = "images"  # what one sample of its data is, for cards ("clips" for video)
 
     @staticmethod
     def card_lines(cfg: dict, metrics: dict, train: dict) -> list[str]:
@@ -231,6 +237,46 @@ class QuantTask(L.LightningModule):
         value = metrics[key.split("/", 1)[1]] if final else torch.tensor(
             float("-inf") if mode == "max" else float("inf"))
         self.log("val/select", value, batch_size=batch_size, sync_dist=True)
+
+    # ------------------------------------------------------------------ epoch-level metrics and pictures
+    # meter_factory: a class whose instances ``update(prediction, target)`` during a validation / test
+    # epoch and ``compute()`` a dict at its end, of which ``meter_keys`` are logged (``selects_on_meter``:
+    # the monitored metric is one of them, so the released epoch is chosen from the meter);
+    # ``epoch_picture(dm, path)`` writes a picture of fixed test samples after every validation epoch
+    meter_factory = None
+    meter_keys: tuple[str, ...] = ()
+    selects_on_meter = False
+
+    def on_validation_epoch_start(self):
+        if self.meter_factory is not None:
+            self._meter = self.meter_factory()
+
+    def on_test_epoch_start(self):
+        self.on_validation_epoch_start()
+
+    def log_meter(self, stage: str) -> dict:
+        res = self._meter.compute()
+        metrics = {k: float(res[k]) for k in self.meter_keys if k in res}
+        # sync_dist: data-parallel ranks see shards; the monitored value must be the same on all
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=stage == "val", sync_dist=True)
+        return metrics
+
+    def epoch_picture(self, dm, path: Path) -> None:
+        """Write a picture of fixed samples of ``dm`` to ``path`` (tasks with pictures override it)."""
+
+    def on_validation_epoch_end(self):
+        metrics = self.log_meter("val") if self.meter_factory is not None else {}
+        if self.selects_on_meter:
+            self.log_selection(metrics, 1)
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        if self.trainer.datamodule is not None:
+            path = Path(self.trainer.default_root_dir) / "samples" / f"epoch_{self.current_epoch:03d}.png"
+            self.epoch_picture(self.trainer.datamodule, path)
+
+    def on_test_epoch_end(self):
+        if self.meter_factory is not None:
+            self.log_meter("test")
 
     def distill_loss(self, student_logits, x):
         with torch.no_grad():

@@ -70,7 +70,7 @@ def sample_grid(model, images: torch.Tensor, targets: list, classes, path, zoom:
     """A PNG with one row per image: ground-truth boxes | predicted boxes (score >= DRAW_MIN_SCORE)."""
     import numpy as np
 
-    from ...datasets import save_png, to_uint8
+    from ...datasets import save_panel, to_uint8
 
     was_training = model.training
     model.eval()
@@ -86,16 +86,16 @@ def sample_grid(model, images: torch.Tensor, targets: list, classes, path, zoom:
         rows.append(np.concatenate([gt, gap, pr], axis=1))
     hgap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
     panel = np.concatenate([r for row in rows for r in (row, hgap)][:-1], axis=0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(panel, path)
-    return path
+    return save_panel(panel, path)
 
 
 class DetectionTask(QuantTask):
     task_name = "det"
     datamodules = {"det_composites": CompositeDetData, "coco": CocoDetData}
     monitor = ("val/map", "max")
+    meter_factory = DetectionMeter
+    meter_keys = ("map", "map50", "map75")
+    selects_on_meter = True  # mAP is an epoch-level metric
     # another number of classes re-initialises the classification layer (a release's or float init_from's)
     head_layers = ("head.classification_head.cls_logits",)
     evaluate = staticmethod(evaluate)
@@ -160,29 +160,6 @@ class DetectionTask(QuantTask):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch)
 
-    def on_validation_epoch_start(self):
-        self._meter = DetectionMeter()
-
-    def on_test_epoch_start(self):
-        self._meter = DetectionMeter()
-
-    def _log_meter(self, stage) -> dict:
-        res = self._meter.compute()
-        metrics = {k: float(res[k]) for k in ("map", "map50", "map75")}
-        # sync_dist: data-parallel ranks see shards; the monitored value must be the same on all
-        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=stage == "val", sync_dist=True)
-        return metrics
-
-    def on_validation_epoch_end(self):
-        metrics = self._log_meter("val")
-        self.log_selection(metrics, 1)
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        dm = self.trainer.datamodule
-        if dm is not None:
-            x, t = fixed_samples(dm)
-            out = Path(self.trainer.default_root_dir) / "samples" / f"epoch_{self.current_epoch:03d}.png"
-            sample_grid(self.model, x, t, self.hparams.input_contract.get("classes"), out)
-
-    def on_test_epoch_end(self):
-        self._log_meter("test")
+    def epoch_picture(self, dm, path):
+        x, t = fixed_samples(dm)
+        sample_grid(self.model, x, t, self.hparams.input_contract.get("classes"), path)

@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ...datasets import (FMNIST_DIR, IMAGE_EXTS, SPLITS, SeededSet, builtin_backgrounds, fmnist_items, random_crop,
+from ...datasets import (FMNIST_DIR, IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD, SPLITS, SeededSet, builtin_backgrounds, fmnist_items, random_crop,
                          resize_chw)
 
 EVAL_SEED = 0  # validation / test data never depend on the run's seed
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 ITEM_THRESHOLD = 0.2       # an item's pixel belongs to its mask where its (resized) intensity > this
 
 

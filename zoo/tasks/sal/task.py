@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ...datasets import save_panel
 from ..base import QuantTask
 from . import release
 from .data import CompositeSalData, FolderSalData
@@ -52,7 +53,6 @@ def _to_uint8(t: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def sample_grid(model, images: torch.Tensor, masks: torch.Tensor, path, zoom: int = 2) -> Path:
     """A PNG with one row per sample: image | ground truth | predicted saliency map."""
-    from PIL import Image
 
     was_training = model.training
     model.eval()
@@ -63,13 +63,7 @@ def sample_grid(model, images: torch.Tensor, masks: torch.Tensor, path, zoom: in
             for i, m, p in zip(images, masks, pred)]
     hgap = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
     panel = np.concatenate([r for row in rows for r in (row, hgap)][:-1], axis=0)
-    img = Image.fromarray(panel).resize((panel.shape[1] * zoom, panel.shape[0] * zoom), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
-    return path
+    return save_panel(panel, path, zoom)
 
 
 def fixed_samples(dm, n: int = GRID_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +77,8 @@ class SaliencyTask(QuantTask):
     task_name = "sal"
     datamodules = {"sal_scenes": SceneSalData, "sal_composites": CompositeSalData, "sal_folder": FolderSalData}
     monitor = ("val/mae", "min")
+    meter_factory = SaliencyMeter
+    meter_keys = ("maxf", "smeasure")
     evaluate = staticmethod(evaluate)
     extra_metrics = staticmethod(release.extra_metrics)
     card_lines = staticmethod(release.card_lines)
@@ -135,26 +131,6 @@ class SaliencyTask(QuantTask):
             self._meter.update(p, mask)
         return loss, metrics
 
-    def on_validation_epoch_start(self):
-        self._meter = SaliencyMeter()
-
-    def on_test_epoch_start(self):
-        self._meter = SaliencyMeter()
-
-    def _log_meter(self, stage):
-        res = self._meter.compute()
-        self.log_dict({f"{stage}/maxf": res["maxf"], f"{stage}/smeasure": res["smeasure"]},
-                      prog_bar=stage == "val")
-
-    def on_validation_epoch_end(self):
-        self._log_meter("val")
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        dm = self.trainer.datamodule
-        if dm is not None:
-            x, m = fixed_samples(dm)
-            out = Path(self.trainer.default_root_dir) / "samples" / f"epoch_{self.current_epoch:03d}.png"
-            sample_grid(self.model, x.to(self.device), m, out)
-
-    def on_test_epoch_end(self):
-        self._log_meter("test")
+    def epoch_picture(self, dm, path):
+        x, m = fixed_samples(dm)
+        sample_grid(self.model, x.to(self.device), m, path)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ...datasets import to_uint8
+from ...datasets import save_panel, to_uint8
 from ...models.sr import DynamicBody, set_depth
 from ...quantizers.base import from_rank0
 from ..base import QuantTask
@@ -63,7 +63,6 @@ def evaluate(model, loader, progress: bool = True) -> dict:
 
 def side_by_side(model, lr: torch.Tensor, hr: torch.Tensor, path, crop: int = 96, zoom: int = 2) -> Path:
     """Write a PNG of one HR-sized crop: bicubic | model | ground truth (each zoomed ``zoom`` x)."""
-    from PIL import Image
 
     s = hr.shape[-1] // lr.shape[-1]
     with torch.no_grad():
@@ -74,12 +73,7 @@ def side_by_side(model, lr: torch.Tensor, hr: torch.Tensor, path, crop: int = 96
     gap = np.full((c, 4, 3), 255, np.uint8)
     panel = np.concatenate([bic[y:y + c, x:x + c], gap, sr[y:y + c, x:x + c], gap,
                             hr8[y:y + c, x:x + c]], axis=1)
-    img = Image.fromarray(panel).resize((panel.shape[1] * zoom, panel.shape[0] * zoom), Image.NEAREST)
-    path = Path(path)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
-    return path
+    return save_panel(panel, path, zoom)
 
 
 class SuperResolutionTask(QuantTask):
