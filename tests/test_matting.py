@@ -93,6 +93,35 @@ def test_builtin_clips_shapes_ranges_and_split_sources():
     assert not (set(files["train"]) & set(files["test"])) and not (set(files["val"]) & set(files["test"]))
 
 
+def test_videomatte_folder_composites_its_clips_over_its_backgrounds(tmp_path):
+    from PIL import Image
+
+    from zoo.tasks.matting.data import VideoMatteData, _split_of
+
+    rng = np.random.default_rng(0)
+    clips = [f"clip{i}" for i in range(12)]
+    for c in clips:
+        for sub in ("fgr", "pha"):
+            (tmp_path / sub / c).mkdir(parents=True)
+        for f in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "fgr" / c / f"{f:04d}.png")
+            Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8)).save(tmp_path / "pha" / c / f"{f:04d}.png")
+    (tmp_path / "bgr").mkdir()
+    Image.fromarray(np.full((30, 30, 3), 200, np.uint8)).save(tmp_path / "bgr" / "plain.png")
+    dm = VideoMatteData(root=tmp_path, size=16, frames=2, eval_frames=3, train_size=3, val_size=2, test_size=2)
+    x, a, f = dm.split("train")[0]
+    assert x.shape == (2, 3, 16, 16) and a.shape == (2, 1, 16, 16) and f.shape == (2, 3, 16, 16)
+    bg = torch.full_like(f, 200 / 255)
+    torch.testing.assert_close(x, a * f + (1 - a) * bg, rtol=0, atol=1e-5)
+    assert dm.split("test")[0][0].shape[0] == 3
+    assert {_split_of(c) for c in clips} >= {"train"}
+    (tmp_path / "pha" / clips[0] / "0001.png").unlink()
+    with pytest.raises(FileNotFoundError, match="alpha frames missing for clip clip0"):
+        VideoMatteData(root=tmp_path).setup()
+    with pytest.raises(FileNotFoundError, match="bgr"):
+        VideoMatteData(root=tmp_path / "nothing").setup()
+
+
 # ---------------------------------------------------------------------- metrics
 def test_mad_mse_on_a_constant_offset_and_perfect_prediction():
     g = np.random.default_rng(0).random((2, 16, 16))
@@ -349,5 +378,12 @@ def test_run_two_steps_then_predict_a_video(tmp_path):
     from PIL import Image
 
     assert Image.open(alphas[0]).size == (48, 40)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(frames / f"{i:03d}.png")
+    assert predict_main([rel, str(frames), "--out", str(tmp_path / "m2"), "--side", "16"]) == 0
+    assert len(list((tmp_path / "m2" / "alpha").iterdir())) == 3
+    assert predict_main([rel, str(video), "--out", str(out), "--side", "20"]) == 2  # not a multiple of 16
     assert predict_main([rel, str(video), str(video), "--out", str(out)]) == 2  # one video at a time
     assert predict_main([rel, str(tmp_path / "run" / "release" / "sample.png"), "--out", str(out)]) == 2
