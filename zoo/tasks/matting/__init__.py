@@ -1,0 +1,1 @@
+"""Video matting (BiMatting): task, data, metrics, release hooks and the seed ablation table."""
