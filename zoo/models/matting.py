@@ -18,9 +18,10 @@ code after reading the paper and ``htqin/BiMatting``):
 - **Sparse-Assisted Binarization** (``sab``): the 3x3 convs of the full- and half-resolution decoder
   blocks become ``o = SA-BiConv3x3(x; M) + BiConv1x1(x)``: the 3x3 branch (conv, BN, activation) is
   kept only where the mask ``M`` is set, ``M`` the uncertain band of the 1/4-resolution coarse alpha
-  (``SAB_LOW < alpha < SAB_HIGH``) resized bilinearly to each block's resolution (nonzero: set). In training the branch is dense times M; in eval mode with ``sparse`` on (the default)
-  it is computed only at the active positions (gather the 3x3 patches, one matrix product, scatter),
-  which equals dense times M. :attr:`SABlock.density` records the fraction of positions computed.
+  (``SAB_LOW < alpha < SAB_HIGH``) resized bilinearly to each block's resolution (nonzero: set). In
+  training the branch is dense times M; in eval mode with ``sparse`` on (the default) it is computed
+  only at the active positions (gather their 3x3 patches, one matrix product, scatter), which equals
+  dense times M. :attr:`SABlock.density` records the fraction of positions computed.
 
 The net takes normalised clips N x T x 3 x H x W (H, W multiples of 16) and returns
 ``(alpha, fgr_residual, coarse_alpha, state)``; :class:`MattingModel` (the ``ZooModel`` it is released
@@ -37,7 +38,6 @@ from ..registry import register_model
 from ..wrapper import RANGE_SLACK, ZooModel
 from .resnet import _act
 
-STEM = "encoder.stem"
 KEEP_LAYERS = ("encoder.stem", "decoder.project", "decoder.coarse")  # float in BiMatting
 SAB_LOW, SAB_HIGH = 0.02, 0.98  # coarse alpha strictly between these is "uncertain"
 
@@ -139,6 +139,17 @@ class ConvGRU(nn.Module):
         return torch.stack(out, 1), h
 
 
+def gather_patches(x: torch.Tensor, n_idx: torch.Tensor, p_idx: torch.Tensor) -> torch.Tensor:
+    """The 3x3 zero-padded patches of ``x`` (N x C x H x W) at the positions ``(n_idx, p_idx = y * W + x)``
+    only, as K x (C * 9) in ``conv.weight.flatten(1)`` order (what ``F.unfold`` gives, without unfolding
+    the positions that are not asked for)."""
+    w = x.shape[-1]
+    ys, xs = p_idx // w, p_idx % w
+    xp = F.pad(x, (1, 1, 1, 1))
+    taps = [xp[n_idx, :, ys + dy, xs + dx] for dy in range(3) for dx in range(3)]  # each K x C
+    return torch.stack(taps, -1).flatten(1)
+
+
 def sparse_conv(conv: nn.Module, x: torch.Tensor, n_idx: torch.Tensor, p_idx: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` (3x3, stride 1, padding 1) at the positions ``(n_idx, p_idx = y * W + x)`` only, as
     K x C_out for K positions, from the 3x3 patches gathered there: one matrix product instead of the
@@ -152,7 +163,7 @@ def sparse_conv(conv: nn.Module, x: torch.Tensor, n_idx: torch.Tensor, p_idx: to
         conv._next_site()
         v, s_a, z_a = conv._int_inputs(x)
         u = v.double() - z_a  # the training form zero-pads the dequantized input: u = v - z_a, padded with 0
-        patches = F.unfold(u, 3, padding=1)[n_idx, :, p_idx]
+        patches = gather_patches(u, n_idx, p_idx)
         acc_q = patches @ conv.codes().flatten(1).double().t()
         acc_1 = patches.sum(-1, keepdim=True)
         return reference._epilogue(acc_q, acc_1, s_a, conv.w_scale, conv.w_zero, conv.bias, -1).to(x.dtype)
@@ -163,8 +174,7 @@ def sparse_conv(conv: nn.Module, x: torch.Tensor, n_idx: torch.Tensor, p_idx: to
         x, w, bias = conv.quant_input(x), conv.quant_weight(), conv.bias
     else:
         w, bias = conv.weight, conv.bias
-    patches = F.unfold(x, 3, padding=1)[n_idx, :, p_idx]
-    return F.linear(patches, w.flatten(1), bias)
+    return F.linear(gather_patches(x, n_idx, p_idx), w.flatten(1), bias)
 
 
 class SABlock(nn.Module):

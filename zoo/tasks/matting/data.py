@@ -37,26 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...datasets import (
-    FMNIST_DIR,
-    IMAGE_EXTS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SPLITS,
-    SeededSet,
-    SplitLoaders,
-    fmnist_items,
-    jitter_colours,
-    read_image,
-    resize_chw,
-)
-from ...sources import (
-    CLIPART_ROOT,
-    OPENCV_DATA,
-    clipart_files,
-    load_clipart,
-    photo_backgrounds,
-)
+from ...datasets import (FMNIST_DIR, IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD, SPLITS, SeededSet, SplitLoaders,
+                         fmnist_items, jitter_colours, read_image, resize_chw)
+from ...sources import CLIPART_ROOT, OPENCV_DATA, clipart_files, load_clipart, missing_package, photo_backgrounds
 
 EVAL_SEED = 0
 VIDEOS = {"train": ("Megamind.avi", "Megamind_bugy.avi"), "val": ("tree.avi",), "test": ("vtest.avi",)}
@@ -65,11 +48,6 @@ P_VIDEO = 0.5          # background from a video (else a pan across a photo)
 P_TWO = 0.3            # two foregrounds
 KINDS = ("clipart", "fmnist", "strands")
 P_KINDS = (0.5, 0.2, 0.3)
-
-
-def missing_package(path, package: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{path} not found: the built-in matting data needs Debian's {package} "
-                             f"(apt-get install -y {package})")
 
 
 @lru_cache(maxsize=None)

@@ -173,7 +173,8 @@ def card_lines(cfg: dict, m: dict, train: dict) -> list[str]:
         size = m.get("test_ops_size", ["?", "?"])
         dens = (f"; the SAB 3x3 branches computed **{m['test_sab_density']:.1%}** of their positions on the "
                 f"test clips" if m.get("test_sab_density") is not None else "")
-        lines.append(f"- **Operations per {size[0]}x{size[1]} frame** (the first test clip): {m['test_ops'] / 1e6:.2f} M "
+        lines.append(f"- **Operations per {size[0]}x{size[1]} frame** (the first test clip): "
+                     f"{m['test_ops'] / 1e6:.2f} M "
                      f"(FLOPs {m['test_flops'] / 1e6:.2f} M + BOPs {m['test_bops'] / 1e6:.2f} M / 64, "
                      f"convolutions only){dens}")
     return lines
@@ -236,7 +237,17 @@ def predict_inputs(paths) -> list[Path]:
 
 
 def input_problem(path: Path) -> str | None:
-    return None  # frames are checked one by one while streaming
+    """Why ``path`` cannot be matted: a video OpenCV cannot open or read a frame from (a folder's frames
+    are read one by one while streaming)."""
+    if path.is_dir():
+        return None
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return None if cap.isOpened() and cap.read()[0] else "OpenCV cannot read a frame from this video"
+    finally:
+        cap.release()
 
 
 def read_frames(path: Path):

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ...datasets import (FMNIST_DIR, IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD, SPLITS, SeededSet, builtin_backgrounds, fmnist_items, random_crop,
-                         resize_chw)
+from ...datasets import (FMNIST_DIR, IMAGE_EXTS, IMAGENET_MEAN, IMAGENET_STD, SPLITS, SeededSet, builtin_backgrounds,
+                         fmnist_items, random_crop, resize_chw)
 
 EVAL_SEED = 0  # validation / test data never depend on the run's seed
 ITEM_THRESHOLD = 0.2       # an item's pixel belongs to its mask where its (resized) intensity > this

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from ...datasets import read_image, save_png
+from ...sources import OPENCV_DATA
 from .metrics import SaliencyMeter
 
-OPENCV_DATA = "/usr/share/doc/opencv-doc/examples/data"
 MASK_DIR = Path(__file__).parent / "real_masks"
 # photo -> (box x0, y0, x1, y1 as fractions, init, colour space, background)
 REAL_PHOTOS = {

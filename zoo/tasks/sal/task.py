@@ -53,7 +53,6 @@ def _to_uint8(t: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def sample_grid(model, images: torch.Tensor, masks: torch.Tensor, path, zoom: int = 2) -> Path:
     """A PNG with one row per sample: image | ground truth | predicted saliency map."""
-
     was_training = model.training
     model.eval()
     pred = model(images).sigmoid()

@@ -63,7 +63,6 @@ def evaluate(model, loader, progress: bool = True) -> dict:
 
 def side_by_side(model, lr: torch.Tensor, hr: torch.Tensor, path, crop: int = 96, zoom: int = 2) -> Path:
     """Write a PNG of one HR-sized crop: bicubic | model | ground truth (each zoomed ``zoom`` x)."""
-
     s = hr.shape[-1] // lr.shape[-1]
     with torch.no_grad():
         sr = to_uint8(model(lr[None])[0])
