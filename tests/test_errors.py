@@ -25,7 +25,7 @@ def one_line_error(stderr: str) -> str:
 @pytest.mark.parametrize("args, match", [
     (["quant=nope"], "quant='nope' is not available; valid: ['binarydm', 'dorefa', "),
     (["data=nope"], "data='nope' is not available; valid: ['coco', 'det_composites', 'fmnist', 'fmnist32', 'folder', "),
-    (["task=nope"], "task='nope' is not available; valid: ['cls', 'det', 'diffusion', 'matting', 'sal', 'sr']"),
+    (["task=nope"], "task='nope' is not available; valid: ['cls', 'det', 'diffusion', 'matting', 'sal', 'sr', 'vit']"),
     (["epochs=-1"], "epochs=-1 is not valid; valid: an integer >= 1"),
     (["lr=0"], "lr=0 is not valid; valid: a number > 0"),
     (["distill=2"], "distill=2 is not valid; valid: a number in [0, 1]"),

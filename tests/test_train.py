@@ -82,7 +82,7 @@ def test_run_rejects_bad_config(tmp_path, tiny_fmnist, overrides, match):
 @pytest.mark.parametrize("args, match", [
     (["bits=9"], "valid: integers 1..8"),
     (["quant=nope"], "quant='nope' is not available; valid: ['binarydm', 'dorefa', "),
-    (["task=nope"], "task='nope' is not available; valid: ['cls', 'det', 'diffusion', 'matting', 'sal', 'sr']"),
+    (["task=nope"], "task='nope' is not available; valid: ['cls', 'det', 'diffusion', 'matting', 'sal', 'sr', 'vit']"),
     (["arch=nope"], "unknown arch 'nope'"),
 ])
 def test_cli_exits_nonzero_naming_valid_choices(args, match):

@@ -168,7 +168,27 @@ def ptq_lines(ptq: dict) -> list[str]:
             f"{'on' if c.get('bias_correction') else 'off'}; weight rounding {_rounding(c)}; "
             f"{ptq.get('seconds', '?')} s on "
             f"{ptq.get('hardware', '?')} (calibration data {c.get('data_seconds', '?')} s); torch "
-            f"{ptq.get('torch', '?')}"] + generator_lines(c) + distill_lines(c.get("distill")) + mixed_lines(ptq.get("mixed"))
+            f"{ptq.get('torch', '?')}"] + method_lines(c.get("method")) + generator_lines(c) + \
+        distill_lines(c.get("distill")) + mixed_lines(ptq.get("mixed"))
+
+
+def method_lines(m: dict | None) -> list[str]:
+    """Card lines for the ViT methods of ``python -m zoo.ptq method=...`` (``zoo/ptq/vit.py``)."""
+    if not m or (m.get("name") == "base" and m.get("softmax") == "uniform"):
+        return []
+    what = {"log2": "the log2 softmax quantizer (baseline)",
+            "repq": f"RepQ-ViT: per-channel grids of the {len(m.get('reparameterised', []))} post-LayerNorm inputs "
+                    f"folded into LayerNorm's affine and the next Linear (per-tensor at inference), log-sqrt(2) softmax "
+                    f"quantizer",
+            "apq": f"APQ-ViT: block-wise calibration of every activation range (multipliers {m.get('grid')}, "
+                   f"{m.get('rounds')} rounds) on the squared-gradient-weighted block output error with the smallest "
+                   f"{100 * (m.get('eliminate') or 0):.0f}% of errors eliminated, Matthew-effect preserving (MPQ) "
+                   f"softmax quantizer"}.get(m.get("name"), f"{m.get('name')}, softmax {m.get('softmax')}")
+    line = f"- **Method:** {what}"
+    if m.get("blocks"):
+        drop = [1 - v["after"] / v["before"] for v in m["blocks"].values() if v["before"] > 0]
+        line += f"; block loss {100 * sum(drop) / max(1, len(drop)):.0f}% below the starting ranges on average"
+    return [line]
 
 
 def generator_lines(c: dict) -> list[str]:

@@ -53,9 +53,10 @@ _F16_MAX = torch.finfo(torch.float16).max
 
 def is_float_model(model: nn.Module) -> bool:
     """True if ``model`` has no quantized layer (training or packed form)."""
-    from .quantizers.quantize import quantized_layers
+    from .quantizers.quantize import quantized_layers, quantized_ops
 
-    return not quantized_layers(model) and not any(isinstance(m, PackedLayer) for m in model.modules())
+    return not quantized_layers(model) and not quantized_ops(model) and not any(
+        isinstance(m, PackedLayer) for m in model.modules())
 
 
 def _storable(t: torch.Tensor) -> bool:

@@ -442,6 +442,11 @@ def onnx(model_or_name, path, int8_kernels: bool = True, size: tuple[int, int] |
     if not exportable(task):
         raise ValueError(f"ONNX export covers the image-to-tensor tasks {exportable_tasks()}; this model's "
                          f"task is {task!r}")
+    from .quantizers.quantize import quantized_ops
+
+    if quantized_ops(model):
+        raise ValueError("ONNX export of quantized attention (the matmul and softmax quantizers of a ViT) is not "
+                         "built yet; run this model with zoo.load(name) (the reference/cpu backends)")
     ic = model.input_contract
     fixed = ic.get("size")
     if fixed and size is not None and tuple(size) != tuple(fixed):

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantizers import MinMax, QuantConfig, quantize, quantized_layers
+from ..quantizers import MinMax, QuantConfig, quantize, quantized_layers, quantized_ops
+from ..quantizers.attention import OP_MAP, MatMul, explicit_attention
 from ..quantizers.quantize import _float_type
 from ..quantizers.uniform import MinMaxAct
 from ..datasets import batch_input
@@ -34,9 +35,12 @@ from ..wrapper import ZooModel
 from .estimators import RangeObserver, check_estimator
 
 
-def ptq_config(wbits: int, abits: int | None = None, keep: dict | None = None) -> QuantConfig:
+def ptq_config(wbits: int, abits: int | None = None, keep: dict | None = None,
+               softmax: str | None = None) -> QuantConfig:
     """MinMax weights (per channel) and activations: the form PTQ calibrates. ``keep``: name glob ->
-    bits for layers kept at another precision (e.g. {"stem": 8, "fc": 8}), or None to keep them float."""
+    bits for layers kept at another precision (e.g. {"stem": 8, "fc": 8}), or None to keep them float.
+    ``softmax``: the attention softmax output's quantizer ("Log2", "LogSqrt2", "MPQ"; None: MinMax
+    like every activation), at ``abits``."""
     abits = wbits if abits is None else abits
     for name, b in (("wbits", wbits), ("abits", abits)):
         if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
@@ -44,6 +48,8 @@ def ptq_config(wbits: int, abits: int | None = None, keep: dict | None = None) -
                              "(1-bit models need training: python -m zoo.train)")
     overrides = {g: None if b is None else {"weight": MinMax(b, granularity="channel"), "act": MinMax(b)}
                  for g, b in (keep or {}).items()}  # None: the layer stays float
+    if softmax is not None:
+        overrides["*softmax"] = {"weight": None, "act": {"type": softmax, "bits": abits}}
     return QuantConfig(weight=MinMax(wbits, granularity="channel"), act=MinMax(abits), overrides=overrides)
 
 
@@ -81,6 +87,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig | dict, data, method: str = "ms
     cfg = QuantConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     qmodel = copy.deepcopy(model).eval()
     net = _net(qmodel)
+    explicit_attention(net)  # fused attention -> explicit matmuls and softmax (same float function)
     targets = {}
     for name, mod in net.named_modules():
         spec = cfg.for_layer(name) if name and _float_type(mod) is not None else None
@@ -92,9 +99,17 @@ def calibrate(model: nn.Module, cfg: QuantConfig | dict, data, method: str = "ms
         targets[name] = mod
     if not targets:
         raise ValueError("the config quantizes no layer of this model")
+    ops = {n: m for n, m in net.named_modules() if type(m) in OP_MAP and (cfg.for_layer(n) or _NO).act is not None}
+    for name, op in ops.items():
+        act = cfg.for_layer(name).act
+        if isinstance(op, MatMul) and not isinstance(act, MinMax):
+            raise ValueError(f"{name!r}: PTQ calibrates MinMax quantizers for matmul inputs, got {type(act).__name__}")
     observers = {n: RangeObserver(seed=i) for i, n in enumerate(targets)}
+    op_obs = {(n, k): RangeObserver(seed=1000 + i) for i, (n, m) in enumerate(ops.items())
+              for k in (("aq_a", "aq_b") if isinstance(m, MatMul) else ("oq",))}
     inputs = {n: [] for n in targets} if bias_correction else None
     hooks = [m.register_forward_pre_hook(_recorder(observers[n], inputs, n)) for n, m in targets.items()]
+    hooks += [m.register_forward_hook(_op_recorder(op_obs, n)) for n, m in ops.items()]
     try:
         with torch.no_grad():
             for x in tqdm(list(batches(data, batch_size)), desc="calibration batches", disable=not progress,
@@ -112,6 +127,11 @@ def calibrate(model: nn.Module, cfg: QuantConfig | dict, data, method: str = "ms
         if isinstance(layer.aq, MinMaxAct):
             lo, hi = observers[name].range(layer.aq.bits, method, percentile=percentile)
             layer.aq.lo.fill_(lo), layer.aq.hi.fill_(hi), layer.aq.initialized.fill_(True)
+    for name, op in quantized_ops(net):
+        for key in ("aq_a", "aq_b", "oq"):
+            q = getattr(op, key, None)
+            if q is not None and (name, key) in op_obs:
+                set_range(q, op_obs[name, key], method, percentile)
     qmodel.eval()
     if rounding == "learned":
         from .reconstruct import reconstruct
@@ -131,6 +151,29 @@ def calibrate(model: nn.Module, cfg: QuantConfig | dict, data, method: str = "ms
 
 
 RECON_ATTR = "_zoo_reconstruction"  # {unit: (output MSE nearest, learned, kept)} of the reconstruction
+
+
+_NO = type("NoSpec", (), {"act": None})()
+
+
+def set_range(q, observer, method: str, percentile: float = 99.99) -> None:
+    """Calibrate activation quantizer ``q`` from the samples ``observer`` holds: a MinMax range by the
+    estimator, a softmax quantizer's scale by its own ``fit``."""
+    if isinstance(q, MinMaxAct):
+        lo, hi = observer.range(q.bits, method, percentile=percentile)
+        q.lo.fill_(lo), q.hi.fill_(hi), q.initialized.fill_(True)
+    elif hasattr(q, "fit"):
+        q.fit(observer.samples(), hi=observer.hi)
+
+
+def _op_recorder(obs, name):
+    def hook(mod, args, out):
+        if isinstance(mod, MatMul):
+            obs[name, "aq_a"].update(args[0])
+            obs[name, "aq_b"].update(args[1])
+        else:
+            obs[name, "oq"].update(out)
+    return hook
 
 
 def _recorder(observer, inputs, name):

@@ -24,7 +24,8 @@ from .calibrate import ROUNDINGS
 from .estimators import ESTIMATORS
 
 log = logging.getLogger(__name__)
-GROUPS = ("quant", "data", "task", "calib")
+GROUPS = ("quant", "data", "task", "calib", "method")
+SOFTMAX = {"uniform": None, "log2": "Log2", "logsqrt2": "LogSqrt2", "mpq": "MPQ"}  # method.softmax -> spec
 GENERATORS = ("ddaq", "coleq")  # calibration sources with a generator and a training stage
 
 
@@ -54,6 +55,10 @@ def _check(cfg: DictConfig):
         v = cfg.calib[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"calib.{key}={v!r} is not valid; valid: an integer >= 1")
+    if cfg.method.softmax not in SOFTMAX:
+        raise ConfigError(f"method.softmax={cfg.method.softmax!r} is not valid; valid: {list(SOFTMAX)}")
+    if cfg.method.blockwise and not 0 <= cfg.method.eliminate < 1:
+        raise ConfigError(f"method.eliminate={cfg.method.eliminate!r} is not valid; valid: a fraction in [0, 1)")
     if not cfg.init_from:
         raise ConfigError("init_from= is required: the float release to quantize (a shipped name or a directory)")
     from .calibrate import ptq_config
@@ -138,6 +143,11 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         gen = ddaq.warm_up(fp, tuple(real.shape[1:]), c.warmup, batch_size=c.batch_size, lr=c.lr_g, ce=c.ce,
                            width=c.width, seed=cfg.seed)
         data = ddaq.sample(gen, c.n, seed=cfg.seed, batch_size=c.batch_size)
+    elif cfg.calib.name == "psaq":
+        from .psaq import synthesize_psaq
+
+        data = synthesize_psaq(fp, cfg.calib.n, seed=cfg.seed, shape=tuple(real.shape[1:]), iters=cfg.calib.iters,
+                               lr=cfg.calib.lr, batch_size=cfg.calib.batch_size)
     else:
         opts = {k: cfg.calib[k] for k in ("iters", "lr", "slack", "sci") if k in cfg.calib}
         data = synthesize(fp, "zeroq" if cfg.calib.name == "zeroq" else "dsg", n=cfg.calib.n, seed=cfg.seed,
@@ -146,10 +156,30 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     keep = None
     if cfg.task.get("keep_layers"):
         keep = {g: cfg.keep_bits for g in cfg.task.keep_layers}
-    qcfg = with_overrides(ptq_config(cfg.wbits, cfg.abits, keep=keep), cfg.quant.get("overrides_from"))
-    q = calibrate(fp, qcfg, data, cfg.estimator, percentile=cfg.percentile,
+    qcfg = with_overrides(ptq_config(cfg.wbits, cfg.abits, keep=keep, softmax=SOFTMAX[cfg.method.softmax]),
+                          cfg.quant.get("overrides_from"))
+    source, method_meta = fp, {"name": cfg.method.name, "softmax": cfg.method.softmax}
+    if cfg.method.reparam:  # RepQ-ViT: fold per-channel post-LayerNorm grids into a copy of the float model
+        import copy
+
+        from .vit import repq_reparameterize
+
+        source = copy.deepcopy(fp)
+        folded = repq_reparameterize(source, data, cfg.abits, batch_size=cfg.batch_size, method=cfg.estimator)
+        method_meta["reparameterised"] = sorted(folded)
+    q = calibrate(source, qcfg, data, cfg.estimator, percentile=cfg.percentile,
                   bias_correction=bool(cfg.bias_correction), batch_size=cfg.batch_size, rounding=cfg.rounding,
                   recon={**OmegaConf.to_container(cfg.recon, resolve=True), "seed": int(cfg.seed)})
+    if cfg.method.reparam:
+        from .vit import apply_ranges
+
+        apply_ranges(q, folded)
+    if cfg.method.blockwise:
+        from .vit import apq_blockwise
+
+        opts = {k: cfg.method[k] for k in ("eliminate", "rounds")}
+        report = apq_blockwise(q, source, data, grid=tuple(cfg.method.grid), batch_size=cfg.batch_size, **opts)
+        method_meta.update(opts, grid=list(cfg.method.grid), blocks=report)
     generator_stage, recovered = None, None
     if gen is not None:
         generator_stage, recovered = _train_with_generator(cfg, q, fp, gen)
@@ -175,7 +205,7 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
              "estimator": cfg.estimator, "bias_correction": bool(cfg.bias_correction), "rounding": cfg.rounding,
              "reconstruction": _recon_meta(cfg, q), "distill": distilled, "trained": generator_stage,
              "synthesis": None if cfg.calib.name == "ptq" else OmegaConf.to_container(cfg.calib, resolve=True),
-             "data_seconds": round(t_data, 1)}
+             "data_seconds": round(t_data, 1), "method": method_meta}
     release = save(q, cfg.release_dir, metrics=metrics, extra={"ptq": {
         "command": command, "init_from": str(cfg.init_from), "data": cfg.data.name,
         "splits": split_sizes(dm), "calibration": calib,

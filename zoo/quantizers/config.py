@@ -385,6 +385,35 @@ class N2UQ(QuantSpec):
     MIN_BITS: ClassVar[int] = 2
 
 
+@dataclass(frozen=True)
+class Log2(QuantSpec):
+    """Logarithmic quantizer for post-softmax values in [0, 1] (the log2 baseline of the ViT PTQ papers):
+    ``q = clamp(round(-log2(x / s)), 0, 2^b - 1)``, value ``s 2^-q``, except the top code 2^b - 1, which
+    is 0 (so b bits hold 2^b - 1 powers of two and zero). ``s`` is calibrated (``LogAct.fit``).
+    Activations only; gradient 1 on (0, s], 0 elsewhere."""
+
+    MIN_BITS: ClassVar[int] = 2
+
+
+@dataclass(frozen=True)
+class LogSqrt2(QuantSpec):
+    """RepQ-ViT's log-sqrt(2) quantizer for post-softmax values: ``q = clamp(round(-2 log2(x / s)), 0,
+    2^b - 1)``, value ``s 2^(-q/2)`` (odd codes: ``2^(-(q+1)/2) sqrt 2``), the top code 0. Activations
+    only; gradient 1 on (0, s], 0 elsewhere."""
+
+    MIN_BITS: ClassVar[int] = 2
+
+
+@dataclass(frozen=True)
+class MPQ(QuantSpec):
+    """APQ-ViT's Matthew-effect preserving quantizer for the softmax output, as the seed writes it:
+    ``q = clamp(floor(x / D), 0, 2^b - 1)``, ``D = max(x) / (2^b - 1)`` (max over the calibration
+    data), value ``q D``: the large attention values keep their levels, the many small ones fall to 0.
+    Activations only; gradient 1 on [0, max], 0 elsewhere."""
+
+    MIN_BITS: ClassVar[int] = 2
+
+
 # short names used by the CLI (quant=lsq) and the config group
 SHORT_NAMES = {
     "minmax": MinMax,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .attention import OP_MAP, QUANT_OPS, explicit_attention
 from .config import QuantConfig
 from .layers import LAYER_MAP, QUANT_LAYERS
 
@@ -23,7 +24,8 @@ def _set_child(root: nn.Module, name: str, new: nn.Module):
 
 
 # float layers whose parent reads their ``weight`` directly instead of calling them (so a quantized
-# or packed layer there would be bypassed or break): left float
+# or packed layer there would be bypassed or break): left float. quantize() first makes the supported
+# nn.MultiheadAttention modules explicit (zoo.quantizers.attention); only the variants it cannot are left.
 _READ_BY_PARENT = (nn.MultiheadAttention,)
 QUANT_CONFIG_ATTR = "_zoo_quant_config"  # where quantize() records the config on the model it rewrote
 
@@ -34,7 +36,12 @@ def quantize(model: nn.Module, cfg: QuantConfig | dict) -> nn.Module:
     quantized are left alone. Returns ``model``; a bare layer (``quantize(nn.Conv2d(...), cfg)``)
     cannot be replaced in place, so its quantized copy (sharing its parameters) is returned. The
     projections inside ``nn.MultiheadAttention`` stay float (its forward reads their weights
-    directly). The config is recorded on ``model`` so ``zoo.save`` can write it."""
+    directly). The config is recorded on ``model`` so ``zoo.save`` can write it.
+
+    Attention: timm's ``Attention`` and ``nn.MultiheadAttention`` are first replaced by explicit
+    modules computing the same (``zoo.quantizers.attention``; same state dict), whose two matmuls and
+    softmax output are then quantized as the config says for ``<attn>.matmul1`` / ``.matmul2`` /
+    ``.softmax`` (their act spec; a matmul's weight spec is unused)."""
     if isinstance(cfg, dict):
         cfg = QuantConfig.from_dict(cfg)
     if not isinstance(cfg, QuantConfig):
@@ -47,6 +54,7 @@ def quantize(model: nn.Module, cfg: QuantConfig | dict) -> nn.Module:
         new = LAYER_MAP[root_cls].from_float(model, spec)
         setattr(new, QUANT_CONFIG_ATTR, cfg)
         return new
+    explicit_attention(model)
     skip = {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, _READ_BY_PARENT)
             for c, _ in m.named_children()}
     targets = []
@@ -58,8 +66,17 @@ def quantize(model: nn.Module, cfg: QuantConfig | dict) -> nn.Module:
         if spec is None or (spec.weight is None and spec.act is None):
             continue
         targets.append((name, mod, LAYER_MAP[float_cls], spec))
+    for name, mod in model.named_modules():
+        qcls = OP_MAP.get(type(mod))
+        spec = cfg.for_layer(name) if qcls is not None else None
+        if spec is not None and spec.act is not None:
+            targets.append((name, mod, qcls, spec))
     for name, mod, qcls, spec in targets:
         _set_child(model, name, qcls.from_float(mod, spec))
+    if cfg.options.get("ivit"):  # I-ViT: LayerNorm, GELU and softmax in integer arithmetic
+        from .ivit import to_integer_only
+
+        to_integer_only(model)
     setattr(model, QUANT_CONFIG_ATTR, cfg)
     return model
 
@@ -67,6 +84,11 @@ def quantize(model: nn.Module, cfg: QuantConfig | dict) -> nn.Module:
 def quantized_layers(model: nn.Module):
     """(name, layer) of every training-form quantized layer."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
+
+
+def quantized_ops(model: nn.Module):
+    """(name, op) of every quantized attention matmul and softmax (``zoo.quantizers.attention``)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_OPS)]
 
 
 def set_progress(model: nn.Module, fraction: float) -> None:

@@ -38,13 +38,13 @@ def card_usage(name: str) -> list[str]:
 
 
 def summary_table(rows) -> str:
-    fp = next((c.get("metrics", {}).get("test_acc") for _, c in rows if c.get("quant") is None), None)
+    fps = {c.get("arch"): c.get("metrics", {}).get("test_acc") for _, c in rows if c.get("quant") is None}
     seeds = any(c.get("seeds") for _, c in rows)
     out = ["| model | test top-1 % | vs FP32 (points) |" + (" top-1 % over seeds (n) |" if seeds else "")
            + " weights file bytes | vs FP32 file |",
            "|---|---|---|" + ("---|" if seeds else "") + "---|---|"]
     for path, cfg in rows:
-        acc = cfg.get("metrics", {}).get("test_acc")
+        acc, fp = cfg.get("metrics", {}).get("test_acc"), fps.get(cfg.get("arch"))  # vs the same net's FP32
         wb, fb = cfg["weights"]["bytes"], float_reference_bytes(cfg)
         gap = f"{100 * (acc - fp):+.2f}" if fp is not None and acc is not None else "n/a"
         top1 = f"{100 * acc:.2f}" if acc is not None else "n/a"

@@ -1,0 +1,286 @@
+"""Vision transformers: explicit attention, quantized matmuls and softmax, the softmax quantizers, RepQ-ViT's
+reparameterisation, APQ-ViT's bottom-eliminated loss, PSAQ-ViT's entropy, and the PTQ CLI's methods."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from zoo.quantizers import Log2, LogSqrt2, MinMax, MPQ, QuantConfig, quantize, quantized_layers, quantized_ops
+from zoo.quantizers.attention import (Attention, MultiheadAttention, QuantMatMul, QuantSoftmax, explicit_attention,
+                                      integer_matmul)
+
+timm = pytest.importorskip("timm")
+
+
+def _timm_vit(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+    return VisionTransformer(**{**args, **kw}).eval()
+
+
+def test_explicit_attention_equals_timms_fused_attention():
+    m = _timm_vit(qkv_bias=True)
+    assert m.blocks[0].attn.fused_attn  # timm runs F.scaled_dot_product_attention
+    x = torch.randn(3, 3, 32, 32)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        ref = m(x)
+        explicit_attention(m)
+        out = m(x)
+    assert all(type(b.attn) is Attention for b in m.blocks)
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0), (out - ref).abs().max()
+    assert m.state_dict().keys() == sd.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
+    # masks, as timm's manual path applies them
+    a = _timm_vit().blocks[0].attn
+    t = torch.randn(2, 7, 64)
+    mask = torch.rand(7, 7) > 0.3
+    mask.fill_diagonal_(True)
+    with torch.no_grad():
+        ref_mask, ref_causal = a(t, attn_mask=mask), a(t, is_causal=True)
+        e = Attention.from_timm(a)
+        assert torch.allclose(e(t, attn_mask=mask), ref_mask, atol=1e-6)
+        assert torch.allclose(e(t, is_causal=True), ref_causal, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_explicit_multihead_attention_equals_torchs(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    e = MultiheadAttention(mha).eval()
+    shape = (2, 6, 32) if batch_first else (6, 2, 32)
+    q, kv = torch.randn(shape), torch.randn(shape[:-1] if False else shape)
+    kpm = torch.tensor([[False] * 5 + [True], [False] * 6])
+    am = torch.rand(6, 6) > 0.8
+    am.fill_diagonal_(False)  # True = masked, as torch
+    with torch.no_grad():
+        for args, kw in (((q, q, q), {}), ((q, kv, kv), {}), ((q, q, q), {"key_padding_mask": kpm}),
+                         ((q, q, q), {"attn_mask": am, "average_attn_weights": False})):
+            (o1, w1), (o2, w2) = mha(*args, **kw), e(*args, **kw)
+            assert torch.allclose(o1, o2, atol=1e-6) and torch.allclose(w1, w2, atol=1e-6)
+    assert e.state_dict().keys() == mha.state_dict().keys()
+    e.load_state_dict(mha.state_dict())  # strict both ways: the same names
+
+
+def test_quantize_on_an_unmodified_timm_deit_tiny_and_save_load(tmp_path):
+    """The issue's target: every Linear, both matmuls and the softmax of timm's deit_tiny_patch16_224
+    quantized; the float state dict loads into it; save -> load gives the same output."""
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    float_sd = m.state_dict()
+    cfg = QuantConfig(weight=MinMax(8, granularity="channel"), act=MinMax(8))
+    quantize(m, cfg)
+    linears = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)]
+    assert {n for n, _ in quantized_layers(m)} >= set(linears) and len(linears) == 12 * 4 + 1
+    ops = dict(quantized_ops(m))
+    for i in range(12):
+        assert isinstance(ops[f"blocks.{i}.attn.matmul1"], QuantMatMul)
+        assert isinstance(ops[f"blocks.{i}.attn.matmul2"], QuantMatMul)
+        assert isinstance(ops[f"blocks.{i}.attn.softmax"], QuantSoftmax)
+    m.load_state_dict(float_sd, strict=True)
+    x = torch.rand(2, 3, 224, 224)
+    m.train()
+    with torch.no_grad():
+        m(x)  # the activation quantizers' ranges from one batch
+    m.eval()
+    packed = zoo.quantizers.to_packed(__import__("copy").deepcopy(m))  # the form save() writes
+    with torch.no_grad():
+        y, y_train = packed(x), m(x)
+    assert torch.allclose(y, y_train, atol=0.05)  # the training form: rounding ties may flip a code or two
+    zoo.save(m, tmp_path / "deit")
+    skeleton = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    loaded = zoo.load(tmp_path / "deit", model=skeleton)
+    with torch.no_grad():
+        y2 = loaded(x)
+    assert torch.equal(y, y2), (y - y2).abs().max()
+
+
+def test_quantized_matmul_integer_path_equals_the_training_form():
+    torch.manual_seed(0)
+    from zoo.quantizers.config import LayerQuant
+    from zoo.quantizers.attention import MatMul
+
+    mm = QuantMatMul.from_float(MatMul(), LayerQuant(act=MinMax(4)))
+    a, b = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 16, 7)
+    mm.train()
+    fake = mm(a, b)  # ranges from this batch (EMA initialised), fake-quantized product
+    mm.eval()
+    with torch.no_grad():
+        fake_eval = mm.aq_a(a) @ mm.aq_b(b)
+        y = mm(a, b)
+    assert torch.allclose(y, fake_eval, rtol=1e-5, atol=1e-6) and torch.allclose(fake, fake_eval, atol=1e-6)
+    # the sums are those of the integer codes, exactly
+    pa, pb = mm.aq_a.params(None), mm.aq_b.params(None)
+    ua = (torch.clamp(torch.round(a / pa["scale"] + pa["offset"]), 0, 15) - pa["zero"]).long()
+    ub = (torch.clamp(torch.round(b / pb["scale"] + pb["offset"]), 0, 15) - pb["zero"]).long()
+    exact = (ua @ ub).double() * (pa["scale"].double() * pb["scale"].double())
+    assert torch.equal(integer_matmul(a, mm.aq_a, b, mm.aq_b), exact)
+
+
+def test_quantized_matmul_and_softmax_gradients_are_clipped_straight_through():
+    from zoo.quantizers.config import LayerQuant
+    from zoo.quantizers.attention import MatMul, Softmax
+
+    mm = QuantMatMul.from_float(MatMul(), LayerQuant(act=MinMax(4)))
+    mm.aq_a.lo.fill_(-1.0), mm.aq_a.hi.fill_(1.0), mm.aq_a.initialized.fill_(True)
+    mm.aq_b.lo.fill_(-1.0), mm.aq_b.hi.fill_(1.0), mm.aq_b.initialized.fill_(True)
+    mm.eval()  # frozen ranges, but the fake-quant form (grad needs it): call the quantizers directly
+    a = torch.tensor([[0.5, 2.0]], requires_grad=True)
+    b = torch.tensor([[1.0], [0.5]], requires_grad=True)
+    (mm.aq_a(a) @ mm.aq_b(b)).sum().backward()
+    # d/da_j = b_hat_j inside [-1, 1] (a_0), 0 outside (a_1 = 2 is clipped)
+    bh = mm.aq_b(b.detach())
+    assert torch.allclose(a.grad, torch.tensor([[float(bh[0, 0]), 0.0]]))
+    sm = QuantSoftmax.from_float(Softmax(-1), LayerQuant(act=Log2(3)))
+    x = torch.tensor([[0.0, 1.0, -5.0]], requires_grad=True)
+    sm.oq.scale.fill_(1.0)
+    w = torch.tensor([[1.0, 2.0, 3.0]])
+    (sm(x) * w).sum().backward()
+    p = x.detach().softmax(-1)[0]
+    expect = p * (w[0] - (p * w[0]).sum())  # the softmax's own gradient (levels pass it straight through)
+    assert torch.allclose(x.grad[0], expect, atol=1e-6)
+
+
+def test_log2_levels_by_hand():
+    q = zoo.quantizers.logq.LogAct(3, 1)
+    q.scale.fill_(1.0)
+    x = torch.tensor([1.0, 0.3, 0.12, 0.001, 0.0, 1.7])
+    # -log2: 0, 1.737 -> 2, 3.06 -> 3, 9.97 -> top (7) = 0, 0 -> top, 1.7 > s -> code 0 = s
+    assert torch.equal(q(x), torch.tensor([1.0, 0.25, 0.125, 0.0, 0.0, 1.0]))
+
+
+def test_log_sqrt2_levels_by_hand():
+    q = zoo.quantizers.logq.LogAct(3, 2)
+    q.scale.fill_(0.5)
+    x = torch.tensor([0.5, 0.15, 0.0625, 0.04, 0.01])
+    # -2 log2(x / 0.5): 0; 3.47 -> 3: 0.5 * 2^-1.5; 6 -> 0.5 * 2^-3; 7.29 -> 7 = top -> 0; 11.3 -> top
+    expect = torch.tensor([0.5, 0.5 * 2 ** -1.5, 0.5 * 2 ** -3, 0.0, 0.0])
+    assert torch.allclose(q(x), expect, atol=1e-7, rtol=0)
+
+
+def test_mpq_levels_by_hand():
+    q = zoo.quantizers.logq.MPQAct(2)
+    q.fit(torch.tensor([0.1, 0.9]))  # D = 0.9 / 3 = 0.3
+    x = torch.tensor([0.65, 0.29, 0.9, 0.61])
+    assert torch.allclose(q(x), torch.tensor([0.6, 0.0, 0.9, 0.6]), atol=1e-7)
+
+
+def test_log_quantizer_fit_picks_the_lowest_error_scale():
+    q = zoo.quantizers.logq.LogAct(4, 2)
+    x = torch.cat([torch.full((9995,), 0.3), torch.ones(5)])
+    err = q.fit(x)
+    # s = max = 1 puts 0.3 at code 3 (2^-1.5 = 0.354): error 9995 * 0.054^2; s = 0.3 (the 0.999 quantile)
+    # codes 0.3 exactly and clips the five 1.0s: 5 * 0.7^2, smaller
+    assert float(q.scale) == pytest.approx(0.3, abs=1e-6)
+    assert err == pytest.approx(5 * 0.7 ** 2 / 10000, rel=1e-4)
+
+
+def test_repq_reparameterisation_is_exact_in_float():
+    """Per-channel quantization of the LayerNorm output then the Linear equals per-tensor quantization
+    of the rewritten LayerNorm's output then the rewritten Linear; the float function is unchanged."""
+    from zoo.ptq.estimators import fake_quant  # noqa: F401  (the grid convention below is MinMaxAct's)
+    from zoo.ptq.vit import fold_channel_grid
+
+    torch.manual_seed(0)
+    ln, lin = nn.LayerNorm(6), nn.Linear(6, 4)
+    with torch.no_grad():
+        ln.weight.copy_(torch.tensor([0.5, 3.0, 1.0, 8.0, 0.2, 1.5]))
+        ln.bias.copy_(torch.tensor([0.1, -2.0, 0.0, 4.0, 0.3, -0.5]))
+    x = torch.randn(50, 6)
+    bits, n = 4, 15
+    h = ln(x).detach()
+    lo, hi = h.amin(0).clamp(max=0), h.amax(0).clamp(min=0)
+    s = ((hi - lo) / n).double()
+    z = torch.round(-lo.double() / s)
+    ref_float = lin(ln(x)).detach()
+    per_channel = (torch.clamp(torch.round(h.double() / s) + z, 0, n) - z) * s
+    ref = (per_channel @ lin.weight.double().t() + lin.bias.double())
+    lo_t, hi_t = fold_channel_grid(ln, lin, s, z, bits)
+    h2 = ln(x).detach().double()
+    s_t = (hi_t - lo_t) / n
+    z_t = round(-lo_t / s_t)
+    assert s_t == pytest.approx(float(s.mean()), rel=1e-12) and z_t == round(float(z.mean()))
+    codes_t = torch.clamp(torch.round(h2 / s_t) + z_t, 0, n)
+    codes_c = torch.clamp(torch.round(h.double() / s) + z, 0, n)
+    assert torch.equal(codes_t, codes_c)  # per tensor on the rewritten output: the per-channel codes
+    out = ((codes_t - z_t) * s_t) @ lin.weight.double().t() + lin.bias.double()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(lin(ln(x)).detach(), ref_float, atol=1e-5)
+
+
+def test_apq_bottom_elimination_loss_by_hand():
+    from zoo.ptq.vit import eliminated_loss
+
+    out = torch.tensor([[0.1, 0.5, 0.2, 0.4]])
+    g2 = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    zero = torch.zeros_like(out)
+    # half eliminated: |d| 0.1 and 0.2 dropped; 2 * 0.25 + 4 * 0.16
+    assert eliminated_loss(out, zero, g2, 0.5).item() == pytest.approx(1.14)
+    assert eliminated_loss(out, zero, g2, 0.0).item() == pytest.approx(0.01 + 0.5 + 0.12 + 0.64)
+    with pytest.raises(ValueError, match=r"eliminate=1.0 is not valid; valid: a fraction in \[0, 1\)"):
+        from zoo.ptq.vit import apq_blockwise
+        apq_blockwise(nn.Linear(1, 1), nn.Linear(1, 1), torch.zeros(1, 1), eliminate=1.0)
+
+
+def test_psaq_entropy_against_a_hand_computation():
+    from zoo.ptq.psaq import kde_entropy, patch_similarity
+
+    s = torch.tensor([[0.0, 0.02, 0.04]])
+    h, pts = 0.01, torch.tensor([0.0, 0.02, 0.04])
+
+    def pdf(t):
+        return sum(math.exp(-0.5 * ((t - c) / h) ** 2) for c in (0.0, 0.02, 0.04)) / 3 / (h * math.sqrt(2 * math.pi))
+
+    f = [-(pdf(float(t)) + 1e-4) * math.log(pdf(float(t)) + 1e-4) for t in pts]
+    expect = 0.02 * (f[0] + f[1]) / 2 + 0.02 * (f[1] + f[2]) / 2  # the trapezoid rule
+    assert kde_entropy(s, h, 3).item() == pytest.approx(expect, rel=1e-5)
+    # cosine similarity of patch tokens after the class token, heads averaged
+    feat = torch.tensor([[[[9.0, 9.0], [1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]]])  # B=1, H=1, N=4, D=2
+    sim = patch_similarity(feat).reshape(3, 3)
+    r = 1 / math.sqrt(2)
+    assert torch.allclose(sim, torch.tensor([[1.0, 0.0, r], [0.0, 1.0, r], [r, r, 1.0]]), atol=1e-6)
+
+
+def test_psaq_entropy_is_higher_for_spread_similarities():
+    from zoo.ptq.psaq import kde_entropy
+
+    narrow = torch.full((1, 100), 0.5) + 1e-3 * torch.randn(1, 100)
+    wide = torch.linspace(-1, 1, 100).unsqueeze(0)
+    assert kde_entropy(wide).item() > kde_entropy(narrow).item()
+
+
+def test_ptq_config_sets_the_softmax_quantizer():
+    cfg = zoo.ptq.ptq_config(4, keep={"head": 8}, softmax="LogSqrt2")
+    assert cfg.for_layer("blocks.3.attn.softmax").act == LogSqrt2(4)
+    assert cfg.for_layer("blocks.3.attn.matmul1").act == MinMax(4)
+    assert cfg.for_layer("head").act == MinMax(8)
+    assert zoo.ptq.ptq_config(4, softmax="MPQ").for_layer("x.softmax").act == MPQ(4)
+
+
+def test_our_vit_quantizes_every_linear_matmul_and_softmax_and_ptq_runs():
+    torch.manual_seed(0)
+    m = zoo.create_model("vit_tiny_p4", depth=2, embed_dim=48).eval()
+    x = torch.rand(16, 1, 28, 28)
+    for sm in (None, "Log2", "LogSqrt2", "MPQ"):
+        q = zoo.ptq.calibrate(m, zoo.ptq.ptq_config(8, softmax=sm), x, "minmax", progress=False)
+        ops = dict(quantized_ops(q))
+        assert len(ops) == 6 and len(quantized_layers(q)) == 2 * 4 + 2
+        with torch.no_grad():
+            err = (q(x) - m(x)).abs().max() / m(x).abs().max()
+        assert err < 0.1, (sm, err)  # 8 bits: close to float
+
+
+def test_ptq_cli_rejects_a_bad_softmax_quantizer(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from zoo.ptq.cli import _check
+    from zoo.train import ConfigError
+
+    with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
+        cfg = compose("ptq", overrides=["task=vit", "method=repq", "method.softmax=cubic"])
+    with pytest.raises(ConfigError, match=r"method.softmax='cubic' is not valid; valid: \['uniform', 'log2', "
+                                          r"'logsqrt2', 'mpq'\]"):
+        _check(cfg)

@@ -1,0 +1,288 @@
+"""Attention as explicit, quantizable ops: the two matmuls (q·kᵀ, attn·v) and the softmax output.
+
+A fused attention (timm's ``Attention`` with ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``)
+hides both matmuls and the softmax inside one call, so nothing can quantize them. ``quantize()`` first
+replaces such modules by :class:`Attention` / :class:`MultiheadAttention` (``ATTENTION_MAP``), which
+compute the same thing from explicit :class:`MatMul` and :class:`Softmax` modules and keep the float
+state dict (same parameter names, shared tensors), then quantizes those like any layer:
+
+- ``MatMul`` -> :class:`QuantMatMul`: both operands through activation quantizers of the layer's act
+  spec (per tensor); the attn·v matmul quantizes only v (its first operand is the softmax's quantized
+  output). In eval mode the product is computed from the integer codes, exactly (float64 sums), as the
+  packed layers do: ``y = s_a s_b Σ (q_a - z_a)(q_b - z_b)``.
+- ``Softmax`` -> :class:`QuantSoftmax`: the output goes through the act spec's quantizer; a softmax
+  override picks a softmax quantizer (``Log2``, ``LogSqrt2``, ``MPQ``; ``zoo/quantizers/logq.py``).
+
+The config names them ``<attention>.matmul1`` (q·kᵀ), ``<attention>.matmul2`` (attn·v) and
+``<attention>.softmax``, so ``{"*.softmax": {"act": {"type": "LogSqrt2", "bits": 4}}}`` sets every softmax.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LayerQuant, build_quantizer
+
+
+class MatMul(nn.Module):
+    """``a @ b`` as a module. ``quant_a=False``: the first operand arrives quantized (softmax output)."""
+
+    def __init__(self, quant_a: bool = True):
+        super().__init__()
+        self.quant_a = quant_a
+
+    def forward(self, a, b):
+        return a @ b
+
+    def extra_repr(self):
+        return "" if self.quant_a else "quant_a=False"
+
+
+class Softmax(nn.Module):
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return x.softmax(self.dim)
+
+    def extra_repr(self):
+        return f"dim={self.dim}"
+
+
+class QuantMatMul(MatMul):
+    """Both operands fake-quantized in training; in eval mode computed from their integer codes."""
+
+    def __init__(self, quant_a: bool, spec: LayerQuant):
+        super().__init__(quant_a)
+        self.spec = spec
+        self.aq_a = build_quantizer(spec.act, "act") if quant_a else None
+        self.aq_b = build_quantizer(spec.act, "act")
+
+    @classmethod
+    def from_float(cls, mod: MatMul, spec: LayerQuant) -> "QuantMatMul":
+        return cls(mod.quant_a, spec)
+
+    def forward(self, a, b):
+        if self.training or not _affine(self.aq_b) or (self.aq_a is not None and not _affine(self.aq_a)):
+            a = self.aq_a(a) if self.aq_a is not None else a
+            return a @ self.aq_b(b)
+        return integer_matmul(a, self.aq_a, b, self.aq_b).to(b.dtype)
+
+    def extra_repr(self):
+        return f"act={type(self.spec.act).__name__}(a{self.spec.act.bits})" + ("" if self.quant_a else
+                                                                              ", a quantized upstream")
+
+
+def _affine(q) -> bool:
+    return getattr(q, "mode", None) == "affine"
+
+
+def _codes(x, q):
+    """(u = codes - zero as float64, scale) of an affine activation quantizer in eval mode."""
+    p = q.params(None)
+    v = torch.clamp(torch.round(x.detach() / p["scale"] + p["offset"]), p["qmin"], p["qmax"])
+    return (v - p["zero"]).double(), p["scale"].double()
+
+
+def integer_matmul(a, aq_a, b, aq_b) -> torch.Tensor:
+    """``a @ b`` from integer codes: ``s_a s_b Σ u_a u_b`` with u = code - zero summed exactly in float64
+    (|u| < 2^8, K < 2^20 terms: far below 2^53). With ``aq_a=None`` the first operand is taken as the
+    exact values it holds (the softmax quantizer's levels) and only b is quantized."""
+    ub, sb = _codes(b, aq_b)
+    if aq_a is None:
+        return (a.double() @ ub) * sb
+    ua, sa = _codes(a, aq_a)
+    return (ua @ ub) * (sa * sb)
+
+
+class QuantSoftmax(Softmax):
+    """softmax, then the output quantizer of the act spec (a uniform one, or a softmax quantizer)."""
+
+    def __init__(self, dim: int, spec: LayerQuant):
+        super().__init__(dim)
+        self.spec = spec
+        self.oq = build_quantizer(spec.act, "act")
+
+    @classmethod
+    def from_float(cls, mod: Softmax, spec: LayerQuant) -> "QuantSoftmax":
+        return cls(mod.dim, spec)
+
+    def forward(self, x):
+        return self.oq(x.softmax(self.dim))
+
+    def extra_repr(self):
+        return super().extra_repr() + f", act={type(self.spec.act).__name__}(a{self.spec.act.bits})"
+
+
+OP_MAP: dict[type, type] = {MatMul: QuantMatMul, Softmax: QuantSoftmax}
+QUANT_OPS = tuple(OP_MAP.values())
+
+
+# ----------------------------------------------------------------------------- explicit attention
+class Attention(nn.Module):
+    """Multi-head self-attention computed step by step (timm's ``Attention`` parameters and names:
+    ``qkv``, ``proj``, ``q_norm``/``k_norm``, ``norm``, ``attn_drop``/``proj_drop``)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, head_dim: int | None = None):
+        super().__init__()
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+            head_dim = dim // num_heads
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.attn_dim = num_heads * head_dim
+        self.scale = head_dim ** -0.5
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
+        self.q_norm, self.k_norm, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
+        self.gate = None
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._add_ops()
+
+    def _add_ops(self):
+        self.matmul1, self.softmax, self.matmul2 = MatMul(), Softmax(-1), MatMul(quant_a=False)
+
+    @classmethod
+    def from_timm(cls, mod: nn.Module) -> "Attention":
+        """The same computation as timm's ``Attention`` ``mod``, sharing its submodules and parameters."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for k in ("num_heads", "head_dim", "attn_dim", "scale"):
+            setattr(new, k, getattr(mod, k))
+        for k in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"):
+            setattr(new, k, getattr(mod, k, None) if k != "norm" else getattr(mod, k, nn.Identity()))
+        new._add_ops()
+        return new
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
+        attn = _masked(attn, attn_mask, is_causal)
+        attn = self.attn_drop(self.softmax(attn))
+        x = self.matmul2(attn, v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+def _masked(attn, attn_mask, is_causal):
+    n, m = attn.shape[-2:]
+    if is_causal:
+        causal = torch.ones(n, m, dtype=torch.bool, device=attn.device).tril()
+        attn = attn.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+    return attn
+
+
+class MultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` step by step, with ``in_proj`` as an ``nn.Linear`` (so it can be
+    quantized) while the state dict keeps MHA's names (``in_proj_weight``, ``in_proj_bias``,
+    ``out_proj.*``). Supports what the common uses need: equal q/k/v embedding sizes, no ``bias_k`` /
+    ``add_zero_attn``, ``attn_mask`` and ``key_padding_mask`` (bool or additive), ``need_weights``."""
+
+    def __init__(self, mod: nn.MultiheadAttention):
+        super().__init__()
+        if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
+            raise ValueError("explicit MultiheadAttention supports kdim == vdim == embed_dim, no bias_k/bias_v "
+                             "and add_zero_attn=False; this module is left as it is")
+        self.embed_dim, self.num_heads, self.batch_first = mod.embed_dim, mod.num_heads, mod.batch_first
+        self.head_dim = mod.head_dim
+        self.dropout = mod.dropout
+        self.in_proj = nn.Linear(mod.embed_dim, 3 * mod.embed_dim, bias=mod.in_proj_bias is not None)
+        self.in_proj.weight = mod.in_proj_weight
+        self.in_proj.bias = mod.in_proj_bias
+        self.out_proj = mod.out_proj
+        self.matmul1, self.softmax, self.matmul2 = MatMul(), Softmax(-1), MatMul(quant_a=False)
+        self._register_state_dict_hook(_mha_names_out)
+        self._register_load_state_dict_pre_hook(_mha_names_in)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        L, B, E = query.shape
+        S = key.shape[0]
+        H, D = self.num_heads, self.head_dim
+        if query is key and key is value:
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+        else:
+            q = self.in_proj(query)[..., :E]
+            k = self.in_proj(key)[..., E:2 * E]
+            v = self.in_proj(value)[..., 2 * E:]
+        q = q.reshape(L, B * H, D).transpose(0, 1)
+        k = k.reshape(S, B * H, D).transpose(0, 1)
+        v = v.reshape(S, B * H, D).transpose(0, 1)
+        attn = self.matmul1(q * (D ** -0.5), k.transpose(-2, -1)).view(B, H, L, S)
+        if attn_mask is not None:
+            m = attn_mask if attn_mask.dim() == 2 else attn_mask.view(B, H, L, S)
+            attn = attn.masked_fill(m, float("-inf")) if m.dtype == torch.bool else attn + m
+        elif is_causal:
+            attn = attn.masked_fill(torch.ones(L, S, dtype=torch.bool, device=attn.device).triu(1), float("-inf"))
+        if key_padding_mask is not None:
+            m = key_padding_mask.view(B, 1, 1, S)
+            attn = attn.masked_fill(m, float("-inf")) if m.dtype == torch.bool else attn + m
+        w = self.softmax(attn)
+        if self.training and self.dropout > 0:
+            w = F.dropout(w, self.dropout)
+        out = self.matmul2(w.reshape(B * H, L, S), v).transpose(0, 1).reshape(L, B, E)
+        out = self.out_proj(out)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, (w.mean(dim=1) if average_attn_weights else w)
+
+
+def _mha_names_out(module, state, prefix, local_metadata):
+    for a, b in (("in_proj.weight", "in_proj_weight"), ("in_proj.bias", "in_proj_bias")):
+        if prefix + a in state:
+            state[prefix + b] = state.pop(prefix + a)
+    return state
+
+
+def _mha_names_in(state, prefix, *args):
+    for a, b in (("in_proj.weight", "in_proj_weight"), ("in_proj.bias", "in_proj_bias")):
+        if prefix + b in state:
+            state[prefix + a] = state.pop(prefix + b)
+
+
+def _timm_attention():
+    import sys
+
+    mod = sys.modules.get("timm.models.vision_transformer")  # only if the user's code imported timm
+    return getattr(mod, "Attention", None) if mod is not None else None
+
+
+def explicit_attention(model: nn.Module) -> nn.Module:
+    """Replace (in place) every timm ``Attention`` and ``nn.MultiheadAttention`` under ``model`` by its
+    explicit form (same parameters, same outputs in float). Returns ``model``; idempotent."""
+    from .quantize import _set_child
+
+    timm_cls = _timm_attention()
+    for name, mod in list(model.named_modules()):
+        if not name:
+            continue
+        if timm_cls is not None and type(mod) is timm_cls:
+            _set_child(model, name, Attention.from_timm(mod))
+        elif type(mod) is nn.MultiheadAttention:
+            try:
+                _set_child(model, name, MultiheadAttention(mod))
+            except ValueError:
+                continue  # an unsupported variant stays fused (and float)
+    return model
+
+
+def attention_ops(model: nn.Module):
+    """(name, module) of every float or quantized MatMul / Softmax."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (MatMul, Softmax))]
+
