@@ -23,7 +23,7 @@ from common import RESULTS, markdown
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib", nargs="+", default=["real", "zeroq", "dsg"])
-    ap.add_argument("--methods", nargs="+", default=["base"], help="zoo.ptq method= (base, log2, repq, apq)")
+    ap.add_argument("--methods", nargs="+", default=["base"], help="zoo.ptq algo= (base, log2, repq, apq)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--runs", default="runs/ptq_bench", help="where the runs' releases go")
@@ -48,7 +48,7 @@ def main(argv=None):
             for seed in args.seeds:
                 sub = calib if args.methods == ["base"] else f"{method}_{calib}"
                 with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
-                    cfg = compose("ptq", overrides=[*overrides, f"calib={calib}", f"method={method}", f"seed={seed}",
+                    cfg = compose("ptq", overrides=[*overrides, f"calib={calib}", f"algo={method}", f"seed={seed}",
                                                     f"output_dir={args.runs}/{sub}_s{seed}"])
                 metric = "test_" + get_task(cfg.task.name).monitor[0].split("/", 1)[1]
                 t = time.perf_counter()

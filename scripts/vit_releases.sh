@@ -9,15 +9,15 @@ run() { local name=$1; shift; python -m zoo.ptq task=vit "$@" release_dir=$out/v
 run ptq_w8a8_fmnist bits=8
 run ptq_w6a6_fmnist bits=6
 run ptq_w4a4_fmnist bits=4
-run log2_w4a4_fmnist bits=4 method=log2
-run repq_w4a4_fmnist bits=4 method=repq
-run repq_w6a6_fmnist bits=6 method=repq
-run repq_w8a8_fmnist bits=8 method=repq
+run log2_w4a4_fmnist bits=4 algo=log2
+run repq_w4a4_fmnist bits=4 algo=repq
+run repq_w6a6_fmnist bits=6 algo=repq
+run repq_w8a8_fmnist bits=8 algo=repq
 run ptq_w4a8_fmnist wbits=4 abits=8
 run psaq_w8a8_fmnist bits=8 calib=psaq
-run apq_w4a4_fmnist bits=4 method=apq
+run apq_w4a4_fmnist bits=4 algo=apq
 python -m zoo.train task=vit quant=ivit bits=8 epochs=1 lr=1e-4 limit_train_batches=100 \
     release_dir=$out/vit_tiny_p4.ivit_w8a8_fmnist
 # not made yet (the session ran out of time; PSAQ synthesis alone took 30 min beside other runs):
 # run psaq_w4a8_fmnist wbits=4 abits=8 calib=psaq
-# run apq_w6a6_fmnist bits=6 method=apq
+# run apq_w6a6_fmnist bits=6 algo=apq

@@ -235,7 +235,7 @@ def test_cli_run_end_to_end(tmp_path, tiny_fmnist, calib):
 
 @pytest.mark.parametrize("args,msg", [
     (["calib=gan"], "calib='gan' is not available; valid: ['coleq', 'ddaq', 'dsg', 'psaq', 'real', 'zeroq']"),
-    (["method=gptq"], "method='gptq' is not available; valid: ['apq', 'base', 'log2', 'repq']"),
+    (["algo=gptq"], "algo='gptq' is not available; valid: ['apq', 'base', 'log2', 'repq']"),
     (["bits=1"], "wbits=1 is not a valid PTQ bit width; valid: integers 2..8"),
     (["estimator=max"], "estimator='max' is not valid; valid: ['minmax', 'percentile', 'mse']"),
     (["distill.steps=-1"], "distill.steps=-1 is not valid; valid: 0 (off) or a positive integer"),

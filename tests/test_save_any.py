@@ -103,11 +103,20 @@ class _Attn(nn.Module):
         return self.attn(x, x, x)[0]
 
 
-def test_multihead_attention_stays_float_and_survives_save_load(tmp_path):
+def test_multihead_attention_is_quantized_explicitly_and_survives_save_load(tmp_path):
+    """quantize() makes nn.MultiheadAttention explicit (zoo.quantizers.attention): its projections, both
+    matmuls and the softmax are quantized; a variant it cannot make explicit stays fused and float."""
+    from zoo.quantizers.attention import MultiheadAttention, QuantMatMul, QuantSoftmax
+
     torch.manual_seed(0)
     net = zoo.quantize(_Attn(), zoo.QuantConfig(weight=zoo.LSQ(4), act=zoo.LSQ(4)))
-    assert isinstance(net.proj, zoo.quantizers.QuantLinear)
-    assert type(net.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(net.proj, zoo.quantizers.QuantLinear) and type(net.attn) is MultiheadAttention
+    assert isinstance(net.attn.in_proj, zoo.quantizers.QuantLinear)
+    assert isinstance(net.attn.out_proj, zoo.quantizers.QuantLinear)
+    assert isinstance(net.attn.matmul1, QuantMatMul) and isinstance(net.attn.softmax, QuantSoftmax)
+    odd = zoo.quantize(nn.Sequential(nn.MultiheadAttention(8, 2, kdim=4, vdim=4)), zoo.QuantConfig(weight=zoo.LSQ(4)))
+    assert type(odd[0]) is nn.MultiheadAttention
+    assert type(odd[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     x = torch.rand(2, 5, 8)
     net.train()(x)
     net.eval()

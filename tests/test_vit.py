@@ -280,7 +280,7 @@ def test_ptq_cli_rejects_a_bad_softmax_quantizer(tmp_path):
     from zoo.train import ConfigError
 
     with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
-        cfg = compose("ptq", overrides=["task=vit", "method=repq", "method.softmax=cubic"])
-    with pytest.raises(ConfigError, match=r"method.softmax='cubic' is not valid; valid: \['uniform', 'log2', "
+        cfg = compose("ptq", overrides=["task=vit", "algo=repq", "algo.softmax=cubic"])
+    with pytest.raises(ConfigError, match=r"algo.softmax='cubic' is not valid; valid: \['uniform', 'log2', "
                                           r"'logsqrt2', 'mpq'\]"):
         _check(cfg)

@@ -2,7 +2,7 @@
 
 It composes the same Hydra groups as ``zoo.train`` (task, data, quant — the last unused: PTQ always
 calibrates MinMax quantizers; ``quant.overrides_from=`` a ``python -m zoo.mixed`` bits file sets per-layer
-bits) plus ``calib`` (real | zeroq | dsg | ddaq | coleq), calibrates (``rounding=learned``: block reconstruction;
+bits) plus ``calib`` (real | zeroq | dsg | ddaq | coleq | psaq) and ``algo`` (base | log2 | repq | apq: zoo/ptq/vit.py), calibrates (``rounding=learned``: block reconstruction;
 ``distill.steps=N``: then label-free distillation on the calibration images; ``calib=ddaq|coleq``: the quantized
 model trained on a generator's samples, ``zoo.ptq.ddaq`` / ``zoo.ptq.coleq``), evaluates the packed
 model on the test split and writes a release with a card, like ``zoo.train``.
@@ -24,8 +24,8 @@ from .calibrate import ROUNDINGS
 from .estimators import ESTIMATORS
 
 log = logging.getLogger(__name__)
-GROUPS = ("quant", "data", "task", "calib", "method")
-SOFTMAX = {"uniform": None, "log2": "Log2", "logsqrt2": "LogSqrt2", "mpq": "MPQ"}  # method.softmax -> spec
+GROUPS = ("quant", "data", "task", "calib", "algo")
+SOFTMAX = {"uniform": None, "log2": "Log2", "logsqrt2": "LogSqrt2", "mpq": "MPQ"}  # algo.softmax -> spec
 GENERATORS = ("ddaq", "coleq")  # calibration sources with a generator and a training stage
 
 
@@ -55,10 +55,10 @@ def _check(cfg: DictConfig):
         v = cfg.calib[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"calib.{key}={v!r} is not valid; valid: an integer >= 1")
-    if cfg.method.softmax not in SOFTMAX:
-        raise ConfigError(f"method.softmax={cfg.method.softmax!r} is not valid; valid: {list(SOFTMAX)}")
-    if cfg.method.blockwise and not 0 <= cfg.method.eliminate < 1:
-        raise ConfigError(f"method.eliminate={cfg.method.eliminate!r} is not valid; valid: a fraction in [0, 1)")
+    if cfg.algo.softmax not in SOFTMAX:
+        raise ConfigError(f"algo.softmax={cfg.algo.softmax!r} is not valid; valid: {list(SOFTMAX)}")
+    if cfg.algo.blockwise and not 0 <= cfg.algo.eliminate < 1:
+        raise ConfigError(f"algo.eliminate={cfg.algo.eliminate!r} is not valid; valid: a fraction in [0, 1)")
     if not cfg.init_from:
         raise ConfigError("init_from= is required: the float release to quantize (a shipped name or a directory)")
     from .calibrate import ptq_config
@@ -156,10 +156,10 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     keep = None
     if cfg.task.get("keep_layers"):
         keep = {g: cfg.keep_bits for g in cfg.task.keep_layers}
-    qcfg = with_overrides(ptq_config(cfg.wbits, cfg.abits, keep=keep, softmax=SOFTMAX[cfg.method.softmax]),
+    qcfg = with_overrides(ptq_config(cfg.wbits, cfg.abits, keep=keep, softmax=SOFTMAX[cfg.algo.softmax]),
                           cfg.quant.get("overrides_from"))
-    source, method_meta = fp, {"name": cfg.method.name, "softmax": cfg.method.softmax}
-    if cfg.method.reparam:  # RepQ-ViT: fold per-channel post-LayerNorm grids into a copy of the float model
+    source, method_meta = fp, {"name": cfg.algo.name, "softmax": cfg.algo.softmax}
+    if cfg.algo.reparam:  # RepQ-ViT: fold per-channel post-LayerNorm grids into a copy of the float model
         import copy
 
         from .vit import repq_reparameterize
@@ -170,16 +170,16 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
     q = calibrate(source, qcfg, data, cfg.estimator, percentile=cfg.percentile,
                   bias_correction=bool(cfg.bias_correction), batch_size=cfg.batch_size, rounding=cfg.rounding,
                   recon={**OmegaConf.to_container(cfg.recon, resolve=True), "seed": int(cfg.seed)})
-    if cfg.method.reparam:
+    if cfg.algo.reparam:
         from .vit import apply_ranges
 
         apply_ranges(q, folded)
-    if cfg.method.blockwise:
+    if cfg.algo.blockwise:
         from .vit import apq_blockwise
 
-        opts = {k: cfg.method[k] for k in ("eliminate", "rounds")}
-        report = apq_blockwise(q, source, data, grid=tuple(cfg.method.grid), batch_size=cfg.batch_size, **opts)
-        method_meta.update(opts, grid=list(cfg.method.grid), blocks=report)
+        opts = {k: cfg.algo[k] for k in ("eliminate", "rounds")}
+        report = apq_blockwise(q, source, data, grid=tuple(cfg.algo.grid), batch_size=cfg.batch_size, **opts)
+        method_meta.update(opts, grid=list(cfg.algo.grid), blocks=report)
     generator_stage, recovered = None, None
     if gen is not None:
         generator_stage, recovered = _train_with_generator(cfg, q, fp, gen)

@@ -34,14 +34,16 @@ def quantize(model: nn.Module, cfg: QuantConfig | dict) -> nn.Module:
     """Replace every ``nn.Conv2d`` / ``nn.Linear`` / ``nn.ConvTranspose2d`` of ``model`` (in place)
     with its quantized form as ``cfg`` says for that layer's name. Idempotent: layers already
     quantized are left alone. Returns ``model``; a bare layer (``quantize(nn.Conv2d(...), cfg)``)
-    cannot be replaced in place, so its quantized copy (sharing its parameters) is returned. The
-    projections inside ``nn.MultiheadAttention`` stay float (its forward reads their weights
-    directly). The config is recorded on ``model`` so ``zoo.save`` can write it.
+    cannot be replaced in place, so its quantized copy (sharing its parameters) is returned. The config
+    is recorded on ``model`` so ``zoo.save`` can write it.
 
     Attention: timm's ``Attention`` and ``nn.MultiheadAttention`` are first replaced by explicit
     modules computing the same (``zoo.quantizers.attention``; same state dict), whose two matmuls and
     softmax output are then quantized as the config says for ``<attn>.matmul1`` / ``.matmul2`` /
-    ``.softmax`` (their act spec; a matmul's weight spec is unused)."""
+    ``.softmax`` (their act spec; a matmul's weight spec is unused). An ``nn.MultiheadAttention`` variant
+    the explicit form does not cover (kdim/vdim, bias_k, add_zero_attn) stays fused, and its projections
+    stay float (its forward reads their weights directly). ``extra={"ivit": True}``: LayerNorm, GELU and
+    the softmax also become I-ViT's integer ops (``zoo.quantizers.ivit``)."""
     if isinstance(cfg, dict):
         cfg = QuantConfig.from_dict(cfg)
     if not isinstance(cfg, QuantConfig):
