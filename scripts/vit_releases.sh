@@ -18,6 +18,5 @@ run psaq_w8a8_fmnist bits=8 calib=psaq
 run apq_w4a4_fmnist bits=4 algo=apq
 python -m zoo.train task=vit quant=ivit bits=8 epochs=1 lr=1e-4 limit_train_batches=100 \
     release_dir=$out/vit_tiny_p4.ivit_w8a8_fmnist
-# not made yet (the session ran out of time; PSAQ synthesis alone took 30 min beside other runs):
-# run psaq_w4a8_fmnist wbits=4 abits=8 calib=psaq
-# run apq_w6a6_fmnist bits=6 algo=apq
+run apq_w6a6_fmnist bits=6 algo=apq
+run psaq_w4a8_fmnist wbits=4 abits=8 calib=psaq

@@ -15,7 +15,7 @@ SHIPPED = zoo.list_models("vit_tiny_p4.*")
 PTQ = {"ptq_w8a8": ("base", "real", 8, 8), "ptq_w6a6": ("base", "real", 6, 6), "ptq_w4a4": ("base", "real", 4, 4),
        "log2_w4a4": ("log2", "real", 4, 4), "repq_w4a4": ("repq", "real", 4, 4), "repq_w6a6": ("repq", "real", 6, 6),
        "repq_w8a8": ("repq", "real", 8, 8), "ptq_w4a8": ("base", "real", 4, 8), "psaq_w8a8": ("base", "psaq", 8, 8),
-       "apq_w4a4": ("apq", "real", 4, 4)}  # not made (session time): psaq_w4a8, apq_w6a6 (see the README)
+       "psaq_w4a8": ("base", "psaq", 4, 8), "apq_w4a4": ("apq", "real", 4, 4), "apq_w6a6": ("apq", "real", 6, 6)}
 
 
 def _cfg(tag: str) -> dict:
