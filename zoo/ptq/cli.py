@@ -2,7 +2,8 @@
 
 It composes the same Hydra groups as ``zoo.train`` (task, data, quant — the last unused: PTQ always
 calibrates MinMax quantizers; ``quant.overrides_from=`` a ``python -m zoo.mixed`` bits file sets per-layer
-bits) plus ``calib`` (real | zeroq | dsg | ddaq | coleq | psaq) and ``algo`` (base | log2 | repq | apq: zoo/ptq/vit.py), calibrates (``rounding=learned``: block reconstruction;
+bits) plus ``calib`` (real | zeroq | dsg | ddaq | coleq | psaq) and ``algo`` (base | log2 | repq | apq: the
+vision-transformer methods of zoo/ptq/vit.py), calibrates (``rounding=learned``: block reconstruction;
 ``distill.steps=N``: then label-free distillation on the calibration images; ``calib=ddaq|coleq``: the quantized
 model trained on a generator's samples, ``zoo.ptq.ddaq`` / ``zoo.ptq.coleq``), evaluates the packed
 model on the test split and writes a release with a card, like ``zoo.train``.

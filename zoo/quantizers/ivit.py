@@ -20,10 +20,11 @@ Integer functions (int64 tensors in, int64 out; ``s`` the input's scale, a Pytho
 The modules (``IntSoftmax``, ``ShiftGELU``, ``ILayerNorm``) quantize their float input to signed
 integers on a calibrated symmetric grid (an EMA of max|x| in training, frozen in eval: 12 bits for the
 softmax logits, 16 for the LayerNorm input, 8 for GELU; the softmax output has 16 bits, the sigmoid 8),
-run the integer function, and return its value (integer times scale). In training the gradient is the float function's (straight-through), which is
-how I-ViT's QAT trains. ``to_integer_only(model)`` swaps them in (``quantize()`` does when the config's
-``extra`` has ``ivit: true``). What stays float here: the requantization between ops (a multiply by
-the ratio of scales and a round, where I-ViT uses a dyadic integer multiplier and a shift).
+run the integer function, and return its value (integer times scale). In training the gradient is the
+float function's (straight-through), which is how I-ViT's QAT trains. ``to_integer_only(model)`` swaps
+them in (``quantize()`` does when the config's ``extra`` has ``ivit: true``). What stays float here: the
+requantization between ops (a multiply by the ratio of scales and a round, where I-ViT uses a dyadic
+integer multiplier and a shift).
 """
 from __future__ import annotations
 
