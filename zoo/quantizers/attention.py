@@ -280,9 +280,3 @@ def explicit_attention(model: nn.Module) -> nn.Module:
             except ValueError:
                 continue  # an unsupported variant stays fused (and float)
     return model
-
-
-def attention_ops(model: nn.Module):
-    """(name, module) of every float or quantized MatMul / Softmax."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (MatMul, Softmax))]
-
