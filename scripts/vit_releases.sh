@@ -12,7 +12,6 @@ run ptq_w4a4_fmnist bits=4
 run log2_w4a4_fmnist bits=4 algo=log2
 run repq_w4a4_fmnist bits=4 algo=repq
 run repq_w6a6_fmnist bits=6 algo=repq
-run repq_w8a8_fmnist bits=8 algo=repq
 run ptq_w4a8_fmnist wbits=4 abits=8
 run psaq_w8a8_fmnist bits=8 calib=psaq
 run apq_w4a4_fmnist bits=4 algo=apq

@@ -56,17 +56,19 @@ def check_golden(name: str):
 
 def check_card(name: str) -> tuple[dict, str]:
     """A shipped release's card against its config.json (its training command, the weights file's
-    size) and its sample image; returns (config, card text) for the task's own metric lines."""
+    size) and the task's card images (embedded and present); returns (config, card text) for the task's own metric lines."""
     import json
 
     from zoo.registry import resolve_checkpoint
+    from zoo.tasks import get_task
 
     d = resolve_checkpoint(name)
     cfg = json.loads((d / "config.json").read_text())
     card = (d / "README.md").read_text()
     assert cfg["train"]["command"] in card
     assert cfg["weights"]["bytes"] == (d / "model.safetensors").stat().st_size
-    assert (d / "sample.png").is_file()
+    images = [file for file, _, _ in get_task(cfg["task"]).card_images]
+    assert images and all(f"]({file})" in card and (d / file).is_file() for file in images)
     return cfg, card
 
 

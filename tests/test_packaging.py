@@ -91,3 +91,15 @@ def test_an_installed_package_finds_the_checkpoints_inside_it(tmp_path, monkeypa
     assert checkpoint_root() == site / "checkpoints"
     monkeypatch.setenv("ZOO_CHECKPOINTS", str(tmp_path / "mine"))
     assert checkpoint_root() == tmp_path / "mine"
+
+
+CHECKPOINT_BUDGET = 100e6  # DESIGN.md: checkpoints/ stays well under 100 MB (it ships inside the wheel)
+
+
+def test_the_shipped_checkpoints_stay_under_their_budget():
+    """Every file of every release counts (weights, goldens, cards, images); a new release must make room."""
+    files = [f for f in (ROOT / "checkpoints").rglob("*") if f.is_file() and not f.name.startswith(".")]
+    total = sum(f.stat().st_size for f in files)
+    biggest = sorted(files, key=lambda f: f.stat().st_size)[-3:]
+    assert total <= CHECKPOINT_BUDGET, (f"checkpoints/ holds {total / 1e6:.1f} MB > {CHECKPOINT_BUDGET / 1e6:.0f} MB; "
+                                        f"largest files: {[str(f.relative_to(ROOT)) for f in biggest]}")

@@ -306,11 +306,11 @@ def test_run_sal_two_steps_end_to_end(tmp_path):
     rel = Path(out["release_dir"])
     loaded = zoo.load(rel)
     assert loaded.task == "sal" and loaded.quant.weight.bits == 2 and type(loaded.quant.weight).__name__ == "UL2Q"
-    assert Image.open(rel / "sample.png").size[1] > Image.open(rel / "sample.png").size[0]  # one row per sample
+    assert Image.open(rel / "sample.jpg").size[1] > Image.open(rel / "sample.jpg").size[0]  # one row per sample
     assert (tmp_path / "samples" / "epoch_000.png").is_file()  # the grid of the validation epoch
     card = (rel / "README.md").read_text()
     assert f"MAE {m['test_mae']:.4f}" in card and "2-bit layers" in card and "8-bit layers" in card
-    assert f"S-measure {m['real_smeasure']:.4f}" in card and "](real.png)" in card and (rel / "real.png").is_file()
+    assert f"S-measure {m['real_smeasure']:.4f}" in card and "](real.jpg)" in card and (rel / "real.jpg").is_file()
     csv = next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
     assert "val/maxf" in csv and "val/smeasure" in csv and "val/mae" in csv
 

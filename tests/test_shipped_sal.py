@@ -44,7 +44,7 @@ def test_card_matches_config(name):
     assert f"MAE {m['test_mae']:.4f}, max F-measure {m['test_maxf']:.4f}, S-measure {m['test_smeasure']:.4f}" in card
     assert f"MAE {m['real_mae']:.4f}, max F-measure {m['real_maxf']:.4f}, S-measure {m['real_smeasure']:.4f}" in card
     assert cfg["weights"]["bytes"] == (d / "model.safetensors").stat().st_size
-    assert (d / "sample.png").is_file()
+    assert "](sample.jpg)" in card and (d / "sample.jpg").is_file()
 
 
 def _config(name):
@@ -111,7 +111,7 @@ def test_real_photos_reproduce_card(name):
     card = _metrics(name)
     for k in ("real_mae", "real_maxf", "real_smeasure"):
         assert res[k] == pytest.approx(card[k], abs=1e-4), k
-    assert (resolve_checkpoint(name) / "real.png").is_file()
+    assert (resolve_checkpoint(name) / "real.jpg").is_file()
 
 
 QUANTIZED = [n for n in SHIPPED if "fp32" not in n]

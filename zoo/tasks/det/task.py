@@ -128,7 +128,7 @@ class DetectionTask(QuantTask):
 
     @staticmethod
     def golden_input(dm) -> torch.Tensor:
-        return fixed_samples(dm, 4)[0]
+        return fixed_samples(dm, 1)[0]
 
     @staticmethod
     def report(model, dm, release_dir) -> str:

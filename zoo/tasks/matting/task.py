@@ -101,7 +101,7 @@ class MattingTask(QuantTask):
     @staticmethod
     def golden_input(dm) -> torch.Tensor:
         test = dm.split("test")
-        return torch.stack([test[i][0][:4] for i in range(2)])
+        return test[0][0][:4].unsqueeze(0)
 
     @staticmethod
     def report(model, dm, release_dir) -> str:

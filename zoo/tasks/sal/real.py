@@ -124,7 +124,7 @@ def evaluate_real(model, root: str = OPENCV_DATA, per_photo: bool = False) -> di
 
 @torch.no_grad()
 def real_grid(model, path, root: str = OPENCV_DATA, height: int = 112) -> Path:
-    """A PNG with one row per ``sal_real`` photo: photo | mask | the model's saliency map."""
+    """A picture (PNG, or JPEG for a ``.jpg`` path) with one row per ``sal_real`` photo: photo | mask | the model's saliency map."""
     from PIL import Image
 
     model.eval()
@@ -147,7 +147,7 @@ def real_grid(model, path, root: str = OPENCV_DATA, height: int = 112) -> Path:
 
 def update_release(directory) -> dict:
     """Measure ``sal_real`` for a saliency release folder, store it in its config.json metrics,
-    write its ``real.png`` and rewrite its card (for releases made before ``zoo.train`` measured it)."""
+    write its ``real.jpg`` and rewrite its card (for releases made before ``zoo.train`` measured it)."""
     import json
     import os
 
@@ -163,7 +163,7 @@ def update_release(directory) -> dict:
     tmp = cfg_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     os.replace(tmp, cfg_path)
-    real_grid(model, directory / "real.png")
+    real_grid(model, directory / "real.jpg")
     write_card(directory)
     return res
 

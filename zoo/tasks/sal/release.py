@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 from ...cards import float_reference_bytes, made_by, low_bit_cell, seed_cell
 from ...datasets import BUILTIN_TEST, BUILTIN_TRAIN, BUILTIN_VAL, read_image, save_png
 
-CARD_IMAGES = (("sample.png", "Fixed test images: image | ground truth | this model's saliency map:",
+CARD_IMAGES = (("sample.jpg", "Fixed test images: image | ground truth | this model's saliency map:",
                  "image | ground truth | prediction"),
-               ("real.png", "The `sal_real` photos (see `zoo/tasks/sal/real.py`): photo | mask | this model's "
+               ("real.jpg", "The `sal_real` photos (see `zoo/tasks/sal/real.py`): photo | mask | this model's "
                 "saliency map:", "photo | mask | prediction"))
 
 

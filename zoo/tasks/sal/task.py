@@ -52,7 +52,7 @@ def _to_uint8(t: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def sample_grid(model, images: torch.Tensor, masks: torch.Tensor, path, zoom: int = 2) -> Path:
-    """A PNG with one row per sample: image | ground truth | predicted saliency map."""
+    """A JPEG with one row per sample: image | ground truth | predicted saliency map."""
     was_training = model.training
     model.eval()
     pred = model(images).sigmoid()
@@ -94,17 +94,17 @@ class SaliencyTask(QuantTask):
 
     @staticmethod
     def golden_input(dm) -> torch.Tensor:
-        return fixed_samples(dm, 4)[0]
+        return fixed_samples(dm, 1)[0]
 
     @staticmethod
     def report(model, dm, release_dir) -> str:
-        png = sample_grid(model, *fixed_samples(dm), Path(release_dir) / "sample.png")
+        png = sample_grid(model, *fixed_samples(dm), Path(release_dir) / "sample.jpg")
         m = model.metrics
         real = []
         if m.get("real_mae") is not None:
             from .real import real_grid
 
-            grid = real_grid(model, Path(release_dir) / "real.png")
+            grid = real_grid(model, Path(release_dir) / "real.jpg")
             real = [f"sal_real ({m.get('real_images', '?')} photos): MAE {m['real_mae']:.4f}  maxF "
                     f"{m['real_maxf']:.4f}  S {m['real_smeasure']:.4f}; photo | mask | prediction: {grid}"]
         return "\n".join([
