@@ -120,6 +120,96 @@ def test_quantized_matmul_integer_path_equals_the_training_form():
     assert torch.equal(integer_matmul(a, mm.aq_a, b, mm.aq_b), exact)
 
 
+def _calibrated_matmul(spec, a, b):
+    from zoo.quantizers.attention import MatMul
+    from zoo.quantizers.config import LayerQuant
+
+    mm = QuantMatMul.from_float(MatMul(), LayerQuant(act=spec))
+    mm.train()
+    mm(a, b)  # ranges (and LSQ's signedness) from this batch
+    return mm.eval()
+
+
+def _exact_product(a, aq, b, bq):
+    """s_a s_b Σ (v_a - z_a)(v_b - z_b) with the codes and sums in int64, written out here."""
+    def u(x, q):
+        p = q.params(None)
+        v = torch.clamp(torch.round(x / p["scale"] + p["offset"]), p["qmin"], p["qmax"])
+        return (v - p["zero"]).long(), p["scale"].double()
+
+    (ua, sa), (ub, sb) = u(a, aq), u(b, bq)
+    return (ua @ ub).double() * (sa * sb)
+
+
+@pytest.mark.parametrize("spec", [MinMax(8), MinMax(4), "lsq8"], ids=["minmax8", "minmax4", "lsq8-signed"])
+@pytest.mark.parametrize("k", [16, 4096])
+def test_integer_matmul_fast_cpu_path_is_exact(spec, k):
+    """backend auto/cpu on CPU: a float32 product where every partial sum is an integer below 2^24,
+    float64 beyond (k=4096 at 8 bits: mostly positive products sum past 2^24, where float32 rounds)."""
+    from zoo.quantizers import LSQ
+
+    torch.manual_seed(0)
+    spec = LSQ(8) if spec == "lsq8" else spec
+    a, b = torch.rand(2, 3, 9, k) - 0.05, torch.rand(2, 3, k, 7)
+    mm = _calibrated_matmul(spec, a, b)
+    if spec.__class__.__name__ == "LSQ":
+        assert mm.aq_a.params(None)["qmin"] < 0  # signed codes
+    exact = _exact_product(a, mm.aq_a, b, mm.aq_b)
+    for backend in ("auto", "cpu", "reference"):
+        assert torch.equal(integer_matmul(a, mm.aq_a, b, mm.aq_b, backend), exact), backend
+    zoo.set_backend(mm, "cpu")
+    with torch.no_grad():
+        assert torch.equal(mm(a, b), exact.float())
+
+
+@pytest.mark.parametrize("spec", [MinMax(8), MinMax(4), "lsq8"], ids=["minmax8", "minmax4", "lsq8-signed"])
+def test_integer_matmul_through_the_triton_int8_kernel_is_exact(spec, monkeypatch):
+    """backend triton (interpreted on CPU): codes centred into int8, the int32 batched kernel, the
+    centring terms added back; equal to the int64 product, and the kernel really ran."""
+    pytest.importorskip("triton")
+    from zoo.kernels import dispatch, triton_layers
+    from zoo.quantizers import LSQ
+
+    if not (torch.cuda.is_available() or dispatch.interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    calls = []
+    real = triton_layers.int8_matmul
+    monkeypatch.setattr(triton_layers, "int8_matmul", lambda a, b: calls.append(a.shape) or real(a, b))
+    torch.manual_seed(1)
+    spec = LSQ(8) if spec == "lsq8" else spec
+    a, b = torch.randn(2, 2, 70, 24), torch.randn(2, 2, 24, 66) + 0.5  # M, N not multiples of the tiles
+    mm = _calibrated_matmul(spec, a, b)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    mm.to(dev)
+    got = integer_matmul(a.to(dev), mm.aq_a, b.to(dev), mm.aq_b, "triton").cpu()
+    assert calls == [(2, 2, 70, 24)]
+    assert torch.equal(got, _exact_product(a, mm.aq_a.cpu(), b, mm.aq_b.cpu()))
+
+
+def test_int8_bmm_kernel_against_int64_products():
+    pytest.importorskip("triton")
+    from zoo.kernels import dispatch
+
+    if not (torch.cuda.is_available() or dispatch.interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from zoo.kernels.triton_bmm import int8_bmm
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (3, 65, 100), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (3, 100, 33), generator=g, dtype=torch.int8)
+    a[0, 0], b[0, :, 0] = -128, -128  # the extreme product, K times
+    got = int8_bmm(a.to(dev), b.to(dev)).cpu()
+    assert got.dtype == torch.int32 and torch.equal(got.long(), a.long() @ b.long())
+    assert got[0, 0, 0] == 100 * 128 * 128
+    bt = b.transpose(1, 2).contiguous().transpose(1, 2)  # strided operand
+    assert torch.equal(int8_bmm(a.to(dev), bt.to(dev)).cpu(), got)
+    with pytest.raises(ValueError, match="int8"):
+        int8_bmm(a.float(), b)
+    with pytest.raises(ValueError, match="do not multiply"):
+        int8_bmm(a, b[:, :99])
+
+
 def test_quantized_matmul_and_softmax_gradients_are_clipped_straight_through():
     from zoo.quantizers.config import LayerQuant
     from zoo.quantizers.attention import MatMul, Softmax

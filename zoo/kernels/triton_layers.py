@@ -147,3 +147,14 @@ def _pair(v):
 def _out(size, kernel, geom, i):
     s, p, d = geom["stride"][i], geom["padding"][i], geom["dilation"][i]
     return (size + 2 * p - d * (kernel - 1) - 1) // s + 1
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Exact int32 ``a @ b`` of int8 [..., M, K] and [..., K, N] with the same leading dims (attention's
+    q·kᵀ on its centred codes), or None when K could overflow the int32 sums."""
+    from . import triton_bmm
+
+    if a.shape[-1] >= triton_bmm.MAX_K or a.shape[:-2] != b.shape[:-2]:
+        return None
+    c = triton_bmm.int8_bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return c.reshape(*a.shape[:-2], *c.shape[-2:])

@@ -64,11 +64,13 @@ class QuantMatMul(MatMul):
     def from_float(cls, mod: MatMul, spec: LayerQuant) -> "QuantMatMul":
         return cls(mod.quant_a, spec)
 
+    backend = "auto"  # zoo.set_backend sets it, as on packed layers (kernels.dispatch.BACKENDS)
+
     def forward(self, a, b):
         if self.training or not _affine(self.aq_b) or (self.aq_a is not None and not _affine(self.aq_a)):
             a = self.aq_a(a) if self.aq_a is not None else a
             return a @ self.aq_b(b)
-        return integer_matmul(a, self.aq_a, b, self.aq_b).to(b.dtype)
+        return integer_matmul(a, self.aq_a, b, self.aq_b, self.backend).to(b.dtype)
 
     def extra_repr(self):
         return f"act={type(self.spec.act).__name__}(a{self.spec.act.bits})" + ("" if self.quant_a else
@@ -80,20 +82,51 @@ def _affine(q) -> bool:
 
 
 def _codes(x, q):
-    """(u = codes - zero as float64, scale) of an affine activation quantizer in eval mode."""
+    """(codes v, zero, scale, qmin, qmax) of an affine activation quantizer in eval mode; v and the
+    scale in float64, the rest Python floats."""
     p = q.params(None)
     v = torch.clamp(torch.round(x.detach() / p["scale"] + p["offset"]), p["qmin"], p["qmax"])
-    return (v - p["zero"]).double(), p["scale"].double()
+    return (v.double(), float(p["zero"]), p["scale"].double(), float(p["qmin"]), float(p["qmax"]))
 
 
-def integer_matmul(a, aq_a, b, aq_b) -> torch.Tensor:
-    """``a @ b`` from integer codes: ``s_a s_b Σ u_a u_b`` with u = code - zero summed exactly in float64
-    (|u| < 2^8, K < 2^20 terms: far below 2^53). With ``aq_a=None`` the first operand is taken as the
-    exact values it holds (the softmax quantizer's levels) and only b is quantized."""
-    ub, sb = _codes(b, aq_b)
+def _int8_centre(qmin: float, qmax: float) -> int | None:
+    """c with v - c in int8 for every code v in [qmin, qmax], or None."""
+    return 0 if qmin >= -128 and qmax <= 127 else 128 if qmin >= 0 and qmax <= 255 else None
+
+
+def integer_matmul(a, aq_a, b, aq_b, backend: str = "reference") -> torch.Tensor:
+    """``a @ b`` from integer codes: ``s_a s_b Σ u_a u_b`` with u = code - zero, in float64 (|u| < 2^8,
+    K < 2^20 terms: exact far below 2^53). With ``aq_a=None`` the first operand is taken as the exact
+    values it holds (the softmax quantizer's levels) and only b is quantized.
+
+    Where both operands are quantized the integer sum has faster exact forms (``backend`` as on packed
+    layers, ``kernels.dispatch``): on CUDA (or interpreted) under ``auto``/``triton``, the Triton int8
+    batched matmul of the codes centred into int8 with the centring terms added back; on CPU under
+    ``auto``/``cpu``, a float32 matmul when every partial sum is an integer below 2^24 (integer zero
+    points and K max|u_a| max|u_b| < 2^24). Both give the float64 sum exactly; ``reference`` is the
+    float64 product alone."""
+    from ..kernels import dispatch
+
+    vb, zb, sb, bmin, bmax = _codes(b, aq_b)
     if aq_a is None:
-        return (a.double() @ ub) * sb
-    ua, sa = _codes(a, aq_a)
+        return (a.double() @ (vb - zb)) * sb
+    va, za, sa, amin, amax = _codes(a, aq_a)
+    k = a.shape[-1]
+    ops = dispatch.triton_ops(backend, a)
+    ca, cb = _int8_centre(amin, amax), _int8_centre(bmin, bmax)
+    if ops is not None and ca is not None and cb is not None:
+        a8, b8 = (va - ca).to(torch.int8), (vb - cb).to(torch.int8)
+        acc = ops.int8_matmul(a8, b8)
+        if acc is not None:  # Σ (a8 + da)(b8 + db), da = ca - za, db = cb - zb
+            da, db = ca - za, cb - zb
+            s = (acc.double() + db * a8.double().sum(-1, keepdim=True) + da * b8.double().sum(-2, keepdim=True)
+                 + k * da * db)
+            return s * (sa * sb)
+    ua, ub = va - za, vb - zb
+    if dispatch.cpu_cached(backend, a) and za == round(za) and zb == round(zb):
+        bound = k * max(abs(amin - za), abs(amax - za)) * max(abs(bmin - zb), abs(bmax - zb))
+        if bound < 2 ** 24:
+            return (ua.float() @ ub.float()).double() * (sa * sb)
     return (ua @ ub) * (sa * sb)
 
 

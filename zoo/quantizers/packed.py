@@ -14,6 +14,7 @@ from torch import nn
 
 from ..kernels import cached, dispatch, reference
 from ..kernels.packing import pack, unpack
+from .attention import QuantMatMul
 from .layers import QuantConv2d, QuantConvTranspose2d, QuantLinear
 
 ACT_KEYS = ("scale", "offset", "zero", "qmin", "qmax")
@@ -221,8 +222,9 @@ def to_packed(model: nn.Module) -> nn.Module:
 
 
 def set_backend(model: nn.Module, backend: str, binary_kernel: str | None = None) -> None:
-    """Choose the compute backend (``dispatch.BACKENDS``) of every packed layer, and optionally the
-    binary kernel variant (``"auto" | "popcount" | "dot"``) their W1A1 layers use under Triton."""
+    """Choose the compute backend (``dispatch.BACKENDS``) of every packed layer and quantized attention
+    matmul, and optionally the binary kernel variant (``"auto" | "popcount" | "dot"``) their W1A1
+    layers use under Triton."""
     dispatch.check_backend(backend)
     if binary_kernel is not None:
         dispatch.check_binary_kernel(binary_kernel)
@@ -231,3 +233,5 @@ def set_backend(model: nn.Module, backend: str, binary_kernel: str | None = None
             m.backend = backend
             if binary_kernel is not None:
                 m.binary_kernel = binary_kernel
+        elif isinstance(m, QuantMatMul):  # attention's integer matmuls take the same backends
+            m.backend = backend
