@@ -131,7 +131,7 @@ def test_cache_follows_in_place_weight_updates():
 
 
 def test_float64_sums_where_float32_would_not_be_exact(monkeypatch):
-    """K * max|u| * max|w'| >= 2^24 (8-bit codes, K = 512 * 9): the layer's sums run in float64 (exact
+    """max|u| * max_c sum_k |w'[c, k]| >= 2^24 (8-bit codes, K = 512 * 9): the layer's sums run in float64 (exact
     below 2^53), still bit-identical to the reference; the reference itself is not called."""
     calls = []
     real = reference.conv2d
@@ -146,6 +146,37 @@ def test_float64_sums_where_float32_would_not_be_exact(monkeypatch):
     small = _packed(nn.Sequential(nn.Conv2d(8, 4, 3, padding=1)), CFGS["minmax8"], (2, 8, 5, 5))
     _outputs(small, torch.randn(1, 8, 5, 5), "cpu")  # K = 72: 72 * 255 * 255 < 2^24 -> float32
     assert next(iter(small[0].__dict__["_cpu_cache"]["plans"].values()))[1].w.dtype == torch.float32
+
+
+def test_float32_bound_uses_the_weight_rows_l1_norm():
+    """The float32/float64 choice bounds every partial sum by max|u| * max_c sum_k |w'[c, k]|. Peaked
+    weights (one large tap per row, the rest at the zero point) pass K * max|u| * max|w'| >= 2^24 but
+    not that bound: float32, identical to the reference. All-positive weights and inputs sum past 2^24,
+    where float32 really rounds (checked): float64, identical to the reference."""
+    def conv_with(weight, x):
+        net = nn.Sequential(nn.Conv2d(512, 4, 3, padding=1, bias=False))
+        with torch.no_grad():
+            net[0].weight.copy_(weight)
+        zoo.quantize(net, CFGS["minmax8"])
+        net.train()
+        net(x)
+        net = zoo.to_packed(net.eval())
+        y = _outputs(net, x, "cpu")
+        (_, pl), = net[0].__dict__["_cpu_cache"]["plans"].items()
+        assert torch.equal(y, _outputs(net, x, "reference"))
+        return net, pl[1]
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 512, 6, 6)
+    peaked = torch.randn(4, 512, 3, 3) * 1e-4
+    peaked[:, 0, 1, 1] = torch.tensor([1.0, -1.0, 0.5, 2.0])
+    _, pl = conv_with(peaked, x)
+    assert 4608 * 255 * float(pl.w.abs().max()) >= 2 ** 24 and pl.kind == "folded" and pl.w.dtype == torch.float32
+    net, pl = conv_with(torch.rand(4, 512, 3, 3) + 1.0, x)
+    assert pl.w.dtype == torch.float64
+    u = torch.nn.functional.pad(reference.quantize_act(x, "affine", pl.p, 1) - pl.z_a, (1, 1, 1, 1))
+    f32 = torch.nn.functional.conv2d(u, pl.w.float()).double()
+    assert not torch.equal(f32, torch.nn.functional.conv2d(u.double(), pl.w))  # float32 would round here
 
 
 def test_backend_reference_caches_nothing_and_clear_drops_the_cache():

@@ -142,3 +142,45 @@ def test_quantize_with_ivit_swaps_every_nonlinearity():
 def test_int_softmax_rejects_another_dim():
     with pytest.raises(ValueError, match="IntSoftmax works over the last dim; got dim=1"):
         IntSoftmax(dim=1)
+
+
+# ----------------------------------------------------------------------------- integer-only inference
+def test_dyadic_requantization_against_python_integers():
+    """requant(q, mult, z, lo, hi) = clamp(floor(q m / 2^k + 1/2) + z) with m / 2^k within 2^-30 of mult
+    (relative), written out with Python ints; per-channel multipliers over the last dim, negative ones."""
+    from zoo.quantizers.ivit_integer import dyadic, requant
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-2 ** 30, 2 ** 30, (7, 5), generator=g)
+    mult = torch.tensor([3.7e-9, 0.0123, 1.0, -0.75, 812.5], dtype=torch.float64)
+    m, k = dyadic(mult)
+    for mi, ki, f in zip(m.tolist(), k.tolist(), mult.tolist()):
+        assert 2 ** 30 <= abs(mi) < 2 ** 31 and abs(mi / 2 ** ki - f) <= abs(f) * 2 ** -30
+    got = requant(q, mult, 3, -2 ** 20, 2 ** 20)
+    for i in range(7):
+        for j in range(5):
+            qi, mi, ki = int(q[i, j]), int(m[j]), int(k[j])
+            want = min(max((qi * mi + 2 ** (ki - 1)) // 2 ** ki + 3, -2 ** 20), 2 ** 20)
+            assert int(got[i, j]) == want
+    assert int(requant(torch.tensor(5), 0.5)) == 3 and int(requant(torch.tensor(-5), 0.5)) == -2  # half up
+    with pytest.raises(ValueError, match="dyadic range"):
+        dyadic(torch.tensor([2.0 ** 40]))
+
+
+def test_integer_only_vit_agrees_with_the_release_and_refuses_other_models():
+    """The shipped I-ViT release run integer-only (dyadic requantization, integer residual stream):
+    the same predictions as zoo.load's forward on its golden images, logits within 0.5 (the full test
+    set: benchmarks/ivit_integer.py, README). A model that is not an I-ViT release is refused."""
+    from zoo.cards import read_golden
+    from zoo.quantizers.ivit_integer import IntegerViT
+    from zoo.registry import resolve_checkpoint
+
+    name = "vit_tiny_p4.ivit_w8a8_fmnist"
+    model = zoo.load(name)
+    x, _ = read_golden(resolve_checkpoint(name))
+    with torch.no_grad():
+        a, b = model(x), IntegerViT(model)(x)
+    assert torch.equal(a.argmax(-1), b.argmax(-1)) and (a - b).abs().max() < 0.5
+    assert not torch.equal(a, b)  # a different computation, not a call of the same forward
+    with pytest.raises(ValueError, match="I-ViT releases"):
+        IntegerViT(zoo.load("vit_tiny_p4.ptq_w8a8_fmnist"))

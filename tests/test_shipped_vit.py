@@ -132,6 +132,20 @@ def test_ivit_integer_ops_within_one_point_of_fp32():
     assert _acc("fp32") - _acc("ivit_w8a8") <= 0.01, (_acc("fp32"), _acc("ivit_w8a8"))
 
 
+@needs_fmnist
+@pytest.mark.slow
+def test_ivit_integer_only_inference_within_one_point_of_fp32():
+    """The release run integer-only end to end (zoo.quantizers.ivit_integer; ~5 min on 2 cores)."""
+    from zoo.quantizers.ivit_integer import IntegerViT
+    from zoo.tasks.cls.data import FashionMNISTData
+    from zoo.tasks.cls.task import evaluate
+
+    dm = FashionMNISTData(batch_size=500)
+    dm.setup()
+    acc = evaluate(IntegerViT(zoo.load("vit_tiny_p4.ivit_w8a8_fmnist")), dm.test_dataloader(), progress=False)["acc"]
+    assert _acc("fp32") - acc <= 0.01, (_acc("fp32"), acc)
+
+
 def test_ivit_release_runs_the_integer_nonlinearities():
     from zoo.quantizers.ivit import ILayerNorm, IntSoftmax, ShiftGELU
 

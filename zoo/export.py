@@ -64,6 +64,19 @@ def exportable(task) -> bool:
         return False
 
 
+def export_blocker(model) -> str | None:
+    """Why ``zoo.export.onnx`` cannot export this loaded model, or None if it can."""
+    from .quantizers.quantize import quantized_ops
+
+    task = getattr(model, "task", None)
+    if not exportable(task):
+        return f"ONNX export covers the image-to-tensor tasks {exportable_tasks()}; this model's task is {task!r}"
+    if quantized_ops(model):
+        return ("ONNX export of quantized attention (the matmul and softmax quantizers of a ViT) is not built "
+                "yet; run this model with zoo.load(name) (the reference/cpu backends)")
+    return None
+
+
 def exportable_tasks() -> list[str]:
     from .tasks import task_names
 
@@ -438,15 +451,9 @@ def onnx(model_or_name, path, int8_kernels: bool = True, size: tuple[int, int] |
     from .checkpoint import load
 
     model = load(model_or_name) if isinstance(model_or_name, (str, os.PathLike)) else model_or_name
-    task = getattr(model, "task", None)
-    if not exportable(task):
-        raise ValueError(f"ONNX export covers the image-to-tensor tasks {exportable_tasks()}; this model's "
-                         f"task is {task!r}")
-    from .quantizers.quantize import quantized_ops
-
-    if quantized_ops(model):
-        raise ValueError("ONNX export of quantized attention (the matmul and softmax quantizers of a ViT) is not "
-                         "built yet; run this model with zoo.load(name) (the reference/cpu backends)")
+    blocker = export_blocker(model)
+    if blocker:
+        raise ValueError(blocker)
     ic = model.input_contract
     fixed = ic.get("size")
     if fixed and size is not None and tuple(size) != tuple(fixed):

@@ -10,9 +10,10 @@ rebuilt when the packed weights change in place):
 so the weight zero point is folded into the weights and one float32 convolution (or matmul) of the
 integer-valued activations U' = m_a * (v - z_a) (m_a likewise; a half-integer zero point, as muL2Q's,
 gives m_a = 2) gives m_a * m_w * (sum u*q - z_w * sum u) exactly: every partial sum is an integer, and
-the sums are computed in float32 when K * max|U'| * max|W'| < 2^24 (max|U'| from the activation code
-range, so no data-dependent check), where float32 integer sums are exact in any order, and in float64
-(exact below 2^53: 8-bit layers with a large K) otherwise. The epilogue is the reference's, in float64
+the sums are computed in float32 when max|U'| * max_c sum_k |W'[c, k]| < 2^24 (max|U'| from the
+activation code range, so no data-dependent check; the weight rows' L1 norms bound every partial sum
+of one output, far below K * max|U'| * max|W'| for real weights), where float32 integer sums are exact
+in any order, and in float64 (exact below 2^53) otherwise. The epilogue is the reference's, in float64
 on the output:
 
     y = acc * (s_a * s_w / (m_a * m_w)) + bias
@@ -103,6 +104,14 @@ def _exact_dtype(bound: float):
     return torch.float32 if bound < EXACT_LIMIT else torch.float64 if bound < 2.0 ** 53 else None
 
 
+def _row_l1(w: torch.Tensor, ch_axis: int) -> float:
+    """max over output channels of sum |w| over everything else: no partial sum of one output's terms
+    u*w can exceed max|u| times this (a transposed conv's output sums a subset of its column)."""
+    if not w.numel():
+        return 0.0
+    return float(w.abs().transpose(0, ch_axis).reshape(w.shape[ch_axis], -1).sum(1).max())
+
+
 def _build_plan(layer, k: int, binary_ok: bool) -> Plan:
     vmax, s_a, z_a, p = _act(layer)
     m_a, m_w = _multiplier(z_a), _multiplier(layer.w_zero)
@@ -111,9 +120,8 @@ def _build_plan(layer, k: int, binary_ok: bool) -> Plan:
     binary = binary_ok and layer.act_mode == "sign" and layer.bits == 1 and bool((layer.w_zero == 0.5).all())
     if m_a is not None and m_w is not None:
         w = (q.to(torch.float64) - channel_view(layer.w_zero.double(), q.ndim, layer.ch_axis)) * m_w
-        wmax = float(w.abs().max()) if w.numel() else 0.0
         umax = max(abs(float(p.get("qmin", -1)) - z_a), abs(float(p.get("qmax", 1)) - z_a))
-        dtype = _exact_dtype(k * umax * m_a * wmax)
+        dtype = _exact_dtype(umax * m_a * _row_l1(w, layer.ch_axis))
         if dtype is not None:
             scale = (s_a * layer.w_scale.double()) / (m_a * m_w)
             affine = None
@@ -121,8 +129,7 @@ def _build_plan(layer, k: int, binary_ok: bool) -> Plan:
                 affine = tuple(float(p[key].reshape(-1)[0]) for key in ("scale", "offset", "qmin", "qmax"))
             return Plan("folded", p, s_a, z_a, m_a, w=w.to(dtype).contiguous(), scale=scale, binary=binary,
                         affine=affine)
-    qmax = float(q.max()) if q.numel() else 0.0
-    dtype = _exact_dtype(k * vmax * qmax)
+    dtype = _exact_dtype(vmax * max(_row_l1(q.to(torch.float64), layer.ch_axis), k))  # [q; 1] rows
     if dtype is None:
         return Plan("reference", p)
     qf = q.to(dtype).contiguous()

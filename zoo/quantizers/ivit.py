@@ -22,9 +22,9 @@ integers on a calibrated symmetric grid (an EMA of max|x| in training, frozen in
 softmax logits, 16 for the LayerNorm input, 8 for GELU; the softmax output has 16 bits, the sigmoid 8),
 run the integer function, and return its value (integer times scale). In training the gradient is the
 float function's (straight-through), which is how I-ViT's QAT trains. ``to_integer_only(model)`` swaps
-them in (``quantize()`` does when the config's ``extra`` has ``ivit: true``). What stays float here: the
-requantization between ops (a multiply by the ratio of scales and a round, where I-ViT uses a dyadic
-integer multiplier and a shift).
+them in (``quantize()`` does when the config's ``extra`` has ``ivit: true``). What stays float in these
+modules: the requantization between ops (a multiply by the ratio of scales and a round) and the residual
+stream; ``ivit_integer.IntegerViT`` runs a packed release with integers only (dyadic requantization).
 """
 from __future__ import annotations
 
