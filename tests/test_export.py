@@ -202,10 +202,13 @@ def _agreement(name, n):
     return (a == y).float().mean().item(), (b == y).float().mean().item(), (a == b).float().mean().item()
 
 
-QUANT_CLS = [n for n in zoo.list_models("resnet20.*", task="cls") if "fp32" not in n]  # ViTs: not exportable yet
+QUANT_CLS = [n for n in zoo.list_models(task="cls") if "fp32" not in n and "ivit" not in n]  # I-ViT: no ONNX form
+# the fast test: the ResNet-20s and one ViT per softmax quantizer (uniform, log2, log-sqrt2, MPQ)
+FAST_CLS = [n for n in QUANT_CLS if n.startswith("resnet20.") or n.split(".")[1].startswith(
+    ("ptq_w8a8", "log2_w4a4", "repq_w4a4", "apq_w4a4"))]
 
 
-@pytest.mark.parametrize("name", QUANT_CLS)
+@pytest.mark.parametrize("name", FAST_CLS)
 def test_shipped_classifier_through_onnxruntime(name, tmp_path, monkeypatch):
     """500 test images: top-1 accuracy within 1 point of the reference backend and at least 95% of the
     predictions the same (measured on the whole test set by the slow test below)."""
@@ -223,6 +226,35 @@ def test_shipped_classifier_through_onnxruntime_full_test_set(name, tmp_path, mo
     assert abs(acc_ref - acc_ort) <= 0.005 and agree >= 0.97, (acc_ref, acc_ort, agree)
 
 
+@pytest.mark.parametrize("kind", ["minmax8", "log2", "logsqrt2", "mpq"])
+def test_softmax_export_forms_give_the_quantizers_levels(kind):
+    """ExportSoftmax (float ops ONNX has) against the quantized softmax it replaces: the same levels,
+    except where -k log2(p / s) lies on a rounding tie (log(p / s) / ln 2 and log2 may round apart)."""
+    from zoo.quantizers import MPQ, Log2, LogSqrt2, MinMax
+    from zoo.quantizers.attention import QuantSoftmax, Softmax
+    from zoo.quantizers.config import LayerQuant
+
+    spec = {"minmax8": MinMax(8), "log2": Log2(4), "logsqrt2": LogSqrt2(4), "mpq": MPQ(4)}[kind]
+    sm = QuantSoftmax.from_float(Softmax(-1), LayerQuant(act=spec))
+    x = torch.randn(4, 3, 50, 50, generator=torch.Generator().manual_seed(0)) * 3
+    p = x.softmax(-1)
+    if hasattr(sm.oq, "fit"):
+        sm.oq.fit(p)
+    else:
+        sm.train()
+        sm(x)
+    sm.eval()
+    with torch.no_grad():
+        want, got = sm(x), export.ExportSoftmax(sm)(x)
+    differ = ~torch.isclose(want, got, rtol=1e-6, atol=0)
+    assert differ.float().mean() < 1e-3
+    if kind in ("log2", "logsqrt2"):
+        t = -sm.oq.k * torch.log2(p.double() / float(sm.oq.scale))
+        assert ((t - t.floor() - 0.5).abs()[differ] < 1e-4).all()  # only ties
+    else:
+        assert not differ.any()
+
+
 def test_export_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"image-to-tensor tasks \['cls', 'sal', 'sr'\]; this model's task is 'det'"):
         export.onnx("fcos_r18.lsq_w4a4_det_composites", tmp_path / "d.onnx")
@@ -230,6 +262,8 @@ def test_export_errors(tmp_path, monkeypatch):
         export.onnx("edsr.quantsr_w4a4_x4", tmp_path / "e.onnx")
     with pytest.raises(ValueError, match=r"takes 28 x 28 images; size=\(32, 32\) is not valid"):
         export.onnx("resnet20.lsq_w4a4_fmnist", tmp_path / "r.onnx", size=(32, 32))
+    with pytest.raises(ValueError, match=r"I-ViT's integer LayerNorm / softmax / GELU have no ONNX form"):
+        export.onnx("vit_tiny_p4.ivit_w8a8_fmnist", tmp_path / "v.onnx")
     import builtins
 
     real = builtins.__import__

@@ -45,10 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantizers.attention import QuantMatMul, QuantSoftmax
+from .quantizers.logq import LogAct, MPQAct
 from .quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
 
 OPSET = 17
-EXPORT_VERSION = 6  # part of the onnxruntime cache key: bump when the exported graph changes
+EXPORT_VERSION = 7  # part of the onnxruntime cache key: bump when the exported graph changes
 INT8 = (-128, 127)
 UINT8 = (0, 255)
 
@@ -71,10 +73,21 @@ def export_blocker(model) -> str | None:
     task = getattr(model, "task", None)
     if not exportable(task):
         return f"ONNX export covers the image-to-tensor tasks {exportable_tasks()}; this model's task is {task!r}"
-    if quantized_ops(model):
-        return ("ONNX export of quantized attention (the matmul and softmax quantizers of a ViT) is not built "
-                "yet; run this model with zoo.load(name) (the reference/cpu backends)")
+    from .quantizers.ivit import ILayerNorm, IntSoftmax, ShiftGELU
+
+    if any(isinstance(m, (ILayerNorm, IntSoftmax, ShiftGELU)) for m in model.modules()):
+        return ("I-ViT's integer LayerNorm / softmax / GELU have no ONNX form here; run the model with zoo.load "
+                "(or integer-only with zoo.quantizers.ivit_integer.IntegerViT)")
+    for name, op in quantized_ops(model):
+        if isinstance(op, QuantMatMul) and not all(_affine_act(q) for q in (op.aq_a, op.aq_b) if q is not None):
+            return f"{name}: only affine matmul operand quantizers are exported"
+        if isinstance(op, QuantSoftmax) and not (_affine_act(op.oq) or isinstance(op.oq, (LogAct, MPQAct))):
+            return f"{name}: softmax quantizer {type(op.oq).__name__} has no export form"
     return None
+
+
+def _affine_act(q) -> bool:
+    return getattr(q, "mode", None) == "affine"
 
 
 def exportable_tasks() -> list[str]:
@@ -213,6 +226,49 @@ class ExportLayer(nn.Module):
                                   self.dilation)
 
 
+class ExportMatMul(nn.Module):
+    """A quantized attention matmul: each quantized operand through its per-tensor QDQ, then MatMul
+    (the first operand of attn·v arrives quantized by the softmax's quantizer)."""
+
+    def __init__(self, mm: QuantMatMul):
+        super().__init__()
+        self.qa = ExportAct("affine", mm.aq_a.params(None), -1) if mm.aq_a is not None else None
+        self.qb = ExportAct("affine", mm.aq_b.params(None), -1)
+
+    def forward(self, a, b):
+        return (self.qa(a) if self.qa is not None else a) @ self.qb(b)
+
+
+class ExportSoftmax(nn.Module):
+    """Softmax, then its output quantizer: QDQ for a uniform one; the log quantizers' and MPQ's codes
+    and levels written in float ops (Log, Round, Where, Clip, Pow; Floor), which give the same levels."""
+
+    def __init__(self, sm: QuantSoftmax):
+        super().__init__()
+        self.dim, q = sm.dim, sm.oq
+        self.act = ExportAct("affine", q.params(None), -1) if _affine_act(q) else None
+        self.mpq = isinstance(q, MPQAct)
+        if self.act is None:  # Python numbers: constants of the traced graph
+            self.top = 2 ** q.bits - 1
+            self.scale = float(q.step) if self.mpq else float(q.scale)
+            self.k = None if self.mpq else q.k
+
+    def forward(self, x):
+        p = x.softmax(self.dim)
+        if self.act is not None:
+            return self.act(p)
+        if self.mpq:
+            return torch.clamp(torch.floor(p / self.scale), 0, self.top) * self.scale
+        r = torch.round(-self.k * torch.log(p / self.scale) / math.log(2))
+        code = torch.clamp(torch.where(p > 0, r, torch.full_like(r, self.top)), 0, self.top)
+        if self.k == 1:
+            v = torch.pow(2.0, -code)
+        else:  # 2^(-ceil(q/2)) (1 + (q mod 2)(sqrt 2 - 1)), as LogAct.levels forms odd codes
+            odd = code - 2 * torch.floor(code / 2)
+            v = torch.pow(2.0, -torch.ceil(code / 2)) * (1 + odd * (math.sqrt(2) - 1))
+        return torch.where(code == self.top, torch.zeros_like(v), v * self.scale)
+
+
 class _Images(nn.Module):
     """The network on images in [0, 1]: the zoo model's normalisation, then its net."""
 
@@ -231,9 +287,11 @@ def export_form(model) -> nn.Module:
     from .quantizers.quantize import _set_child
 
     m = copy.deepcopy(model).cpu().eval()
+    forms = {PackedLayer: ExportLayer, QuantMatMul: ExportMatMul, QuantSoftmax: ExportSoftmax}
     for name, mod in list(m.named_modules()):
-        if isinstance(mod, PackedLayer):
-            _set_child(m, name, ExportLayer(mod))
+        for kind, form in forms.items():
+            if isinstance(mod, kind):
+                _set_child(m, name, form(mod))
     return _Images(m).eval()
 
 

@@ -70,9 +70,9 @@ class VisionTransformer(nn.Module):
 
     def tokens(self, x):
         x = self.patch_embed(x)
-        prefix = [self.cls_token.expand(len(x), -1, -1)]
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
         if self.dist_token is not None:
-            prefix.append(self.dist_token.expand(len(x), -1, -1))
+            prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
         x = torch.cat(prefix + [x], dim=1) + self.pos_embed
         return self.norm(self.blocks(x))
 
