@@ -12,7 +12,8 @@ CPU tensors) and, with the ``export`` extra, onnxruntime on the float release ("
 packed model's QDQ export ("ort int8", ``backend="onnxruntime"``; exported once into the cache).
 The runs of one model are interleaved (FP32, reference, cpu, ..., FP32, ...) and the table
 gives each one's median over the repeats and the ratio to FP32 from the same run (> 1: slower than
-float). "cache MiB": what the cached path holds after a forward (float32 weights, border terms).
+float). "cache MiB": what the cached path holds after a forward (float32 weights, border terms); a
+second table gives each backend's peak memory of one forward (``peak_mib``).
 Timings on a shared machine are noisy: compare ratios, not absolute times across runs.
 
 ``--compile`` adds two columns: the float release and the packed model (cpu backend) under
@@ -98,6 +99,37 @@ def cache_mib(model) -> float:
     return total / 2 ** 20
 
 
+def _vm(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_mib(fn) -> float | None:
+    """Peak resident memory one call of ``fn`` adds above the resident set before it (Linux: freed heap
+    memory is first returned to the system with malloc_trim, the peak is reset through
+    /proc/self/clear_refs and read back as VmHWM; None elsewhere). Run on a model's first call, it counts
+    what torch or onnxruntime allocate for the call (activations, workspaces, onnxruntime's arena)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        return None
+    before = _vm("VmRSS")
+    with torch.no_grad():
+        fn()
+    peak = _vm("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0) / 2 ** 20
+
+
 def interleaved(fns: dict, reps: int, warmup: int) -> dict:
     with torch.no_grad():
         for _ in range(warmup):
@@ -171,7 +203,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     batches = [1] if args.smoke else (args.batch or [1, 32])
     reps, warmup = (1, 0) if args.smoke else (args.reps, args.warmup)
-    rows, records = [], []
+    rows, records, mem_rows = [], [], []
     from zoo.export import export_blocker, exportable
 
     for task in args.task or task_names():
@@ -199,10 +231,13 @@ def main(argv=None):
                            "cpu compiled": torch.compile(zoo.load(name, backend="cpu"))}
             for batch in batches:
                 x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(batch))
+                peaks = {k: peak_mib(lambda m=m: m(x)) for k, m in models.items()}  # first call at this size
                 ms = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, reps, warmup)
                 rec = dict(model=name, float=fp, batch=batch, **{f"{k}_ms": v for k, v in ms.items()},
-                           cache_mib=cache_mib(models["cpu"]))
+                           **{f"{k}_peak_mib": v for k, v in peaks.items()}, cache_mib=cache_mib(models["cpu"]))
                 records.append(rec)
+                mem_rows.append([name, batch] + [f"{peaks[k]:.1f}" if peaks.get(k) is not None else "n/a"
+                                                 for k in ("fp32",) + BACKENDS + ORT])
                 rows.append([name, batch, f"{ms['fp32']:.2f}"]
                             + [f"{ms[b]:.2f} ({ms[b] / ms['fp32']:.2f}x)" if b in ms else "n/a"
                                for b in BACKENDS + ORT + (COMPILED if args.compile else ())]
@@ -216,6 +251,11 @@ def main(argv=None):
                       f"torch {torch.__version__}, `{cmd}`; medians of {reps} interleaved runs, "
                       "ratios to the float network from the same run (> 1: slower)", "",
                       markdown(headers, rows)])
+    if any(v != "n/a" for r in mem_rows for v in r[2:]):
+        text += "\n".join(["", "", "## Peak memory of one forward", "",
+                           "MiB of resident memory the first call at this batch adds above the resident set "
+                           "before it (models loaded; VmHWM after malloc_trim and a reset, Linux)", "",
+                           markdown(["model", "batch", "torch FP32", *BACKENDS, *ORT], mem_rows)])
     if args.layers:
         lrows, lrecords = binary_layers(reps, warmup, args.smoke)
         records += lrecords

@@ -139,8 +139,11 @@ def test_cpu_benchmark_smoke(tmp_path):
     out = _run("cpu.py", "--smoke", "--task", "cls", "--layers",
                env={**os.environ, "ZOO_CACHE": str(tmp_path)})  # ONNX exports, the C++ kernel's build
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| resnet20.")]
+    timing, memory = out.stdout.split("## Peak memory of one forward")
+    rows = [ln for ln in timing.splitlines() if ln.startswith("| resnet20.")]
     assert len(rows) == 1 and "| 1 |" in rows[0]
     assert "reference ms (/FP32)" in out.stdout and "cpu ms (/FP32)" in out.stdout
+    mem = [ln for ln in memory.splitlines() if ln.startswith("| resnet20.")]
+    assert len(mem) == 1 and all(float(v) >= 0 for v in mem[0].strip("| ").split(" | ")[2:5])
     layers = [ln for ln in out.stdout.splitlines() if ln.startswith("| resnet20 stage 1 |")]
     assert len(layers) == 1 and "| 16x28x28 | 64 |" in layers[0] and "x) |" in layers[0]
