@@ -66,7 +66,7 @@ def test_compiled_equals_eager_bit_for_bit():
             super().__init__()
             self.a = nn.Conv2d(3, 128, 3, padding=1)
             self.b = nn.Conv2d(128, 128, 3, padding=1, bias=False)
-            self.c = nn.Conv2d(128, 8, 3, padding=1)  # K = 1152: 8-bit sums pass 2^24
+            self.c = nn.Conv2d(128, 8, 3, padding=1)  # K = 1152, positive weights: 8-bit sums pass 2^24
             self.d = nn.ConvTranspose2d(8, 4, 2, stride=2)
             self.e = nn.Linear(4 * 12 * 12, 5)
 
@@ -77,6 +77,8 @@ def test_compiled_equals_eager_bit_for_bit():
             return self.e(x.flatten(1))
 
     net = Net()
+    with torch.no_grad():
+        net.c.weight.uniform_(0.5, 1.0)  # rows' L1 norms large enough for the float64 plan
     cfg = zoo.QuantConfig(weight=zoo.LSQ(4), act=zoo.LSQ(4), overrides={
         "b": zoo.LayerQuant(zoo.IRNet(1), zoo.IRNet(1)), "c": zoo.LayerQuant(zoo.MinMax(8), zoo.MinMax(8)),
         "d": zoo.LayerQuant(zoo.UL2Q(2), zoo.UL2Q(2))})
