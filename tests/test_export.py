@@ -255,9 +255,40 @@ def test_softmax_export_forms_give_the_quantizers_levels(kind):
         assert not differ.any()
 
 
+@pytest.mark.parametrize("name", ["fcos_r18.lsq_w4a4_det_composites", "retinanet_r18.lsq_w4a4_det_composites"])
+def test_shipped_detector_through_onnxruntime(name, tmp_path, monkeypatch):
+    """Backbone and heads in ONNX, anchors / decoding / NMS by the detector's own functions in torch: the
+    graph's raw head outputs match torch's on the golden image (int8 requantization apart), and the
+    detections on 64 test images score the reference backend's mAP to 0.02 (the whole split:
+    benchmarks/checkpoints.py --task det --backend onnxruntime, README)."""
+    pytest.importorskip("pycocotools")
+    from zoo.cards import read_golden
+    from zoo.registry import resolve_checkpoint
+    from zoo.tasks import get_task
+    from zoo.tasks.det.task import head_outputs
+
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    ref, om = zoo.load(name), zoo.load(name, backend="onnxruntime")
+    x = read_golden(resolve_checkpoint(name))[0]
+    feed, _ = om.form.feed(x)
+    outs = om._session(tuple(x.shape[-2:])).run(None, {"images": feed.numpy()})
+    got, want = torch.cat([torch.from_numpy(o) for o in outs], -1), head_outputs(ref, x)
+    assert got.shape == want.shape and (got - want).abs().mean() < 0.05 * want.abs().mean()
+    with torch.no_grad():
+        dets = om(x)
+    assert isinstance(dets, list) and len(dets) == 1 and set(dets[0]) == {"boxes", "scores", "labels"}
+    try:
+        task = get_task("det")
+        loader, _ = task.benchmark_loader(ref, None, 64)
+        maps = [task.evaluate(m, loader, progress=False)["map"] for m in (ref, om)]
+    except FileNotFoundError as e:
+        pytest.skip(f"no Fashion-MNIST for the test composites: {e}")
+    assert abs(maps[0] - maps[1]) <= 0.02, maps
+
+
 def test_export_errors(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match=r"image-to-tensor tasks \['cls', 'sal', 'sr'\]; this model's task is 'det'"):
-        export.onnx("fcos_r18.lsq_w4a4_det_composites", tmp_path / "d.onnx")
+    with pytest.raises(ValueError, match=r"covers the tasks \['cls', 'det', 'sal', 'sr'\]; this model's task is 'diffusion'"):
+        export.onnx("ddpm_unet.fp32_fmnist32", tmp_path / "d.onnx")
     with pytest.raises(ValueError, match=r"takes images of any size: give the size=\(H, W\)"):
         export.onnx("edsr.quantsr_w4a4_x4", tmp_path / "e.onnx")
     with pytest.raises(ValueError, match=r"takes 28 x 28 images; size=\(32, 32\) is not valid"):

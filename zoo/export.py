@@ -50,14 +50,14 @@ from .quantizers.logq import LogAct, MPQAct
 from .quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
 
 OPSET = 17
-EXPORT_VERSION = 7  # part of the onnxruntime cache key: bump when the exported graph changes
+EXPORT_VERSION = 8  # part of the onnxruntime cache key: bump when the exported graph changes
 INT8 = (-128, 127)
 UINT8 = (0, 255)
 
 
 def exportable(task) -> bool:
-    """Whether ``zoo.export.onnx`` covers the task's models (its ``onnx_exportable``: image in, one
-    tensor out; detectors and generators are not exported yet)."""
+    """Whether ``zoo.export.onnx`` covers the task's models (its ``onnx_exportable``; its ``onnx_form``
+    says what the graph is, ``ImageForm`` by default: image in, one tensor out)."""
     from .tasks import get_task
 
     try:
@@ -72,7 +72,10 @@ def export_blocker(model) -> str | None:
 
     task = getattr(model, "task", None)
     if not exportable(task):
-        return f"ONNX export covers the image-to-tensor tasks {exportable_tasks()}; this model's task is {task!r}"
+        return f"ONNX export covers the tasks {exportable_tasks()}; this model's task is {task!r}"
+    reason = _form_class(model).blocker(model)
+    if reason:
+        return reason
     from .quantizers.ivit import ILayerNorm, IntSoftmax, ShiftGELU
 
     if any(isinstance(m, (ILayerNorm, IntSoftmax, ShiftGELU)) for m in model.modules()):
@@ -282,8 +285,9 @@ class _Images(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def export_form(model) -> nn.Module:
-    """A copy of the packed zoo ``model`` with every packed layer in export form, on images in [0, 1]."""
+def export_copy(model) -> nn.Module:
+    """A copy of the packed zoo ``model`` (on the CPU, eval mode) with every packed layer and quantized
+    attention op in export form."""
     from .quantizers.quantize import _set_child
 
     m = copy.deepcopy(model).cpu().eval()
@@ -292,7 +296,47 @@ def export_form(model) -> nn.Module:
         for kind, form in forms.items():
             if isinstance(mod, kind):
                 _set_child(m, name, form(mod))
-    return _Images(m).eval()
+    return m
+
+
+def export_form(model) -> nn.Module:
+    """``export_copy(model)`` on images in [0, 1] (the default graph: its normalisation, then its net)."""
+    return _Images(export_copy(model)).eval()
+
+
+class ImageForm:
+    """What a task's ONNX graph is and how its outputs become the model's output (a task's
+    ``onnx_form``; this default: images in [0, 1] in, the network's one tensor out). ``feed`` turns the
+    model's input into the graph's input (and a context for ``result``), ``graph`` is the module traced
+    from the export copy, ``result`` builds the model's output from the graph's outputs."""
+
+    output_names: tuple[str, ...] = ("output",)
+
+    def __init__(self, model):
+        self.model = model
+
+    @staticmethod
+    def blocker(model) -> str | None:
+        return None
+
+    def graph(self, export_model: nn.Module) -> nn.Module:
+        return _Images(export_model).eval()
+
+    def feed(self, x: torch.Tensor):
+        return x, None
+
+    def result(self, outputs: list[torch.Tensor], context):
+        return outputs[0]
+
+
+def _form_class(model) -> type[ImageForm]:
+    from .tasks import get_task
+
+    return getattr(get_task(model.task), "onnx_form", None) or ImageForm
+
+
+def onnx_form(model) -> ImageForm:
+    return _form_class(model)(model)
 
 
 # ---------------------------------------------------------------------------- graph passes
@@ -519,16 +563,18 @@ def onnx(model_or_name, path, int8_kernels: bool = True, size: tuple[int, int] |
     if not fixed and size is None:
         raise ValueError("this model takes images of any size: give the size=(H, W) to export for")
     x = torch.rand(1, ic["channels"], *(fixed or size), generator=torch.Generator().manual_seed(0))
-    dyn = {0: "batch"}
+    form = onnx_form(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
         with torch.no_grad():
-            torch.onnx.export(export_form(model), (x,), tmp, opset_version=opset, dynamo=False,
-                              input_names=["images"], output_names=["output"],
-                              dynamic_axes={"images": dyn, "output": {0: "batch"}})
+            feed, _ = form.feed(x)
+            names = list(form.output_names)
+            torch.onnx.export(form.graph(export_copy(model)), (feed,), tmp, opset_version=opset, dynamo=False,
+                              input_names=["images"], output_names=names,
+                              dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}})
         graph = onnx_lib.load(tmp)
         int8_weights(graph)
         fold_batchnorm(graph)
@@ -578,6 +624,7 @@ class OnnxModel(nn.Module):
         self.task, self.input_contract = model.task, model.input_contract
         self.metrics = getattr(model, "metrics", {})
         self.int8_kernels, self.threads = int8_kernels, threads
+        self.form = onnx_form(model)
         key = (Path(directory) / "config.json").read_bytes() + f"export{EXPORT_VERSION}-{int8_kernels}".encode()
         self.stem = f"{Path(directory).name}-{hashlib.sha256(key).hexdigest()[:16]}"
         self.sessions = {}
@@ -601,11 +648,13 @@ class OnnxModel(nn.Module):
     def config(self) -> dict:
         return self.source.config()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         self.source.check_input(x)
         s = self._session(tuple(x.shape[-2:]))
-        out = s.run(None, {"images": x.detach().float().cpu().numpy()})[0]
-        return torch.from_numpy(out).to(x.device)
+        feed, context = self.form.feed(x.detach().float().cpu())
+        outs = [torch.from_numpy(o) for o in s.run(None, {"images": feed.numpy()})]
+        out = self.form.result(outs, context)
+        return out.to(x.device) if torch.is_tensor(out) else out
 
 
 def load_onnxruntime(model, directory: Path, int8_kernels: bool = True) -> OnnxModel:

@@ -86,7 +86,8 @@ class QuantTask(L.LightningModule):
     # and fn(input) -> why it cannot be processed or None (None: zoo.predict.check_image)
     predict_inputs = None
     input_problem = None
-    onnx_exportable = False  # zoo.export.onnx covers its models (image in, one tensor out)
+    onnx_exportable = False  # zoo.export.onnx covers its models
+    onnx_form = None  # a zoo.export.ImageForm subclass saying what the ONNX graph is (None: image in, one tensor out)
     sample_unit = "images"  # what one sample of its data is, for cards ("clips" for video)
 
     @staticmethod

@@ -21,6 +21,7 @@ from ..base import QuantTask
 from . import release
 from .data import CocoDetData, CompositeDetData
 from .metrics import DetectionMeter
+from .onnx import DetectorForm
 
 SAMPLES = 6          # fixed test images in the sample PNG
 DRAW_MIN_SCORE = 0.3  # detections drawn in the sample PNG
@@ -90,6 +91,8 @@ def sample_grid(model, images: torch.Tensor, targets: list, classes, path, zoom:
 
 
 class DetectionTask(QuantTask):
+    onnx_exportable = True
+    onnx_form = DetectorForm
     task_name = "det"
     datamodules = {"det_composites": CompositeDetData, "coco": CocoDetData}
     monitor = ("val/map", "max")
