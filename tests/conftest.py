@@ -56,7 +56,8 @@ def check_golden(name: str):
 
 def check_card(name: str) -> tuple[dict, str]:
     """A shipped release's card against its config.json (its training command, the weights file's
-    size) and the task's card images (embedded and present); returns (config, card text) for the task's own metric lines."""
+    size) and the task's card images (embedded and present); returns (config, card text) for the task's own
+    metric lines."""
     import json
 
     from zoo.registry import resolve_checkpoint

@@ -13,7 +13,9 @@ from zoo.registry import resolve_checkpoint
 # one shipped model per path through zoo/kernels/cached.py
 KINDS = {
     "resnet20.lsq_w4a4_fmnist": "folded, float32 sums",
-    "resnet20.ptq_w8a8_fmnist": "folded, float64 sums (8-bit, large K)",
+    "resnet20.ptq_w8a8_fmnist": "folded, 8-bit (float32 sums under the rows' L1 bound)",
+    "vit_tiny_p4.ptq_w8a8_fmnist": "ViT: quantized attention matmuls (integer sums) and softmax",
+    "vit_tiny_p4.repq_w4a4_fmnist": "ViT: log-sqrt2 softmax quantizer",
     "resnet20.irnet_w1a1_fmnist": "W1A1 through the C++ kernel",
     "resnet20.react_w1a1_fmnist": "W1A1 with RSign thresholds",
     "resnet20.n2uq_w2a2_fmnist": "N2UQ threshold activations",

@@ -287,7 +287,8 @@ def test_shipped_detector_through_onnxruntime(name, tmp_path, monkeypatch):
 
 
 def test_export_errors(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match=r"covers the tasks \['cls', 'det', 'sal', 'sr'\]; this model's task is 'diffusion'"):
+    with pytest.raises(ValueError,
+                       match=r"covers the tasks \['cls', 'det', 'sal', 'sr'\]; this model's task is 'diffusion'"):
         export.onnx("ddpm_unet.fp32_fmnist32", tmp_path / "d.onnx")
     with pytest.raises(ValueError, match=r"takes images of any size: give the size=\(H, W\)"):
         export.onnx("edsr.quantsr_w4a4_x4", tmp_path / "e.onnx")

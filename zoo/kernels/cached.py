@@ -322,11 +322,15 @@ def conv_transpose2d(layer, x: torch.Tensor):
 
 
 def prepare(model) -> None:
-    """Build the plan of every packed layer on the CPU (every activation site) now, so a first call
-    -- or a torch.compile trace, which cannot build them without graph breaks -- finds them ready."""
+    """Build the plan of every packed layer on the CPU (every activation site) and the grids of every
+    quantized attention matmul now, so a first call -- or a torch.compile trace, which cannot build them
+    without graph breaks -- finds them ready."""
+    from ..quantizers.attention import QuantMatMul
     from ..quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
 
     for m in model.modules():
+        if isinstance(m, QuantMatMul) and not m.training:  # the attention matmuls' grids, as numbers
+            m.grids()
         if not isinstance(m, PackedLayer) or m.qweight.is_cuda or not dispatch.cpu_cached(m.backend, m.qweight):
             continue
         if m.act_mode == "none":

@@ -60,17 +60,31 @@ class QuantMatMul(MatMul):
         self.aq_a = build_quantizer(spec.act, "act") if quant_a else None
         self.aq_b = build_quantizer(spec.act, "act")
 
+    backend = "auto"  # zoo.set_backend sets it, as on packed layers (kernels.dispatch.BACKENDS)
+
     @classmethod
     def from_float(cls, mod: MatMul, spec: LayerQuant) -> "QuantMatMul":
         return cls(mod.quant_a, spec)
 
-    backend = "auto"  # zoo.set_backend sets it, as on packed layers (kernels.dispatch.BACKENDS)
+    def grids(self) -> tuple:
+        """The operands' eval-mode grids as Python numbers (``grid``), built once per quantizer state
+        (inside a torch.compile trace: as built before, so the trace needs no .item(); zoo.load builds
+        them through ``kernels.cached.prepare``)."""
+        quantizers = [q for q in (self.aq_a, self.aq_b) if q is not None]
+        hit = self.__dict__.get("_grids")
+        if hit is not None and torch.compiler.is_compiling():
+            return hit[1]
+        tag = tuple((t.data_ptr(), t._version) for q in quantizers for t in q.buffers())
+        if hit is None or hit[0] != tag:
+            hit = (tag, tuple(grid(q.params(None)) if q is not None else None for q in (self.aq_a, self.aq_b)))
+            self.__dict__["_grids"] = hit
+        return hit[1]
 
     def forward(self, a, b):
         if self.training or not _affine(self.aq_b) or (self.aq_a is not None and not _affine(self.aq_a)):
             a = self.aq_a(a) if self.aq_a is not None else a
             return a @ self.aq_b(b)
-        return integer_matmul(a, self.aq_a, b, self.aq_b, self.backend).to(b.dtype)
+        return integer_matmul(a, self.aq_a, b, self.aq_b, self.backend, self.grids()).to(b.dtype)
 
     def extra_repr(self):
         return f"act={type(self.spec.act).__name__}(a{self.spec.act.bits})" + ("" if self.quant_a else
@@ -81,12 +95,16 @@ def _affine(q) -> bool:
     return getattr(q, "mode", None) == "affine"
 
 
-def _codes(x, q):
-    """(codes v, zero, scale, qmin, qmax) of an affine activation quantizer in eval mode; v and the
-    scale in float64, the rest Python floats."""
-    p = q.params(None)
-    v = torch.clamp(torch.round(x.detach() / p["scale"] + p["offset"]), p["qmin"], p["qmax"])
-    return (v.double(), float(p["zero"]), p["scale"].double(), float(p["qmin"]), float(p["qmax"]))
+def grid(p: dict) -> tuple[float, float, float, float, float]:
+    """(scale, offset, zero, qmin, qmax) of an affine activation quantizer's eval-mode ``params(None)``,
+    as Python numbers (the float32 values exactly)."""
+    return tuple(float(torch.as_tensor(p[k]).reshape(-1)[0]) for k in ("scale", "offset", "zero", "qmin", "qmax"))
+
+
+def _codes(x, grid):
+    """Codes v (float64) of ``x`` on ``grid``: clamp(round(x / s + offset), qmin, qmax), as the quantizer."""
+    s, off, _, lo, hi = grid
+    return torch.clamp(torch.round(x.detach() / s + off), lo, hi).double()
 
 
 def _int8_centre(qmin: float, qmax: float) -> int | None:
@@ -94,7 +112,7 @@ def _int8_centre(qmin: float, qmax: float) -> int | None:
     return 0 if qmin >= -128 and qmax <= 127 else 128 if qmin >= 0 and qmax <= 255 else None
 
 
-def integer_matmul(a, aq_a, b, aq_b, backend: str = "reference") -> torch.Tensor:
+def integer_matmul(a, aq_a, b, aq_b, backend: str = "reference", grids: tuple | None = None) -> torch.Tensor:
     """``a @ b`` from integer codes: ``s_a s_b Σ u_a u_b`` with u = code - zero, in float64 (|u| < 2^8,
     K < 2^20 terms: exact far below 2^53). With ``aq_a=None`` the first operand is taken as the exact
     values it holds (the softmax quantizer's levels) and only b is quantized.
@@ -104,13 +122,15 @@ def integer_matmul(a, aq_a, b, aq_b, backend: str = "reference") -> torch.Tensor
     batched matmul of the codes centred into int8 with the centring terms added back; on CPU under
     ``auto``/``cpu``, a float32 matmul when every partial sum is an integer below 2^24 (integer zero
     points and K max|u_a| max|u_b| < 2^24). Both give the float64 sum exactly; ``reference`` is the
-    float64 product alone."""
+    float64 product alone. ``grids``: the operands' ``grid``s when already known (``QuantMatMul.grids``)."""
     from ..kernels import dispatch
 
-    vb, zb, sb, bmin, bmax = _codes(b, aq_b)
+    ga, gb = grids if grids is not None else tuple(grid(q.params(None)) if q is not None else None
+                                                   for q in (aq_a, aq_b))
+    (sb, _, zb, bmin, bmax), vb = gb, _codes(b, gb)
     if aq_a is None:
         return (a.double() @ (vb - zb)) * sb
-    va, za, sa, amin, amax = _codes(a, aq_a)
+    (sa, _, za, amin, amax), va = ga, _codes(a, ga)
     k = a.shape[-1]
     ops = dispatch.triton_ops(backend, a)
     ca, cb = _int8_centre(amin, amax), _int8_centre(bmin, bmax)

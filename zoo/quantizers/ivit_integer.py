@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import QuantMatMul
+from .attention import QuantMatMul, grid
 from .ivit import ILayerNorm, IntSoftmax, ShiftGELU, i_layernorm, shift_gelu, shiftmax
 from .packed import PackedConv2d, PackedLinear
 
@@ -69,11 +69,10 @@ class _Grid:
     """An affine activation grid (a quantizer's eval-mode params ``p``): scale s, integer zero z, codes lo..hi."""
 
     def __init__(self, p: dict):
-        self.s, z = float(p["scale"].reshape(-1)[0]), float(p["zero"].reshape(-1)[0])
-        if float(p["offset"].reshape(-1)[0]) != z or z != round(z):
+        self.s, offset, z, lo, hi = grid(p)
+        if offset != z or z != round(z):
             raise ValueError("integer-only inference needs integer zero points equal to the offset")
-        self.z = int(z)
-        self.lo, self.hi = int(torch.as_tensor(p["qmin"]).reshape(-1)[0]), int(torch.as_tensor(p["qmax"]).reshape(-1)[0])
+        self.z, self.lo, self.hi = int(z), int(lo), int(hi)
 
 
 class _Layer:
@@ -109,7 +108,7 @@ def _norm(norm: ILayerNorm, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return y + torch.floor(norm.bias.detach().double() / g / sc).long(), sc * g
 
 
-def _grid(norm: ILayerNorm) -> tuple[float, int]:
+def _residual_grid(norm: ILayerNorm) -> tuple[float, int]:
     """(scale, max code) of the residual grid a LayerNorm reads."""
     return norm.iq.scale(), 2 ** (norm.iq.bits - 1) - 1
 
@@ -159,14 +158,14 @@ class IntegerViT(nn.Module):
         patches = v.reshape(n, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c * kh * kw)
         acc = _matmul(patches, emb.w.t()) + emb.bias  # [N, P, D] at emb.acc_scale
         blocks = list(net.blocks)
-        s_r, top = _grid(blocks[0].norm1 if blocks else net.norm)
+        s_r, top = _residual_grid(blocks[0].norm1 if blocks else net.norm)
         pos = _int(net.pos_embed.detach().double()[0] / s_r)  # the token embeddings on the residual grid
         cls = _int(net.cls_token.detach().double()[0, 0] / s_r) + pos[0]
         r = torch.cat([cls.expand(n, 1, -1), requant(acc, emb.acc_scale / s_r) + pos[1:]], 1).clamp(-top, top)
         for i, blk in enumerate(blocks):
-            s_mid, top_mid = _grid(blk.norm2)
+            s_mid, top_mid = _residual_grid(blk.norm2)
             nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else net.norm
-            s_next, top_next = _grid(nxt)
+            s_next, top_next = _residual_grid(nxt)
             y = self._attention(blk.attn, *_norm(blk.norm1, r))
             r = (requant(r, s_r / s_mid) + requant(y[0], y[1] / s_mid)).clamp(-top_mid, top_mid)
             y = self._mlp(blk.mlp, *_norm(blk.norm2, r))

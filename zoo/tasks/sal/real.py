@@ -124,7 +124,8 @@ def evaluate_real(model, root: str = OPENCV_DATA, per_photo: bool = False) -> di
 
 @torch.no_grad()
 def real_grid(model, path, root: str = OPENCV_DATA, height: int = 112) -> Path:
-    """A picture (PNG, or JPEG for a ``.jpg`` path) with one row per ``sal_real`` photo: photo | mask | the model's saliency map."""
+    """A picture (PNG, or JPEG for a ``.jpg`` path) with one row per ``sal_real`` photo: photo | mask | the
+    model's saliency map."""
     from PIL import Image
 
     model.eval()
