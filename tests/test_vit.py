@@ -301,6 +301,39 @@ def test_repq_reparameterisation_is_exact_in_float():
     assert torch.allclose(lin(ln(x)).detach(), ref_float, atol=1e-5)
 
 
+def test_repq_weight_percentile_clip_gives_repq_codes():
+    """RepQ-ViT's per-channel weight search, written out with numpy per row (quantiles 0.999 / 0.9999 /
+    0.99999, asymmetric grid, mean squared error): the clipped rows are the rows clamped to the chosen
+    range, and per-channel min-max quantization of the clipped weights gives the codes RepQ-ViT's
+    quantizer gives the original ones."""
+    import numpy as np
+
+    from zoo.ptq.vit import percentile_clip
+    from zoo.quantizers.uniform import MinMaxWeight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 2000, generator=g)
+    w[:, :3] *= 12  # outliers: the search clips them
+    bits, n = 4, 15
+    clipped = percentile_clip(w, bits)
+    q_mm, _, _, _ = MinMaxWeight(bits, per_channel=True).codes(clipped)
+    for r in range(6):
+        row = w[r].double().numpy()
+        best = None
+        for p in (0.999, 0.9999, 0.99999):
+            hi, lo = np.quantile(row, p), np.quantile(row, 1 - p)
+            step = (hi - lo) / n
+            zero = np.round(-lo / step)
+            codes = np.clip(np.round(row / step) + zero, 0, n)
+            err = np.mean(((codes - zero) * step - row) ** 2)
+            if best is None or err < best[0]:
+                best = (err, lo, hi, codes)
+        _, lo, hi, codes = best
+        np.testing.assert_allclose(clipped[r].double().numpy(), np.clip(row, lo, hi), rtol=0, atol=1e-6)
+        assert hi < row.max() and lo > row.min()  # the outliers were clipped
+        assert (q_mm[r].numpy() == codes).all()
+
+
 def test_apq_bottom_elimination_loss_by_hand():
     from zoo.ptq.vit import eliminated_loss
 

@@ -185,6 +185,10 @@ def method_lines(m: dict | None) -> list[str]:
                    f"{100 * (m.get('eliminate') or 0):.0f}% of errors eliminated, Matthew-effect preserving (MPQ) "
                    f"softmax quantizer"}.get(m.get("name"), f"{m.get('name')}, softmax {m.get('softmax')}")
     line = f"- **Method:** {what}"
+    if m.get("weight_clip"):
+        c = m["weight_clip"]
+        line += (f"; weights clipped per output channel by RepQ-ViT's range search (quantiles "
+                 f"{'/'.join(str(p) for p in c['percentiles'])}, least squared error; {c['layers']} layers)")
     if m.get("blocks"):
         drop = [1 - v["after"] / v["before"] for v in m["blocks"].values() if v["before"] > 0]
         line += f"; block loss {100 * sum(drop) / max(1, len(drop)):.0f}% below the starting ranges on average"

@@ -58,6 +58,8 @@ def _check(cfg: DictConfig):
             raise ConfigError(f"calib.{key}={v!r} is not valid; valid: an integer >= 1")
     if cfg.algo.softmax not in SOFTMAX:
         raise ConfigError(f"algo.softmax={cfg.algo.softmax!r} is not valid; valid: {list(SOFTMAX)}")
+    if cfg.algo.get("weight_clip", "minmax") not in ("minmax", "percentile"):
+        raise ConfigError(f"algo.weight_clip={cfg.algo.weight_clip!r} is not valid; valid: ['minmax', 'percentile']")
     if cfg.algo.blockwise and not 0 <= cfg.algo.eliminate < 1:
         raise ConfigError(f"algo.eliminate={cfg.algo.eliminate!r} is not valid; valid: a fraction in [0, 1)")
     if not cfg.init_from:
@@ -168,6 +170,15 @@ def run(cfg: DictConfig, command: str | None = None) -> dict:
         source = copy.deepcopy(fp)
         folded = repq_reparameterize(source, data, cfg.abits, batch_size=cfg.batch_size, method=cfg.estimator)
         method_meta["reparameterised"] = sorted(folded)
+    if cfg.algo.get("weight_clip", "minmax") == "percentile":  # RepQ-ViT's per-channel weight range search
+        import copy
+        from fnmatch import fnmatch
+
+        from .vit import PERCENTILES, clip_weights
+
+        source = copy.deepcopy(source) if source is fp else source
+        kept = lambda name: next((b for g, b in (keep or {}).items() if fnmatch(name, g)), cfg.wbits)  # noqa: E731
+        method_meta["weight_clip"] = {"percentiles": list(PERCENTILES), "layers": len(clip_weights(source, kept))}
     q = calibrate(source, qcfg, data, cfg.estimator, percentile=cfg.percentile,
                   bias_correction=bool(cfg.bias_correction), batch_size=cfg.batch_size, rounding=cfg.rounding,
                   recon={**OmegaConf.to_container(cfg.recon, resolve=True), "seed": int(cfg.seed)})

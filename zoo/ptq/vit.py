@@ -11,7 +11,8 @@
 
   and round(X'_c / s~) + z~ = round(X_c / s_c) + z_c: the per-tensor codes of X' are exactly the
   per-channel codes of X. The float function is unchanged (up to float rounding); the layers' input
-  quantizers then get the fixed per-tensor grid (s~, z~).
+  quantizers then get the fixed per-tensor grid (s~, z~). The weights get RepQ-ViT's per-channel range
+  search (``percentile_clip``: quantiles 0.999 / 0.9999 / 0.99999 by squared error, as its code does).
 - ``apq_blockwise`` (APQ-ViT, Ding et al., ACM MM 2022): block by block, each activation quantizer's
   range (uniform ranges, the softmax quantizer's scale) is searched over multiples of its calibrated
   value to minimise the block output error weighted by the squared gradient of the task loss at the
@@ -117,6 +118,45 @@ def repq_reparameterize(model: nn.Module, data, bits: int, batch_size: int = 64,
         s, z = channel_grid(x, bits, method)
         ranges[lin] = fold_channel_grid(net.get_submodule(ln), net.get_submodule(lin), s, z, bits)
     return ranges
+
+
+PERCENTILES = (0.999, 0.9999, 0.99999)  # RepQ-ViT's weight clipping candidates (its quantizer.py)
+
+
+@torch.no_grad()
+def percentile_clip(w: torch.Tensor, bits: int, percentiles=PERCENTILES) -> torch.Tensor:
+    """RepQ-ViT's per-channel weight range search as a clip of the float weights: for each output row,
+    the candidates (lo, hi) = (quantile 1 - p, quantile p) give asymmetric ``bits``-bit grids (step
+    (hi - lo) / (2^b - 1), zero point round(-lo / step)); the one with the smallest mean squared error
+    of the row's quantized weights is kept, and the row is clamped to it. Per-channel min-max
+    quantization of the clipped weights then uses exactly that grid (the clamp leaves its extremes at
+    lo and hi), so it gives the codes RepQ-ViT's quantizer gives the unclipped ones."""
+    rows = w.reshape(w.shape[0], -1).double()
+    n = 2 ** bits - 1
+    best_err = torch.full((rows.shape[0],), float("inf"), dtype=torch.float64)
+    lo_best, hi_best = rows.amin(1), rows.amax(1)
+    for p in percentiles:
+        hi, lo = torch.quantile(rows, p, dim=1), torch.quantile(rows, 1 - p, dim=1)
+        step = ((hi - lo) / n).clamp_min(1e-12)
+        zero = torch.round(-lo / step)
+        q = torch.clamp(torch.round(rows / step[:, None]) + zero[:, None], 0, n)
+        err = ((q - zero[:, None]) * step[:, None] - rows).pow(2).mean(1)
+        better = err < best_err
+        best_err, lo_best, hi_best = (torch.where(better, err, best_err), torch.where(better, lo, lo_best),
+                                      torch.where(better, hi, hi_best))
+    return torch.maximum(torch.minimum(rows, hi_best[:, None]), lo_best[:, None]).to(w.dtype).reshape(w.shape)
+
+
+@torch.no_grad()
+def clip_weights(model: nn.Module, bits_of) -> list[str]:
+    """``percentile_clip`` every Linear / Conv2d weight of ``model`` in place at ``bits_of(name)`` bits
+    (None: left alone); returns the names clipped."""
+    done = []
+    for name, mod in _net(model).named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)) and bits_of(name):
+            mod.weight.copy_(percentile_clip(mod.weight, bits_of(name)))
+            done.append(name)
+    return done
 
 
 @torch.no_grad()
