@@ -186,6 +186,23 @@ def test_integer_matmul_through_the_triton_int8_kernel_is_exact(spec, monkeypatc
     assert torch.equal(got, _exact_product(a, mm.aq_a.cpu(), b, mm.aq_b.cpu()))
 
 
+def test_matmul_grids_follow_a_training_step():
+    """The eval-mode grids are cached as numbers; an LSQ step changed in place (what an optimizer step
+    does between validations) must rebuild them: the product equals the one of a fresh quantizer state."""
+    from zoo.quantizers import LSQ
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 9, 16), torch.randn(2, 3, 16, 7)
+    mm = _calibrated_matmul(LSQ(4), a, b)
+    with torch.no_grad():
+        first = mm(a, b)
+        for p in mm.parameters():
+            p.mul_(1.5)
+        again = mm(a, b)
+    assert not torch.equal(first, again)
+    assert torch.equal(again, _exact_product(a, mm.aq_a, b, mm.aq_b).float())
+
+
 def test_int8_bmm_kernel_against_int64_products():
     pytest.importorskip("triton")
     from zoo.kernels import dispatch

@@ -67,14 +67,15 @@ class QuantMatMul(MatMul):
         return cls(mod.quant_a, spec)
 
     def grids(self) -> tuple:
-        """The operands' eval-mode grids as Python numbers (``grid``), built once per quantizer state
-        (inside a torch.compile trace: as built before, so the trace needs no .item(); zoo.load builds
-        them through ``kernels.cached.prepare``)."""
+        """The operands' eval-mode grids as Python numbers (``grid``), built once per quantizer state: the
+        versions of their parameters and buffers, so a training step or a recalibration rebuilds them.
+        Inside a torch.compile trace they are used as built before (no .item() in the trace); zoo.load
+        builds them through ``kernels.cached.prepare``."""
         quantizers = [q for q in (self.aq_a, self.aq_b) if q is not None]
         hit = self.__dict__.get("_grids")
         if hit is not None and torch.compiler.is_compiling():
             return hit[1]
-        tag = tuple((t.data_ptr(), t._version) for q in quantizers for t in q.buffers())
+        tag = tuple((t.data_ptr(), t._version) for q in quantizers for t in [*q.parameters(), *q.buffers()])
         if hit is None or hit[0] != tag:
             hit = (tag, tuple(grid(q.params(None)) if q is not None else None for q in (self.aq_a, self.aq_b)))
             self.__dict__["_grids"] = hit
