@@ -30,6 +30,12 @@ Where the results differ from the reference backend, and why:
 So outputs agree with the reference to within a quantization step at such points, not bit for bit;
 ``tests/test_export.py`` measures the agreement of every shipped classifier.
 
+What the graph is belongs to the task (its ``onnx_form``, an :class:`ImageForm`): by default images in
+[0, 1] in and the network's one tensor out; a detector's graph holds its backbone and heads, and its
+decoding and NMS run in torch (``zoo/tasks/det/onnx.py``). ViTs export their quantized attention
+(QDQ matmul operands, softmax quantizer levels in float ops); ``export_blocker`` says why a model is not
+exported (I-ViT's integer ops, mmdet heads, generators, recurrent matting).
+
 Needs the ``export`` extra: ``pip install -c constraints.txt -e ".[export]"`` (onnx, onnxruntime).
 """
 from __future__ import annotations
