@@ -9,7 +9,8 @@ from tests.conftest import check_golden, check_seed_record, needs_fmnist
 from zoo.cards import read_golden
 from zoo.registry import resolve_checkpoint
 
-SHIPPED = zoo.list_models("resnet20.*", task="cls")  # the ViT releases: tests/test_shipped_vit.py
+SHIPPED = zoo.list_models("resnet20.*", task="cls")  # the ViT releases' own checks: tests/test_shipped_vit.py
+ALL_CLS = zoo.list_models(task="cls")  # the golden pair and the card: every classifier, ViTs included
 
 
 def test_the_promised_checkpoints_are_shipped():
@@ -19,13 +20,13 @@ def test_the_promised_checkpoints_are_shipped():
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", ALL_CLS)
 def test_golden_output(name):
     out, expected = check_golden(name)
     assert torch.equal(out.argmax(-1), expected.argmax(-1))
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", ALL_CLS)
 def test_card_matches_config(name):
     d = resolve_checkpoint(name)
     cfg = json.loads((d / "config.json").read_text())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zoo
-from tests.conftest import check_golden, needs_fmnist
+from tests.conftest import needs_fmnist
 from zoo.quantizers import quantized_ops
 from zoo.registry import resolve_checkpoint
 
@@ -31,19 +31,10 @@ def test_the_promised_vit_releases_are_shipped():
     assert tags == {"fp32", "ivit_w8a8"} | set(PTQ), sorted(tags)
 
 
+# golden pairs and cards: tests/test_shipped.py (every classifier)
 @pytest.mark.parametrize("name", SHIPPED)
-def test_golden_output(name):
-    out, expected = check_golden(name)
-    assert torch.equal(out.argmax(-1), expected.argmax(-1))
-
-
-@pytest.mark.parametrize("name", SHIPPED)
-def test_card_states_the_command_and_accuracy(name):
-    d = resolve_checkpoint(name)
-    cfg = json.loads((d / "config.json").read_text())
-    card = (d / "README.md").read_text()
-    made = cfg.get("train") or cfg["ptq"]
-    assert made["command"] in card and f"{100 * cfg['metrics']['test_acc']:.2f}%" in card
+def test_card_accuracy_is_on_the_whole_test_split(name):
+    cfg = json.loads((resolve_checkpoint(name) / "config.json").read_text())
     assert cfg["metrics"]["test_images"] == 10_000
 
 

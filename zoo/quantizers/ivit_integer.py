@@ -134,6 +134,8 @@ class IntegerViT(nn.Module):
             raise ValueError("IntegerViT runs packed I-ViT releases of zoo/models/vit.py (quant=ivit, no "
                              "distillation token); this model is not one")
         self.model = model
+        # the packed layers as integers (weights unpacked, integer biases), built once
+        self.layers = {id(m): _Layer(m) for m in net.modules() if isinstance(m, (PackedLinear, PackedConv2d))}
 
     def _affine_input(self, x: torch.Tensor, emb: _Layer) -> torch.Tensor:
         """Codes of the patch conv's input from pixels p = round(255 x): round(p A + B) + z in fixed point,
@@ -151,7 +153,7 @@ class IntegerViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.model.check_input(x)
         net = self.model.net
-        emb = _Layer(net.patch_embed.proj)
+        emb = self.layers[id(net.patch_embed.proj)]
         v = self._affine_input(x, emb) - emb.z
         n, c, h, w = v.shape
         kh, kw = net.patch_embed.proj.weight_shape[2:]
@@ -172,13 +174,13 @@ class IntegerViT(nn.Module):
             r = (requant(r, s_mid / s_next) + requant(y[0], y[1] / s_next)).clamp(-top_next, top_next)
             s_r = s_next
         h, sc = _norm(net.norm, r[:, 0])
-        head = _Layer(net.head)
+        head = self.layers[id(net.head)]
         acc = head(h, sc / head.s)
         return (acc.double() * head.acc_scale).to(x.dtype)  # the logits: the one float step
 
     def _attention(self, attn, h, sc):
         """(ints, per-channel scale) of the attention branch's output for normalised ints h at scale sc."""
-        qkv = _Layer(attn.qkv)
+        qkv = self.layers[id(attn.qkv)]
         acc = qkv(h, sc / qkv.s)  # [N, T, 3 D] at qkv.acc_scale
         n, t, _ = acc.shape
         nh, hd = attn.num_heads, attn.head_dim
@@ -194,11 +196,11 @@ class IntegerViT(nn.Module):
         s_in, top = sm.iq.scale(), 2 ** (sm.iq.bits - 1) - 1
         p = shiftmax(requant(logits, qa.s * qb.s / s_in, 0, -top, top), s_in, sm.bits)  # at 2^-(bits - 1)
         out = _matmul(p, vv).transpose(1, 2).reshape(n, t, nh * hd)  # at 2^-(bits - 1) * qv.s
-        proj = _Layer(attn.proj)
+        proj = self.layers[id(attn.proj)]
         return proj(out, 2.0 ** -(sm.bits - 1) * qv.s / proj.s), proj.acc_scale
 
     def _mlp(self, mlp, h, sc):
-        fc1, fc2 = _Layer(mlp.fc1), _Layer(mlp.fc2)
+        fc1, fc2 = self.layers[id(mlp.fc1)], self.layers[id(mlp.fc2)]
         acc = fc1(h, sc / fc1.s)
         s_g, top = mlp.act.iq.scale(), 2 ** (mlp.act.iq.bits - 1) - 1
         g = shift_gelu(requant(acc, fc1.acc_scale / s_g, 0, -top, top), s_g, mlp.act.bits)
