@@ -281,6 +281,65 @@ def test_epilogue_equals_torchs_float64_operations():
         cpu_ops.epilogue(acc, scale[:6], None, False)
 
 
+def test_uint8_codes_and_channels_last_in_place():
+    """u8=True writes (v - z) * m as uint8 (the int8 sums' codes; NaN gives 0); a 4-d channels-last input
+    is read in place and gives a channels-last result with the values of the contiguous one (input
+    kernels and epilogue, with and without a per-channel shift)."""
+    g = torch.Generator().manual_seed(3)
+    s, o, lo, hi = 0.11, 2.0, -2.0, 5.0
+    x = torch.randn(2, 6, 5, 7, generator=g)
+    x[0, 0, 0, 0] = float("nan")
+    shift = torch.randn(6, generator=g) * 0.2
+    th = torch.tensor([-0.3, 0.0, 0.4])
+    for sh in (None, shift):
+        xs = x - shift.view(1, -1, 1, 1) if sh is not None else x
+        v = torch.clamp(torch.round(xs / torch.tensor(s) + torch.tensor(o)), torch.tensor(lo), torch.tensor(hi))
+        want = torch.nan_to_num((v - lo) * 2, nan=0.0).to(torch.uint8)  # m = 2: codes 0, 2, ..., 14
+        got = cpu_ops.affine_input(x, sh, s, o, lo, hi, lo, 2.0, False, True)
+        assert got.dtype == torch.uint8 and torch.equal(got, want)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        for u8 in (False, True):
+            flat = cpu_ops.affine_input(x, sh, s, o, lo, hi, lo, 2.0, False, u8)
+            cl = cpu_ops.affine_input(xc, sh, s, o, lo, hi, lo, 2.0, False, u8)
+            assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+            assert torch.allclose(cl.float(), flat.float(), rtol=0, atol=0, equal_nan=True)
+            t_flat = cpu_ops.threshold_input(x, sh, th, 0.0, 1.0, False, u8)
+            t_cl = cpu_ops.threshold_input(xc, sh, th, 0.0, 1.0, False, u8)
+            assert t_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(t_cl, t_flat)
+        counts = torch.bucketize(xs.contiguous(), th)
+        assert torch.equal(cpu_ops.threshold_input(x, sh, th, 0.0, 1.0, False, True), counts.to(torch.uint8))
+    scale = torch.rand(6, generator=g, dtype=torch.float64)
+    acc = torch.randint(-900, 900, (2, 6, 5, 7), generator=g).float()
+    acc_cl = acc.contiguous(memory_format=torch.channels_last)
+    y = cpu_ops.epilogue(acc_cl, scale, shift, False)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, cpu_ops.epilogue(acc, scale, shift, False))
+
+
+def test_epilogue_sum_equals_its_float64_formula():
+    """((a[c] + d[c] s) * scale[c] + bias[c]) for C + 1 channels-last channels (s the last one), 4-d
+    (channels-last, also 1 x 1 pixels) and 2-d; the sums are integers, so the bracket is exact."""
+    g = torch.Generator().manual_seed(4)
+    c = 5
+    scale = torch.rand(c, generator=g, dtype=torch.float64) * 1e-2
+    bias = torch.randn(c, generator=g)
+    d = torch.randint(-128, 128, (c,), generator=g).double()
+    for shape in ((2, c + 1, 4, 3), (3, c + 1, 1, 1), (7, c + 1)):
+        acc = torch.randint(-20000, 20000, shape, generator=g).float()
+        if acc.dim() == 4:
+            acc = acc.contiguous(memory_format=torch.channels_last)
+        view = (1, -1) + (1,) * (acc.dim() - 2)
+        a, s_ = acc[:, :c].double(), acc[:, c:].double()
+        for b in (bias, None):
+            want = (a + d.view(view) * s_) * scale.view(view)
+            want = (want + b.double().view(view) if b is not None else want).float()
+            got = cpu_ops.epilogue_sum(acc, d, scale, b)
+            assert got.shape == want.shape and torch.equal(got, want), shape
+            if acc.dim() == 4:
+                assert got.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="4 scales and 5 shifts for 5 channels"):
+        cpu_ops.epilogue_sum(acc, d, scale[:4], None)
+
+
 def test_affine_layers_take_the_elementwise_kernels(monkeypatch):
     """An LSQ W4A4 conv + linear through the cached path: the C++ input and epilogue kernels run (and
     nothing of it with ZOO_CPU_KERNELS=0), outputs identical to the reference either way."""

@@ -162,6 +162,31 @@ def test_integer_matmul_fast_cpu_path_is_exact(spec, k):
         assert torch.equal(mm(a, b), exact.float())
 
 
+def test_integer_matmul_with_exact_first_operand_same_on_every_cpu_path(monkeypatch):
+    """attn @ v (the first operand the softmax quantizer's levels, only v quantized): the C++ kernels'
+    centred codes, the torch operations (ZOO_CPU_KERNELS=0) and the reference give the same float64
+    product; the forward rounds it to float32."""
+    from zoo.quantizers.attention import MatMul
+    from zoo.quantizers.config import LayerQuant
+
+    torch.manual_seed(3)
+    mm = QuantMatMul.from_float(MatMul(quant_a=False), LayerQuant(act=MinMax(4)))
+    attn = torch.softmax(torch.randn(2, 3, 9, 9) * 3, -1)
+    attn = torch.round(attn * 255) / 255  # levels, as a uniform softmax quantizer leaves them
+    v = torch.randn(2, 3, 9, 16)
+    mm.train()
+    mm(attn, v)
+    mm.eval()
+    p = mm.aq_b.params(None)
+    ub = torch.clamp(torch.round(v / p["scale"] + p["offset"]), p["qmin"], p["qmax"]) - p["zero"]
+    want = (attn.double() @ ub.double()) * p["scale"].double()
+    got = {b: integer_matmul(attn, None, v, mm.aq_b, b) for b in ("cpu", "reference")}
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+    got["cpu, no C++ kernels"] = integer_matmul(attn, None, v, mm.aq_b, "cpu")
+    for k, y in got.items():
+        assert y.dtype == torch.float64 and torch.equal(y, want), k
+
+
 @pytest.mark.parametrize("spec", [MinMax(8), MinMax(4), "lsq8"], ids=["minmax8", "minmax4", "lsq8-signed"])
 def test_integer_matmul_through_the_triton_int8_kernel_is_exact(spec, monkeypatch):
     """backend triton (interpreted on CPU): codes centred into int8, the int32 batched kernel, the
@@ -266,6 +291,19 @@ def test_log_sqrt2_levels_by_hand():
     # -2 log2(x / 0.5): 0; 3.47 -> 3: 0.5 * 2^-1.5; 6 -> 0.5 * 2^-3; 7.29 -> 7 = top -> 0; 11.3 -> top
     expect = torch.tensor([0.5, 0.5 * 2 ** -1.5, 0.5 * 2 ** -3, 0.0, 0.0])
     assert torch.allclose(q(x), expect, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_log_quantizer_inference_value_is_the_training_forward_value(k):
+    """Without autograd the forward skips ste's surrogate: the same values, bit for bit (NaN, 0, > s too)."""
+    q = zoo.quantizers.logq.LogAct(4, k)
+    q.scale.fill_(0.6)
+    x = torch.cat([torch.rand(5000), torch.tensor([0.0, 1e-30, 0.6, 0.61, float("nan"), float("inf")])])
+    with torch.no_grad():
+        fast = q(x)
+    slow = q(x.clone().requires_grad_()).detach()
+    assert torch.equal(torch.nan_to_num(fast, nan=-1.0), torch.nan_to_num(slow, nan=-1.0))
+    assert torch.isnan(fast).sum() == torch.isnan(slow).sum() == 2  # NaN and inf propagate as before
 
 
 def test_mpq_levels_by_hand():

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quantizers.base import channel_view
-from . import cpu_ops, dispatch, reference
+from . import cpu_ops, dispatch, onednn, reference
 
 MULTIPLIERS = (1, 2, 4)  # the power-of-two multiples tried to make a zero point an integer
 EXACT_LIMIT = 2 ** 24  # float32 holds every integer below this
@@ -93,10 +93,14 @@ class Plan:
     float64 exactly); binary: a W1A1 conv the C++ kernel (``cpu_ops``) can run, with its packed sign words
     in ``bits`` once built (on the first call with the kernel available and enabled)."""
 
-    def __init__(self, kind, p, s_a=1.0, z_a=0.0, m_a=1, w=None, scale=None, stack=None, binary=False, affine=None):
+    def __init__(self, kind, p, s_a=1.0, z_a=0.0, m_a=1, w=None, scale=None, stack=None, binary=False, affine=None,
+                 int8=None):
         self.kind, self.p, self.s_a, self.z_a, self.m_a = kind, p, s_a, z_a, m_a
         self.w, self.scale, self.stack, self.binary, self.bits = w, scale, stack, binary, None
         self.affine = affine  # (scale, offset, qmin, qmax) as floats for the C++ input kernel, or None
+        # int8 sums (onednn.py): spec = (lo, m8, x_zp, d) where they can run (``_int8_spec``), else
+        # None; int8 = the prepacked weights once built
+        self.spec, self.int8 = int8, None
 
 
 def _exact_dtype(bound: float):
@@ -118,25 +122,57 @@ def _build_plan(layer, k: int, binary_ok: bool) -> Plan:
     q = layer.codes()
     # W1A1: the folded scale below has m_a = 1 (sign codes, z_a = 0) and m_w = 2 (W' = 2 (q - 1/2) = +-1)
     binary = binary_ok and layer.act_mode == "sign" and layer.bits == 1 and bool((layer.w_zero == 0.5).all())
+    affine = None  # the C++ input kernels' parameters
+    if layer.act_mode == "affine":
+        affine = tuple(float(p[key].reshape(-1)[0]) for key in ("scale", "offset", "qmin", "qmax"))
     if m_a is not None and m_w is not None:
         w = (q.to(torch.float64) - channel_view(layer.w_zero.double(), q.ndim, layer.ch_axis)) * m_w
         umax = max(abs(float(p.get("qmin", -1)) - z_a), abs(float(p.get("qmax", 1)) - z_a))
         dtype = _exact_dtype(umax * m_a * _row_l1(w, layer.ch_axis))
         if dtype is not None:
             scale = (s_a * layer.w_scale.double()) / (m_a * m_w)
-            affine = None
-            if layer.act_mode == "affine":
-                affine = tuple(float(p[key].reshape(-1)[0]) for key in ("scale", "offset", "qmin", "qmax"))
             return Plan("folded", p, s_a, z_a, m_a, w=w.to(dtype).contiguous(), scale=scale, binary=binary,
-                        affine=affine)
+                        affine=affine, int8=_int8_spec(layer, p, w, dtype, m_a, z_a, umax * m_a))
     dtype = _exact_dtype(vmax * max(_row_l1(q.to(torch.float64), layer.ch_axis), k))  # [q; 1] rows
     if dtype is None:
         return Plan("reference", p)
     qf = q.to(dtype).contiguous()
-    stack = None
+    stack = spec = None
     if getattr(layer, "groups", 1) == 1 and layer.ch_axis == 0:
         stack = torch.cat([qf, qf.new_ones((1,) + tuple(qf.shape[1:]))])
-    return Plan("expanded", p, s_a, z_a, m_a, w=qf, stack=stack)
+        spec = _int8_spec(layer, p, stack, dtype, 1, 0.0, vmax)
+        spec = spec if spec is not None and spec[3] is None else None  # [q; 1] itself in int8
+    return Plan("expanded", p, s_a, z_a, m_a, w=qf, stack=stack, affine=affine, int8=spec)
+
+
+def _int8_spec(layer, p, w: torch.Tensor, dtype, m8: int, z8: float, umax: float):
+    """(lo, m8, x_zp, d) when the sums with the weights ``w`` (the folded W' or the expanded [q; 1]) can
+    run in int8 (``onednn.py``), else None. The uint8 codes are x8 = m8 (v - lo) with lo the lowest
+    activation code, and x8 - x_zp = m8 (v - z8): the folded U' (m8 = m_a, z8 = z_a) or the codes v
+    (1, 0). Needs float32-exact sums, x8 in [0, 255] for every code v, and w in int8 -- or, for one
+    group, w - d[c] in int8 with d[c] the integer centre of row c (8-bit asymmetric weights): then a
+    row of ones is stacked as one more output channel, its sum s of the inputs gives
+    sum u w = sum u (w - d) + d s back in float64, and every sum the int8 op returns, umax = max|x8 - x_zp|
+    times its row's L1 norm (K for the ones), must stay below 2^24 too (float32 outputs)."""
+    if dtype != torch.float32 or layer.act_mode not in ("affine", "threshold") or not w.numel():
+        return None
+    if isinstance(getattr(layer, "padding", 0), str) or getattr(layer, "output_padding", None) is not None:
+        return None
+    lo, hi = (0.0, float(p["thresholds"].numel())) if layer.act_mode == "threshold" else \
+        (float(p["qmin"]), float(p["qmax"]))
+    if lo != int(lo) or m8 * (hi - lo) > 255:
+        return None
+    x_zp = round(m8 * (z8 - lo))  # an integer: m_a z_a is one
+    if onednn.int8_range(w):
+        return lo, m8, x_zp, None
+    rows = w.double().reshape(len(w), -1)
+    d = torch.ceil((rows.amax(1) + rows.amin(1)) / 2)  # a row of 256 values: [-128, 127]
+    shifted = rows - d[:, None]
+    if getattr(layer, "groups", 1) != 1 or not onednn.int8_range(shifted):
+        return None
+    if umax * max(_row_l1(shifted, 0), rows.shape[1]) >= EXACT_LIMIT:
+        return None
+    return lo, m8, x_zp, d
 
 
 def plan(layer, k: int, binary_ok: bool = False) -> Plan:
@@ -187,6 +223,46 @@ def _fast(x: torch.Tensor, dtypes=(torch.float32,)) -> bool:
     return x.dtype in dtypes and not compiling() and cpu_ops.enabled() and cpu_ops.available()
 
 
+def _int8(layer, pl: Plan, linear: bool):
+    """The plan's prepacked int8 weights (built on the first eager call), or None where the float32
+    sums run: compiling, oneDNN's int8 path off or not exact here, or the plan not eligible."""
+    if pl.spec is None or compiling() or not onednn.available():
+        return None
+    if pl.int8 is None:
+        _, _, x_zp, d = pl.spec
+        w = (pl.w if pl.kind == "folded" else pl.stack).double()
+        if d is not None:  # shifted rows and a row of ones
+            w = torch.cat([w - channel_view(d, w.ndim, 0), w.new_ones((1,) + tuple(w.shape[1:]))])
+        w8 = w.to(torch.int8)
+        pl.int8 = onednn.Linear(w8, x_zp) if linear else \
+            onednn.Conv(w8, x_zp, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return pl.int8
+
+
+def _int8_epilogue(pl: Plan, acc: torch.Tensor, bias, ch_dim: int, dtype, nchw: bool = False) -> torch.Tensor:
+    """The epilogue of the int8 sums: with shifted weights, sum u W' = a[c] + d[c] s first (float64)."""
+    d = pl.spec[3]
+    if d is None:
+        return _epilogue(acc, pl.scale, bias, ch_dim, dtype, nchw)
+    if dtype == torch.float32 and _fast(acc):
+        return cpu_ops.epilogue_sum(acc, d, pl.scale, bias, nchw)
+    c = len(d)
+    a, s = acc.narrow(ch_dim, 0, c).double(), acc.narrow(ch_dim, c, 1).double()
+    return _epilogue(a + channel_view(d, acc.ndim, ch_dim % acc.ndim) * s, pl.scale, bias, ch_dim, dtype, nchw)
+
+
+def _int8_input(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    """m8 (v - lo) as uint8: the codes of the int8 sums."""
+    lo, m8 = pl.spec[:2]
+    if x.dtype == torch.float32 and _fast(x):
+        if pl.affine is not None:
+            s, o, qmin, qmax = pl.affine
+            return cpu_ops.affine_input(x, pl.p.get("shift"), s, o, qmin, qmax, lo, m8, ch_axis == -1, True)
+        return cpu_ops.threshold_input(x, pl.p.get("shift"), pl.p["thresholds"], lo, m8, ch_axis == -1, True)
+    v = reference.quantize_act(x, layer.act_mode, pl.p, ch_axis)
+    return ((v - lo) * m8).to(torch.uint8)
+
+
 def _folded_input(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
     if pl.w.dtype == torch.float32 and layer.act_mode in ("affine", "threshold") and _fast(x):
         if pl.affine is not None:
@@ -228,15 +304,26 @@ def _expanded(layer, acc_v, sum_v, c_q, c_1, s_a, z_a, ch_dim, dtype, groups=1):
     return y.to(dtype)
 
 
-def _epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_dim: int, dtype) -> torch.Tensor:
+def _epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_dim: int, dtype, nchw: bool = False) -> torch.Tensor:
+    """``nchw``: a contiguous result from a channels-last acc (the int8 convolutions' sums of NCHW inputs)."""
     if dtype == torch.float32 and _fast(acc, (torch.float32, torch.float64)):
-        return cpu_ops.epilogue(acc, scale, bias, ch_dim == -1)
+        return cpu_ops.epilogue(acc, scale, bias, ch_dim == -1, nchw)
     shape = [1] * acc.ndim
     shape[ch_dim] = -1
     y = acc.double().round_().mul_(scale.reshape(shape))  # round: a no-op for exact integer sums
     if bias is not None:
         y.add_(bias.double().reshape(shape))
-    return y.to(dtype)
+    return y.to(dtype).contiguous() if nchw else y.to(dtype)
+
+
+def _keeps_channels_last(layer, x: torch.Tensor) -> bool:
+    """Whether the reference's conv result for ``x`` is channels-last: x is 4-d, stored channels-last (and
+    not also contiguous), and its codes keep that layout (torch's elementwise operations do, N2UQ's
+    bucketize of x.contiguous() does not). The cached path's results take the same layout, so float
+    layers after a packed one compute exactly what they compute after the reference (a float conv
+    can round differently in another layout)."""
+    return (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            and layer.act_mode != "threshold")
 
 
 def _sums(op, v, pl: Plan):
@@ -263,22 +350,32 @@ def conv2d(layer, x: torch.Tensor):
         return None
     pl = plan(layer, math.prod(layer.weight_shape[1:]), binary_ok=layer.groups == 1)
     geom = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    keep_cl = _keeps_channels_last(layer, x)
     if pl.binary and x.dtype == torch.float32 and x.dim() == 4 and _binary_ready(layer, pl):
         pair = torch.nn.modules.utils._pair
         xbits = cpu_ops.pack_signs(x, pl.p.get("shift"))
-        return cpu_ops.binary_conv2d(xbits, pl.bits, x.shape[1], pair(layer.stride), pair(layer.padding),
-                                        pair(layer.dilation), pl.scale, layer.bias)
+        y = cpu_ops.binary_conv2d(xbits, pl.bits, x.shape[1], pair(layer.stride), pair(layer.padding),
+                                  pair(layer.dilation), pl.scale, layer.bias)
+        return y.contiguous(memory_format=torch.channels_last) if keep_cl else y
     if pl.kind == "folded":
-        u = _folded_input(layer, pl, x, 1)
-        return _epilogue(F.conv2d(u, pl.w, None, *geom), pl.scale, layer.bias, 1, x.dtype)
+        int8 = _int8(layer, pl, linear=False) if x.dim() == 4 else None
+        if int8:
+            return _int8_epilogue(pl, int8(_int8_input(layer, pl, x, 1)), layer.bias, 1, x.dtype, not keep_cl)
+        return _epilogue(F.conv2d(_folded_input(layer, pl, x, 1), pl.w, None, *geom), pl.scale, layer.bias, 1,
+                         x.dtype, not keep_cl)
     if pl.kind == "reference":
         return None
-    v = _codes(layer, pl, x, 1)
-    acc_v, sum_v = _sums(lambda a, b: F.conv2d(a, b, None, *geom), v, pl)
+    int8 = _int8(layer, pl, linear=False) if x.dim() == 4 else None
+    if int8:  # [sum v q; sum v] from one int8 convolution
+        acc = int8(_int8_input(layer, pl, x, 1))
+        acc = acc if keep_cl else acc.contiguous()  # the reference's layout (``_keeps_channels_last``)
+        acc_v, sum_v = acc[:, :-1], acc[:, -1:]
+    else:
+        acc_v, sum_v = _sums(lambda a, b: F.conv2d(a, b, None, *geom), _codes(layer, pl, x, 1), pl)
     c_q = c_1 = None
     if pl.z_a:
-        ones = v.new_ones((1,) + tuple(v.shape[1:]))
-        c_q, c_1 = _borders(layer, tuple(v.shape[1:]), lambda: _sums(
+        ones = x.new_ones((1,) + tuple(x.shape[1:]), dtype=pl.w.dtype)
+        c_q, c_1 = _borders(layer, tuple(x.shape[1:]), lambda: _sums(
             lambda a, b: F.conv2d(a, b, None, *geom), ones, pl))
     return _expanded(layer, acc_v, sum_v, c_q, c_1, pl.s_a, pl.z_a, 1, x.dtype)
 
@@ -289,14 +386,23 @@ def linear(layer, x: torch.Tensor):
     k = layer.weight_shape[1]
     pl = plan(layer, k)
     if pl.kind == "folded":
+        int8 = _int8(layer, pl, linear=True)
+        if int8:
+            return _int8_epilogue(pl, int8(_int8_input(layer, pl, x, -1)), layer.bias, -1, x.dtype)
         return _epilogue(_folded_input(layer, pl, x, -1) @ pl.w.t(), pl.scale, layer.bias, -1, x.dtype)
     if pl.kind == "reference":
         return None
-    v = _codes(layer, pl, x, -1)
+    int8 = _int8(layer, pl, linear=True)
+    if int8:  # [sum v q, sum v] from one int8 matmul
+        acc = int8(_int8_input(layer, pl, x, -1))
+        acc_v, sum_v = acc[..., :-1], acc[..., -1:]
+    else:
+        v = _codes(layer, pl, x, -1)
+        acc_v, sum_v = v @ pl.w.t(), v.sum(-1, keepdim=True)
     c_q = c_1 = None
     if pl.z_a:
         c_q, c_1 = pl.w.sum(1), torch.full((1,), float(k), dtype=torch.float64)
-    return _expanded(layer, v @ pl.w.t(), v.sum(-1, keepdim=True), c_q, c_1, pl.s_a, pl.z_a, -1, x.dtype)
+    return _expanded(layer, acc_v, sum_v, c_q, c_1, pl.s_a, pl.z_a, -1, x.dtype)
 
 
 def conv_transpose2d(layer, x: torch.Tensor):
@@ -324,7 +430,8 @@ def conv_transpose2d(layer, x: torch.Tensor):
 def prepare(model) -> None:
     """Build the plan of every packed layer on the CPU (every activation site) and the grids of every
     quantized attention matmul now, so a first call -- or a torch.compile trace, which cannot build them
-    without graph breaks -- finds them ready."""
+    without graph breaks -- finds them ready. Also tunes glibc's malloc for the path's temporaries
+    (``cpu_ops.tune_malloc``) when any layer runs it."""
     from ..quantizers.attention import QuantMatMul
     from ..quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
 
@@ -333,6 +440,7 @@ def prepare(model) -> None:
             m.grids()
         if not isinstance(m, PackedLayer) or m.qweight.is_cuda or not dispatch.cpu_cached(m.backend, m.qweight):
             continue
+        cpu_ops.tune_malloc()
         if m.act_mode == "none":
             dequantized_weight(m)
             continue
@@ -343,8 +451,10 @@ def prepare(model) -> None:
                 pl = plan(m, math.prod(m.weight_shape[1:]), binary_ok=m.groups == 1)
                 if pl.binary:
                     _binary_ready(m, pl)
+                else:
+                    _int8(m, pl, linear=False)
             elif isinstance(m, PackedLinear):
-                plan(m, m.weight_shape[1])
+                _int8(m, plan(m, m.weight_shape[1]), linear=True)
             elif isinstance(m, PackedConvTranspose2d):
                 c_in, _, kh, kw = m.weight_shape
                 plan(m, c_in // m.groups * kh * kw)

@@ -36,8 +36,39 @@ SOURCES = [Path(__file__).with_name("csrc") / f for f in ("binary_conv.cpp", "el
 # ZOO_CPU_KERNEL_MARCH: the -march= of the build (default native; e.g. x86-64-v2 for a portable build
 # without AVX-512, or for a cache shared by machines with different CPUs)
 MARCH = os.environ.get("ZOO_CPU_KERNEL_MARCH", "native")
-CFLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off"]
+# -fopenmp: at::parallel_for splits the work over torch's OpenMP threads (the libgomp torch loaded)
+CFLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off", "-fopenmp"]
 _state: dict = {}
+
+
+# glibc's malloc: the fixed thresholds tune_malloc sets (M_MMAP_THRESHOLD: 32 MiB, its largest; M_TRIM_THRESHOLD)
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
+
+
+def tune_malloc() -> bool:
+    """Keep glibc's malloc from returning freed heap memory to the system after every forward (once per
+    process; Linux with glibc; ``ZOO_MALLOC_TUNE=0`` skips it). With its dynamic defaults, the many
+    differently sized temporaries of a quantized forward (codes, integer sums, float64 epilogues) make
+    it trim the heap top and mmap / munmap blocks call after call, and every page is faulted in again:
+    up to 60,000 page faults and twice the time of the forward itself (a quantized ViT at batch 64).
+    Fixed thresholds (blocks under 32 MiB from the heap, the heap top trimmed only past 1 GiB free)
+    stop that; the cost is that the process keeps freed memory up to its peak for reuse (as with
+    jemalloc or tcmalloc, which PyTorch's CPU guides recommend). Returns whether the settings were
+    applied. ``zoo.load`` calls it for models that run the cached CPU path."""
+    if "malloc" in _state:
+        return _state["malloc"]
+    _state["malloc"] = False
+    if os.environ.get("ZOO_MALLOC_TUNE", "1").lower() in ("0", "false", "off", "no"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        # mallopt(M_TRIM_THRESHOLD = -1, ...), mallopt(M_MMAP_THRESHOLD = -3, ...): 1 on success
+        _state["malloc"] = bool(libc.mallopt(-1, TRIM_THRESHOLD)) and bool(libc.mallopt(-3, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        pass
+    return _state["malloc"]
 
 
 def _cpu_tag() -> str:
@@ -86,9 +117,11 @@ def available() -> bool:
             d = build_dir()
             d.mkdir(parents=True, exist_ok=True)
             cpp_extension.load(name="zoo_cpu_kernels", sources=[str(f) for f in SOURCES], extra_cflags=CFLAGS,
-                               build_directory=str(d), is_python_module=False, verbose=False)
+                               extra_ldflags=["-fopenmp"], build_directory=str(d), is_python_module=False,
+                               verbose=False)
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
-                               for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue"))
+                               for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue",
+                                                                        "epilogue_sum"))
             if _state["ok"]:
                 _register_fakes()
         except Exception as e:  # no compiler, no ninja, a failed build: the float32 path runs instead
@@ -107,16 +140,24 @@ def _register_fakes() -> None:
         return x.new_empty((n, h, w, (c + 63) // 64), dtype=torch.int64)
 
     @torch.library.register_fake("zoo_cpu::affine_input")
-    def _affine(x, shift, scale, offset, qmin, qmax, z, m, ch_last):
-        return torch.empty_like(x)
+    def _affine(x, shift, scale, offset, qmin, qmax, z, m, ch_last, u8=False):
+        return torch.empty_like(x, dtype=torch.uint8 if u8 else x.dtype)
 
     @torch.library.register_fake("zoo_cpu::threshold_input")
-    def _threshold(x, shift, thresholds, z, m, ch_last):
-        return torch.empty_like(x)
+    def _threshold(x, shift, thresholds, z, m, ch_last, u8=False):
+        return torch.empty_like(x, dtype=torch.uint8 if u8 else x.dtype)
 
     @torch.library.register_fake("zoo_cpu::epilogue")
-    def _epilogue(acc, scale, bias, ch_last):
-        return acc.new_empty(acc.shape, dtype=torch.float32)
+    def _epilogue(acc, scale, bias, ch_last, nchw=False):
+        return acc.new_empty(acc.shape, dtype=torch.float32) if nchw else torch.empty_like(acc, dtype=torch.float32)
+
+    @torch.library.register_fake("zoo_cpu::epilogue_sum")
+    def _epilogue_sum(acc, d, scale, bias, nchw=False):
+        if acc.dim() == 4:
+            n, c, h, w = acc.shape
+            out = acc.new_empty((n, c - 1, h, w))
+            return out if nchw else out.contiguous(memory_format=torch.channels_last)
+        return acc.new_empty(acc.shape[:-1] + (acc.shape[-1] - 1,))
 
     @torch.library.register_fake("zoo_cpu::binary_conv2d")
     def _conv(xbits, wbits, c_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale, bias):
@@ -129,20 +170,31 @@ def _register_fakes() -> None:
 
 
 def affine_input(x: torch.Tensor, shift, scale: float, offset: float, qmin: float, qmax: float, z: float,
-                 m: float, ch_last: bool) -> torch.Tensor:
-    """(clamp(round((x - shift) / scale + offset), qmin, qmax) - z) * m in float32, channels on dim 1 or
-    (``ch_last``) the last dim: the cached path's folded input of affine activation codes."""
-    return torch.ops.zoo_cpu.affine_input(x, shift, scale, offset, qmin, qmax, z, m, ch_last)
+                 m: float, ch_last: bool, u8: bool = False) -> torch.Tensor:
+    """(clamp(round((x - shift) / scale + offset), qmin, qmax) - z) * m in float32 (``u8``: as uint8, for
+    values in [0, 255]), channels on dim 1 or (``ch_last``) the last dim: the cached path's folded input
+    of affine activation codes. A 4-d channels-last x gives a channels-last result."""
+    return torch.ops.zoo_cpu.affine_input(x, shift, scale, offset, qmin, qmax, z, m, ch_last, u8)
 
 
-def threshold_input(x: torch.Tensor, shift, thresholds: torch.Tensor, z: float, m: float, ch_last: bool):
-    """(number of thresholds below x - shift - z) * m in float32 (N2UQ's codes, as torch.bucketize)."""
-    return torch.ops.zoo_cpu.threshold_input(x, shift, thresholds, z, m, ch_last)
+def threshold_input(x: torch.Tensor, shift, thresholds: torch.Tensor, z: float, m: float, ch_last: bool,
+                    u8: bool = False):
+    """(number of thresholds below x - shift - z) * m in float32 or uint8 (N2UQ's codes, as torch.bucketize)."""
+    return torch.ops.zoo_cpu.threshold_input(x, shift, thresholds, z, m, ch_last, u8)
 
 
-def epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_last: bool) -> torch.Tensor:
-    """float32(float64(acc) * scale[c] + bias[c]), channels on dim 1 or (``ch_last``) the last dim."""
-    return torch.ops.zoo_cpu.epilogue(acc, scale, bias, ch_last)
+def epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_last: bool, nchw: bool = False) -> torch.Tensor:
+    """float32(float64(acc) * scale[c] + bias[c]), channels on dim 1 or (``ch_last``) the last dim; a 4-d
+    channels-last acc gives a channels-last result, or with ``nchw`` a contiguous one."""
+    return torch.ops.zoo_cpu.epilogue(acc, scale, bias, ch_last, nchw)
+
+
+def epilogue_sum(acc: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, bias, nchw: bool = False) -> torch.Tensor:
+    """float32((float64(acc[c]) + d[c] * float64(acc[C])) * scale[c] + bias[c]) for acc's C + 1 channels,
+    channels last (the last dim or a 4-d channels-last tensor; the result keeps it, or with ``nchw`` is
+    contiguous): the epilogue of int8 sums with per-channel shifted weights and, in the last channel,
+    the sum of the inputs."""
+    return torch.ops.zoo_cpu.epilogue_sum(acc, d, scale, bias, nchw)
 
 
 def pack_signs(x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:

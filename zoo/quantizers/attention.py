@@ -85,7 +85,7 @@ class QuantMatMul(MatMul):
         if self.training or not _affine(self.aq_b) or (self.aq_a is not None and not _affine(self.aq_a)):
             a = self.aq_a(a) if self.aq_a is not None else a
             return a @ self.aq_b(b)
-        return integer_matmul(a, self.aq_a, b, self.aq_b, self.backend, self.grids()).to(b.dtype)
+        return integer_matmul(a, self.aq_a, b, self.aq_b, self.backend, self.grids(), b.dtype).to(b.dtype)
 
     def extra_repr(self):
         return f"act={type(self.spec.act).__name__}(a{self.spec.act.bits})" + ("" if self.quant_a else
@@ -113,7 +113,8 @@ def _int8_centre(qmin: float, qmax: float) -> int | None:
     return 0 if qmin >= -128 and qmax <= 127 else 128 if qmin >= 0 and qmax <= 255 else None
 
 
-def integer_matmul(a, aq_a, b, aq_b, backend: str = "reference", grids: tuple | None = None) -> torch.Tensor:
+def integer_matmul(a, aq_a, b, aq_b, backend: str = "reference", grids: tuple | None = None,
+                   out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``a @ b`` from integer codes: ``s_a s_b Σ u_a u_b`` with u = code - zero, in float64 (|u| < 2^8,
     K < 2^20 terms: exact far below 2^53). With ``aq_a=None`` the first operand is taken as the exact
     values it holds (the softmax quantizer's levels) and only b is quantized.
@@ -123,11 +124,19 @@ def integer_matmul(a, aq_a, b, aq_b, backend: str = "reference", grids: tuple | 
     batched matmul of the codes centred into int8 with the centring terms added back; on CPU under
     ``auto``/``cpu``, a float32 matmul when every partial sum is an integer below 2^24 (integer zero
     points and K max|u_a| max|u_b| < 2^24). Both give the float64 sum exactly; ``reference`` is the
-    float64 product alone. ``grids``: the operands' ``grid``s when already known (``QuantMatMul.grids``)."""
+    float64 product alone. ``grids``: the operands' ``grid``s when already known (``QuantMatMul.grids``).
+
+    On that CPU path with the C++ kernels (``kernels.cpu_ops``, eager, float32 operands, integer zero
+    points) the centred codes u = v - z come from one pass each (float32, exact: small integers) and,
+    with ``out_dtype=float32``, the result is float32(float64(sum) * s_a s_b) in one more pass: the
+    values the float64 product gives, rounded to float32 as ``QuantMatMul`` does."""
     from ..kernels import dispatch
 
     ga, gb = grids if grids is not None else tuple(grid(q.params(None)) if q is not None else None
                                                    for q in (aq_a, aq_b))
+    fast = dispatch.cpu_cached(backend, a) and a.dtype == b.dtype == torch.float32 and _cpu_kernels()
+    if fast and gb[2] == round(gb[2]) and (aq_a is None or ga[2] == round(ga[2])):
+        return _cpu_integer_matmul(a, ga if aq_a is not None else None, b, gb, out_dtype)
     (sb, _, zb, bmin, bmax), vb = gb, _codes(b, gb)
     if aq_a is None:
         return (a.double() @ (vb - zb)) * sb
@@ -149,6 +158,37 @@ def integer_matmul(a, aq_a, b, aq_b, backend: str = "reference", grids: tuple | 
         if bound < 2 ** 24:
             return (ua.float() @ ub.float()).double() * (sa * sb)
     return (ua @ ub) * (sa * sb)
+
+
+def _cpu_kernels() -> bool:
+    from ..kernels import cpu_ops
+
+    return not torch.compiler.is_compiling() and cpu_ops.enabled() and cpu_ops.available()
+
+
+def _bound(k: int, ga, gb) -> float:
+    """k max|u_a| max|u_b|: no partial sum of the integer product exceeds it."""
+    return k * max(abs(ga[3] - ga[2]), abs(ga[4] - ga[2])) * max(abs(gb[3] - gb[2]), abs(gb[4] - gb[2]))
+
+
+def _cpu_integer_matmul(a, ga, b, gb, out_dtype):
+    """``integer_matmul``'s CPU path with the C++ kernels (integer zero points; ``ga`` None: a is exact)."""
+    from ..kernels import cpu_ops
+
+    def centred(x, g):  # v - z in float32: one pass, exact
+        s, off, z, lo, hi = g
+        return cpu_ops.affine_input(x.detach(), None, s, off, lo, hi, z, 1.0, True)
+
+    ub = centred(b, gb)
+    if ga is None:  # a holds the softmax levels: the float64 product, as the reference
+        return (a.double() @ ub.double()) * gb[0]
+    ua = centred(a, ga)
+    if _bound(a.shape[-1], ga, gb) >= 2 ** 24:
+        return (ua.double() @ ub.double()) * (ga[0] * gb[0])
+    acc = ua @ ub  # float32: every partial sum an integer below 2^24
+    if out_dtype == torch.float32:
+        return cpu_ops.epilogue(acc, torch.full((acc.shape[-1],), ga[0] * gb[0], dtype=torch.float64), None, True)
+    return acc.double() * (ga[0] * gb[0])
 
 
 class QuantSoftmax(Softmax):

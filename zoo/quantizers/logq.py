@@ -47,12 +47,15 @@ class LogAct(ActQuantizer):
         if self.k == 1:
             v = torch.exp2(-q)
         else:
-            odd = torch.remainder(q, 2)
-            v = torch.exp2(-torch.ceil(q / 2)) * (1 + odd * (math.sqrt(2) - 1))
+            c = torch.ceil(q / 2)
+            odd = 2 * c - q  # q mod 2 exactly (integer-valued q), without torch.remainder's slow pass
+            v = torch.exp2(-c) * (1 + odd * (math.sqrt(2) - 1))
         return torch.where(q == top, torch.zeros_like(v), v * self.scale)
 
     def forward(self, x):
         v = self.levels(self.codes(x))
+        if not (torch.is_grad_enabled() and x.requires_grad):  # inference: ste's forward value, v + (x - x),
+            return v + (x - x)  # without building its gradient surrogate (whose value is x either way)
         return ste(v, torch.where((x > 0) & (x <= self.scale), x, x.detach()))
 
     @torch.no_grad()

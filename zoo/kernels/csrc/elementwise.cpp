@@ -5,9 +5,14 @@
 //     v = clamp(round(float(x - shift[c]) / scale + offset), qmin, qmax),  u = (v - z) * m
 // with float32 arithmetic in that order (round half to even, as torch.round), so v equals
 // zoo.kernels.reference.quantize_act's codes bit for bit and u is exact (small (half-)integers).
+// With u8 set, u is written as uint8 (the caller makes it a code in [0, 255]: z = qmin; a NaN gives 0):
+// the input of the int8 convolutions and matmuls (zoo/kernels/onednn.py).
 // epilogue: y = float(double(acc) * scale[c] + double(bias[c])), the float64 multiply and add of
 // zoo.kernels.cached._epilogue (its round() is a no-op on the exact integer sums this path produces).
-// Built with -ffp-contract=off: no fused multiply-add may change a rounding.
+// 4-d channels-last inputs are read in place, without a copy, and give channels-last results -- or,
+// with nchw set (the epilogues of the int8 convolutions, which return channels-last sums), contiguous
+// N x C x H x W ones: a layer's output keeps its input's layout, as in the reference, so the float
+// layers after it compute exactly what they compute there. Built with -ffp-contract=off: no fused multiply-add may change a rounding.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,111 +21,131 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 namespace {
 
 // One run of elements of one channel (restrict pointers and plain loops, so the compiler vectorises them:
 // vrndscaleps for the rounding on AVX-512).
-void affine_run(const float* __restrict__ src, float* __restrict__ dst, int64_t n, bool has_shift, float sh,
+inline float store(float u, float*) { return u; }
+inline uint8_t store(float u, uint8_t*) { return u == u ? uint8_t(u) : uint8_t(0); }  // u in [0, 255] or NaN
+
+// Shift: 0 none, 1 one value for the run (a plane of one channel), 2 one per element (a channels-last row)
+template <int Shift, typename T>
+void affine_run(const float* __restrict__ src, T* __restrict__ dst, int64_t n, const float* __restrict__ sh,
                 float s, float o, float lo, float hi, float z, float m) {
+  const float s0 = Shift == 1 ? sh[0] : 0.0f;
   for (int64_t i = 0; i < n; ++i) {
-    float v = has_shift ? src[i] - sh : src[i];  // float32 subtraction, as x - shift in torch
+    float v = Shift == 0 ? src[i] : src[i] - (Shift == 1 ? s0 : sh[i]);  // float32, as x - shift in torch
     v = std::nearbyint(v / s + o);  // the default rounding mode: to nearest, ties to even
     v = v < lo ? lo : v;  // torch.clamp: max(min) order, NaN stays NaN
     v = v > hi ? hi : v;
-    dst[i] = (v - z) * m;
+    dst[i] = store((v - z) * m, dst);
   }
 }
 
-void threshold_run(const float* __restrict__ src, float* __restrict__ dst, int64_t n, bool has_shift, float sh,
+template <int Shift, typename T>
+void threshold_run(const float* __restrict__ src, T* __restrict__ dst, int64_t n, const float* __restrict__ sh,
                    const float* __restrict__ tp, int64_t nt, float z, float m) {
   constexpr int64_t CHUNK = 256;  // counts over a chunk, threshold by threshold: vectorises over elements
   float v[CHUNK], k[CHUNK];
   for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
     const int64_t nj = n - j0 < CHUNK ? n - j0 : CHUNK;
     for (int64_t j = 0; j < nj; ++j) {
-      v[j] = has_shift ? src[j0 + j] - sh : src[j0 + j];
+      v[j] = Shift == 0 ? src[j0 + j] : src[j0 + j] - (Shift == 1 ? sh[0] : sh[j0 + j]);
       k[j] = 0.0f;
     }
     for (int64_t t = 0; t < nt; ++t) {
       const float tt = tp[t];
       for (int64_t j = 0; j < nj; ++j) k[j] += tt < v[j] ? 1.0f : 0.0f;
     }
-    for (int64_t j = 0; j < nj; ++j) dst[j0 + j] = ((v[j] != v[j] ? float(nt) : k[j]) - z) * m;  // NaN: all
+    for (int64_t j = 0; j < nj; ++j) dst[j0 + j] = store(((v[j] != v[j] ? float(nt) : k[j]) - z) * m, dst);  // NaN: all
   }
 }
 
-// Calls f(src, dst, n, channel) over runs of elements that share a channel: planes of the N x C x ...
-// layout (channels on dim 1), or single elements of the channels-last layout.
-template <typename F>
-void for_channel_runs(int64_t total, int64_t c, int64_t inner, bool ch_last, F&& f) {
-  if (ch_last) {
-    at::parallel_for(0, total / c, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t k = 0; k < c; ++k) f(r * c + k, 1, k);
+// 4-d channels-last and not also contiguous (a dense N x C x H x W tensor stored as N x H x W x C)
+bool nhwc(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// The shared frame of the input kernels: checks, the layout, the per-channel shift, then
+// run.template operator()<Shift>(src, dst, n, shift pointer) over runs of elements:
+// no shift: any runs of the flat storage; channels on dim 1: planes of one channel (Shift 1);
+// channels last (ch_last: the last dim; or a 4-d channels-last tensor): rows of C elements (Shift 2).
+template <typename T, typename Run>
+at::Tensor input_kernel(const char* name, const at::Tensor& x_in, const c10::optional<at::Tensor>& shift_in,
+                        bool ch_last, at::ScalarType out_type, Run&& run) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 2, name, ": x must be float32, 2-d or more");
+  const bool cl = !ch_last && nhwc(x_in);
+  const at::Tensor x = cl ? x_in : x_in.contiguous();
+  const int64_t c = ch_last ? x.size(-1) : x.size(1);
+  const int64_t total = x.numel();
+  at::Tensor out = at::empty_like(x, x.options().dtype(out_type));  // keeps a channels-last layout
+  const float* xp = x.data_ptr<float>();
+  T* op = out.data_ptr<T>();
+  if (!(shift_in.has_value() && shift_in->defined())) {
+    at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+      run.template operator()<0>(xp + begin, op + begin, end - begin, nullptr);
+    });
+    return out;
+  }
+  const at::Tensor shift = shift_in->contiguous().to(at::kFloat);
+  TORCH_CHECK(shift.numel() == c, name, ": shift has ", shift.numel(), " values for ", c, " channels");
+  const float* sp = shift.data_ptr<float>();
+  if (ch_last || cl) {
+    at::parallel_for(0, total / c, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) run.template operator()<2>(xp + r * c, op + r * c, c, sp);
     });
   } else {
+    const int64_t inner = total / (x.size(0) * c);  // elements per (sample, channel) plane
     at::parallel_for(0, total / inner, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) f(plane * inner, inner, plane % c);
+      for (int64_t p = begin; p < end; ++p) run.template operator()<1>(xp + p * inner, op + p * inner, inner, sp + p % c);
     });
   }
-}
-
-// x: float32, channels on dim 1 (N x C x ...) when ch_last is false, on the last dim when true
-// The shared frame of the input kernels: checks, the per-channel shift, one run per channel.
-template <typename Run>
-at::Tensor per_channel_input(const char* name, const at::Tensor& x_in, const c10::optional<at::Tensor>& shift_in,
-                             bool ch_last, Run&& run) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 2, name, ": x must be float32, 2-d or more");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t c = ch_last ? x.size(-1) : x.size(1);
-  const int64_t inner = ch_last ? 1 : x.numel() / (x.size(0) * c);  // elements per (sample, channel) plane
-  const float* sp = nullptr;
-  at::Tensor shift;
-  if (shift_in.has_value() && shift_in->defined()) {
-    shift = shift_in->contiguous().to(at::kFloat);
-    TORCH_CHECK(shift.numel() == c, name, ": shift has ", shift.numel(), " values for ", c, " channels");
-    sp = shift.data_ptr<float>();
-  }
-  at::Tensor out = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for_channel_runs(x.numel(), c, inner, ch_last, [&](int64_t start, int64_t len, int64_t ch) {
-    run(xp + start, op + start, len, sp != nullptr, sp ? sp[ch] : 0.0f);
-  });
   return out;
 }
 
 at::Tensor affine_input(const at::Tensor& x, const c10::optional<at::Tensor>& shift, double scale, double offset,
-                        double qmin, double qmax, double z, double m, bool ch_last) {
+                        double qmin, double qmax, double z, double m, bool ch_last, bool u8) {
   const float s = float(scale), o = float(offset), lo = float(qmin), hi = float(qmax), zf = float(z), mf = float(m);
-  return per_channel_input("affine_input", x, shift, ch_last,
-                           [&](const float* src, float* dst, int64_t n, bool has_shift, float sh) {
-                             affine_run(src, dst, n, has_shift, sh, s, o, lo, hi, zf, mf);
+  auto go = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return input_kernel<T>("affine_input", x, shift, ch_last, u8 ? at::kByte : at::kFloat,
+                           [&]<int Shift>(const float* src, T* dst, int64_t n, const float* sh) {
+                             affine_run<Shift>(src, dst, n, sh, s, o, lo, hi, zf, mf);
                            });
+  };
+  return u8 ? go((uint8_t*)nullptr) : go((float*)nullptr);
 }
 
 // N2UQ's threshold activations: v = the number of thresholds t_k < x - shift[c] (torch.bucketize's count,
 // NaN counting all of them), u = (v - z) * m; thresholds sorted ascending, float32
 at::Tensor threshold_input(const at::Tensor& x, const c10::optional<at::Tensor>& shift, const at::Tensor& th_in,
-                           double z, double m, bool ch_last) {
+                           double z, double m, bool ch_last, bool u8) {
   const at::Tensor th = th_in.contiguous().to(at::kFloat);
   const float* tp = th.data_ptr<float>();
   const int64_t nt = th.numel();
   const float zf = float(z), mf = float(m);
-  return per_channel_input("threshold_input", x, shift, ch_last,
-                           [&](const float* src, float* dst, int64_t n, bool has_shift, float sh) {
-                             threshold_run(src, dst, n, has_shift, sh, tp, nt, zf, mf);
+  auto go = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return input_kernel<T>("threshold_input", x, shift, ch_last, u8 ? at::kByte : at::kFloat,
+                           [&]<int Shift>(const float* src, T* dst, int64_t n, const float* sh) {
+                             threshold_run<Shift>(src, dst, n, sh, tp, nt, zf, mf);
                            });
+  };
+  return u8 ? go((uint8_t*)nullptr) : go((float*)nullptr);
 }
 
 // acc: float32 or float64 integer sums, channels on dim 1 or the last dim; scale: float64 [C];
 // bias: float32 [C] or none -> float32
 at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& scale_in, const c10::optional<at::Tensor>& bias_in,
-                    bool ch_last) {
+                    bool ch_last, bool nchw) {
   TORCH_CHECK(acc_in.dim() >= 2, "epilogue: acc must be 2-d or more");
-  const at::Tensor acc = acc_in.contiguous();
+  const bool cl = !ch_last && nhwc(acc_in);
+  const at::Tensor acc = cl ? acc_in : acc_in.contiguous();
   const int64_t c = ch_last ? acc.size(-1) : acc.size(1);
+  ch_last = ch_last || cl;
   const int64_t inner = ch_last ? 1 : acc.numel() / (acc.size(0) * c);
   const at::Tensor scale = scale_in.contiguous().to(at::kDouble);
   TORCH_CHECK(scale.numel() == c, "epilogue: ", scale.numel(), " scales for ", c, " channels");
@@ -131,12 +156,26 @@ at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& scale_in, const 
     TORCH_CHECK(bias.numel() == c, "epilogue: ", bias.numel(), " biases for ", c, " channels");
     bp = bias.data_ptr<double>();
   }
-  at::Tensor out = at::empty(acc.sizes(), acc.options().dtype(at::kFloat));
+  // a channels-last acc gives a channels-last result, or (nchw) a contiguous one
+  const bool t = cl && nchw;
+  const int64_t hw = t ? acc.size(2) * acc.size(3) : 1;
+  at::Tensor out = t ? at::empty(acc.sizes(), acc.options().dtype(at::kFloat))
+                     : at::empty_like(acc, acc.options().dtype(at::kFloat));
   const double* sc = scale.data_ptr<double>();
   float* op = out.data_ptr<float>();
   const int64_t total = acc.numel();
   auto run = [&](auto* ap) {
-    if (ch_last) {
+    if (t) {  // rows of C channels, written to planes: out[n, k, p] for row r = n * hw + p
+      at::parallel_for(0, total / c, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          float* o = op + (r / hw) * c * hw + r % hw;
+          for (int64_t k = 0; k < c; ++k) {
+            double v = double(ap[r * c + k]) * sc[k];
+            o[k * hw] = float(bp ? v + bp[k] : v);
+          }
+        }
+      });
+    } else if (ch_last) {
       at::parallel_for(0, total / c, 256, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r)
           for (int64_t k = 0; k < c; ++k) {
@@ -167,17 +206,72 @@ at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& scale_in, const 
   return out;
 }
 
+// epilogue_sum: the epilogue of int8 sums whose weights were shifted per channel to fit int8
+// (zoo/kernels/cached.py): acc holds C + 1 channels, channels last (the last dim; dim 1 of a 4-d
+// tensor, read as channels-last), the sums a[c] with the shifted weights and, last, s = the sum of the inputs
+// with all-one weights; y[c] = float((double(a[c]) + d[c] * double(s)) * scale[c] + double(bias[c])).
+// The bracket is the exact integer sum (integers below 2^53), so y is the epilogue's.
+at::Tensor epilogue_sum(const at::Tensor& acc_in, const at::Tensor& d_in, const at::Tensor& scale_in,
+                        const c10::optional<at::Tensor>& bias_in, bool nchw) {
+  TORCH_CHECK(acc_in.scalar_type() == at::kFloat && acc_in.dim() >= 2, "epilogue_sum: acc must be float32, 2-d or more");
+  const bool cl = acc_in.dim() == 4;  // N x (C + 1) x H x W, stored channels-last
+  const at::Tensor acc = acc_in.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const int64_t ca = cl ? acc.size(1) : acc.size(-1), c = ca - 1;
+  const at::Tensor scale = scale_in.contiguous().to(at::kDouble), d = d_in.contiguous().to(at::kDouble);
+  TORCH_CHECK(scale.numel() == c && d.numel() == c, "epilogue_sum: ", scale.numel(), " scales and ", d.numel(),
+              " shifts for ", c, " channels");
+  const double* bp = nullptr;
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->contiguous().to(at::kDouble);
+    TORCH_CHECK(bias.numel() == c, "epilogue_sum: ", bias.numel(), " biases for ", c, " channels");
+    bp = bias.data_ptr<double>();
+  }
+  std::vector<int64_t> shape(acc.sizes().begin(), acc.sizes().end());
+  shape[cl ? 1 : shape.size() - 1] = c;
+  const bool t = cl && nchw;  // write N x C x H x W planes
+  const int64_t hw = cl ? acc.size(2) * acc.size(3) : 1;
+  at::Tensor out = cl && !nchw ? at::empty(shape, acc.options().memory_format(at::MemoryFormat::ChannelsLast))
+                               : at::empty(shape, acc.options());
+  const double *sc = scale.data_ptr<double>(), *dp = d.data_ptr<double>();
+  const float* ap = acc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, acc.numel() / ca, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* a = ap + r * ca;
+      const double sum = double(a[c]);
+      if (t) {
+        float* o = op + (r / hw) * c * hw + r % hw;
+        for (int64_t k = 0; k < c; ++k) {
+          const double v = (double(a[k]) + dp[k] * sum) * sc[k];
+          o[k * hw] = float(bp ? v + bp[k] : v);
+        }
+      } else {
+        float* o = op + r * c;
+        for (int64_t k = 0; k < c; ++k) {
+          const double v = (double(a[k]) + dp[k] * sum) * sc[k];
+          o[k] = float(bp ? v + bp[k] : v);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
   m.def("affine_input(Tensor x, Tensor? shift, float scale, float offset, float qmin, float qmax, float z, float m, "
-        "bool ch_last) -> Tensor");
-  m.def("threshold_input(Tensor x, Tensor? shift, Tensor thresholds, float z, float m, bool ch_last) -> Tensor");
-  m.def("epilogue(Tensor acc, Tensor scale, Tensor? bias, bool ch_last) -> Tensor");
+        "bool ch_last, bool u8=False) -> Tensor");
+  m.def("threshold_input(Tensor x, Tensor? shift, Tensor thresholds, float z, float m, bool ch_last, bool u8=False) "
+        "-> Tensor");
+  m.def("epilogue(Tensor acc, Tensor scale, Tensor? bias, bool ch_last, bool nchw=False) -> Tensor");
+  m.def("epilogue_sum(Tensor acc, Tensor d, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
   m.impl("affine_input", affine_input);
   m.impl("threshold_input", threshold_input);
   m.impl("epilogue", epilogue);
+  m.impl("epilogue_sum", epilogue_sum);
 }

@@ -1,0 +1,122 @@
+"""The cached CPU path's int8 sums (zoo/kernels/onednn.py, oneDNN's u8 x s8 convolutions and matmuls):
+bit-identical to the uncached float64 reference for every kind of folded and expanded plan they take
+(symmetric, asymmetric 8-bit weights shifted per row, threshold codes, per-channel shifts, real-valued
+zero points, groups, strides, dilation, 1 x 1 outputs), really taken where eligible, switched off by
+ZOO_CPU_INT8=0 with the same outputs, and refused by the self-test where sums would saturate."""
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from zoo.kernels import cached, onednn
+from zoo.quantizers.packed import PackedLayer
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="oneDNN int8 ops absent or not exact on this CPU")
+
+CFGS = {"lsq4": zoo.QuantConfig(weight=zoo.LSQ(4), act=zoo.LSQ(4)),
+        "lsq8": zoo.QuantConfig(weight=zoo.LSQ(8), act=zoo.LSQ(8)),
+        "minmax8": zoo.QuantConfig(weight=zoo.MinMax(8), act=zoo.MinMax(8)),  # asymmetric rows: shifted
+        "dorefa2": zoo.QuantConfig(weight=zoo.DoReFa(2), act=zoo.DoReFa(2)),
+        "pams2": zoo.QuantConfig(weight=zoo.PAMS(2), act=zoo.PAMS(2)),
+        "n2uq2": zoo.QuantConfig(weight=zoo.N2UQ(2), act=zoo.N2UQ(2)),  # threshold codes
+        "rlq4": zoo.QuantConfig(weight=zoo.LSQ(4), act=zoo.RLQ(4)),  # per-channel shift (set below)
+        "ul2q2": zoo.QuantConfig(weight=zoo.UL2Q(2), act=zoo.UL2Q(2))}  # real zero points: expanded form
+
+NETS = {  # (modules, input shape)
+    "conv": (lambda: nn.Sequential(nn.Conv2d(6, 12, 3, stride=2, padding=1), nn.ReLU(),
+                                   nn.Conv2d(12, 8, 3, padding=2, dilation=2)), (3, 6, 11, 10)),
+    "grouped": (lambda: nn.Sequential(nn.Conv2d(6, 12, 3, padding=1, groups=3), nn.Conv2d(12, 8, 1)), (2, 6, 9, 9)),
+    "one_pixel": (lambda: nn.Sequential(nn.Conv2d(16, 8, 3), nn.Conv2d(8, 4, 1)), (2, 16, 3, 3)),  # 1 x 1 outputs
+    "linear": (lambda: nn.Sequential(nn.Linear(40, 9), nn.Linear(9, 5)), (2, 3, 40)),
+}
+
+
+def _packed(cfg_name, net_name):
+    torch.manual_seed(0)
+    build, shape = NETS[net_name]
+    net = build()
+    if cfg_name == "minmax8":  # all-positive weights: per-channel min-max codes q - z_w in [0, 255]
+        with torch.no_grad():
+            for p in net.parameters():
+                p.abs_()
+    zoo.quantize(net, CFGS[cfg_name])
+    net.train()
+    for _ in range(3):
+        net(torch.randn(*shape) * 2)
+    net = zoo.to_packed(net.eval())
+    if cfg_name == "rlq4":  # a real per-channel shift (it starts at 0)
+        for m in net.modules():
+            if isinstance(m, PackedLayer):
+                m.a_shift.copy_(torch.randn_like(m.a_shift) * 0.3)
+    return net, shape
+
+
+def _run(net, x, backend):
+    zoo.set_backend(net, backend)
+    with torch.no_grad():
+        return net(x)
+
+
+@pytest.fixture
+def int8_calls(monkeypatch):
+    calls = []
+    for cls in (onednn.Conv, onednn.Linear):
+        real = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, x, _r=real: calls.append(type(self).__name__) or _r(self, x))
+    return calls
+
+
+@pytest.mark.parametrize("net_name", list(NETS))
+@pytest.mark.parametrize("cfg_name", list(CFGS))
+def test_int8_sums_identical_to_reference(cfg_name, net_name, int8_calls):
+    net, shape = _packed(cfg_name, net_name)
+    torch.manual_seed(1)
+    x = torch.randn(*shape) * 2
+    x_cl = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    for inp in (x, x_cl):  # a channels-last input reads in place: same outputs
+        want = _run(net, inp, "reference")
+        int8_calls.clear()
+        got = _run(net, inp, "cpu")
+        assert got.dtype == want.dtype and torch.equal(got, want), (cfg_name, net_name, (got - want).abs().max())
+        # ... in the reference's layout (float layers after them would round differently in another one)
+        layout = lambda t: (t.is_contiguous(), t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))  # noqa: E731
+        assert layout(got) == layout(want), (got.stride(), want.stride())
+        layers = [m for m in net.modules() if isinstance(m, PackedLayer)]
+        if net_name == "grouped" and cfg_name in ("minmax8", "ul2q2"):  # a ones row needs one group: float32 first
+            assert len(int8_calls) == 1
+        else:
+            assert len(int8_calls) == len(layers), int8_calls  # every layer took the int8 sums
+    plans = [pl for m in layers for _, pl in m.__dict__["_cpu_cache"]["plans"].values()]
+    assert {pl.kind for pl in plans} == ({"expanded"} if cfg_name == "ul2q2" else {"folded"})
+    if cfg_name == "minmax8" and net_name != "grouped":
+        assert all(pl.spec[3] is not None for pl in plans)  # 8-bit asymmetric rows: shifted, ones stacked
+
+
+def test_int8_sums_of_a_shipped_model_and_the_off_switch(monkeypatch, int8_calls):
+    """resnet20 LSQ W4A4 on its golden images: every layer through int8 (its 8-bit first conv and
+    classifier with shifted rows), identical to the reference; ZOO_CPU_INT8=0 runs float32 sums, same outputs."""
+    from zoo.cards import read_golden
+    from zoo.registry import resolve_checkpoint
+
+    x, _ = read_golden(resolve_checkpoint("resnet20.lsq_w4a4_fmnist"))
+    model = zoo.load("resnet20.lsq_w4a4_fmnist")
+    want = _run(model, x, "reference")
+    got = _run(model, x, "cpu")
+    assert torch.equal(got, want) and len(int8_calls) == 20
+    monkeypatch.setenv("ZOO_CPU_INT8", "0")
+    int8_calls.clear()
+    cached.clear(model)
+    assert torch.equal(_run(model, x, "cpu"), want) and not int8_calls
+
+
+def test_self_test_passes_here_and_rejects_saturating_sums(monkeypatch):
+    assert onednn._self_test()
+    real = onednn.Conv.__call__
+
+    def saturating(self, x8):  # what int16 pair sums would do to large sums
+        return real(self, x8).clamp(-2 ** 15, 2 ** 15 - 1)
+
+    monkeypatch.setattr(onednn.Conv, "__call__", saturating)
+    assert not onednn._self_test()
+    monkeypatch.setattr(onednn, "_state", {})
+    assert not onednn.available()  # ... and the path is then off
