@@ -340,6 +340,35 @@ def test_epilogue_sum_equals_its_float64_formula():
         cpu_ops.epilogue_sum(acc, d, scale[:4], None)
 
 
+def test_expanded_epilogue_equals_the_torch_expanded_form():
+    """muL2Q's expanded epilogue in one pass: equal to ``cached._expanded``'s float64 torch operations (on
+    the same sums, with and without border terms and bias), contiguous or channels-last."""
+    from types import SimpleNamespace
+
+    from zoo.kernels import cached
+
+    g = torch.Generator().manual_seed(5)
+    c, h, w = 6, 4, 5
+    acc = torch.randint(-3000, 3000, (3, c + 1, h, w), generator=g).float()
+    c_q = torch.randint(0, 40, (1, c, h, w), generator=g).float()
+    c_1 = torch.randint(1, 10, (1, 1, h, w), generator=g).float()
+    layer = SimpleNamespace(w_zero=torch.rand(c, generator=g) * 3, w_scale=torch.rand(c, generator=g) * 0.1,
+                            bias=torch.randn(c, generator=g))
+    s_a = 0.0371
+    for z_a in (-1.2935960292816162, 0.0):
+        for bias in (layer.bias, None):
+            layer.bias = bias
+            cq, c1 = (c_q, c_1) if z_a else (None, None)
+            want = cached._expanded(layer, acc[:, :c], acc[:, c:], cq, c1, s_a, z_a, 1, torch.float32)
+            for a in (acc, acc.contiguous(memory_format=torch.channels_last)):
+                for nchw in (True, False):
+                    got = cpu_ops.expanded_epilogue(a, cq, c1, layer.w_zero, z_a, s_a * layer.w_scale.double(),
+                                                    bias, nchw)
+                    assert torch.equal(got, want), (z_a, bias is None, nchw)
+                    assert got.is_contiguous() == nchw
+        layer.bias = torch.randn(c, generator=g)
+
+
 def test_affine_layers_take_the_elementwise_kernels(monkeypatch):
     """An LSQ W4A4 conv + linear through the cached path: the C++ input and epilogue kernels run (and
     nothing of it with ZOO_CPU_KERNELS=0), outputs identical to the reference either way."""

@@ -32,6 +32,15 @@ the reference convolves the non-integer u = v - z_a in float64, so the two agree
 rounding (not bit for bit); float32 or float64 by the same bound. Sums that could pass 2^53 (none in
 practice) return ``None`` (the reference).
 
+Where the CPU has exact int8 sums (``onednn.py``: oneDNN's u8 x s8 convolutions and matmuls, int32
+accumulation, self-tested on first use), a float32-exact plan runs them instead of the float32
+convolution: the same integer sums, 2-5x faster at the zoo's shapes. Codes go in as uint8 from the C++
+input kernel, W' (or [q; 1]) as int8 -- 8-bit asymmetric weight rows, whose W' spans up to 256 values
+around a non-zero centre, are shifted by their integer centre d[c] and a row of ones stacked on, whose
+sum s gives sum u W' = sum u (W' - d) + d s back exactly in the float64 epilogue (``_int8_spec``).
+Results take the layout the reference's would have (``_keeps_channels_last``), so the float layers
+after a packed one see the same input, bit for bit. ``ZOO_CPU_INT8=0`` turns the int8 sums off.
+
 Everything data-dependent (the multipliers, the bounds, the packed weights) is decided once per layer,
 weight version and activation site (a ``Plan``), so the call itself is tensor operations only and a
 model runs under ``torch.compile`` without graph breaks in its packed layers. Inside a compile trace
@@ -39,8 +48,10 @@ the plans are used as built, without the version checks (``prepare``, which ``zo
 them beforehand); after changing weights in place, call ``clear(model)`` and compile again.
 
 Memory: the cache holds a float32 copy of each packed layer's weights, i.e. as much as the float
-model's weights (4 bytes per weight against 1/8 to 1 byte packed; 8 for the float64 layers). ``backend="reference"`` (or
-:func:`clear`) turns it off.
+model's weights (4 bytes per weight against 1/8 to 1 byte packed; 8 for the float64 layers), plus
+oneDNN's prepacked int8 copy (1 byte per weight) where the int8 sums run. ``backend="reference"`` (or
+:func:`clear`) turns it off. ``prepare`` also fixes glibc's malloc thresholds once per process
+(``cpu_ops.tune_malloc``; ``ZOO_MALLOC_TUNE=0`` skips it).
 """
 from __future__ import annotations
 
@@ -138,10 +149,13 @@ def _build_plan(layer, k: int, binary_ok: bool) -> Plan:
         return Plan("reference", p)
     qf = q.to(dtype).contiguous()
     stack = spec = None
-    if getattr(layer, "groups", 1) == 1 and layer.ch_axis == 0:
-        stack = torch.cat([qf, qf.new_ones((1,) + tuple(qf.shape[1:]))])
-        spec = _int8_spec(layer, p, stack, dtype, 1, 0.0, vmax)
-        spec = spec if spec is not None and spec[3] is None else None  # [q; 1] itself in int8
+    if getattr(layer, "groups", 1) == 1:  # [q; 1]: a ones output channel (dim 1 of a transposed conv's weight)
+        ones = list(qf.shape)
+        ones[layer.ch_axis] = 1
+        stack = torch.cat([qf, qf.new_ones(ones)], dim=layer.ch_axis)
+        if layer.ch_axis == 0:
+            spec = _int8_spec(layer, p, stack, dtype, 1, 0.0, vmax)
+            spec = spec if spec is not None and spec[3] is None else None  # [q; 1] itself in int8
     return Plan("expanded", p, s_a, z_a, m_a, w=qf, stack=stack, affine=affine, int8=spec)
 
 
@@ -366,17 +380,20 @@ def conv2d(layer, x: torch.Tensor):
     if pl.kind == "reference":
         return None
     int8 = _int8(layer, pl, linear=False) if x.dim() == 4 else None
-    if int8:  # [sum v q; sum v] from one int8 convolution
-        acc = int8(_int8_input(layer, pl, x, 1))
+    acc = int8(_int8_input(layer, pl, x, 1)) if int8 else None  # [sum v q; sum v] from one int8 convolution
+    c_q = c_1 = None
+    if pl.z_a:
+        ones = x.new_ones((1,) + tuple(x.shape[1:]), dtype=pl.w.dtype)
+        c_q, c_1 = _borders(layer, tuple(x.shape[1:]), lambda: tuple(t.contiguous() for t in _sums(
+            lambda a, b: F.conv2d(a, b, None, *geom), ones, pl)))
+    if acc is not None and x.dtype == torch.float32 and _fast(acc):
+        return cpu_ops.expanded_epilogue(acc, c_q, c_1, layer.w_zero, pl.z_a, pl.s_a * layer.w_scale.double(),
+                                         layer.bias, not keep_cl)
+    if acc is not None:
         acc = acc if keep_cl else acc.contiguous()  # the reference's layout (``_keeps_channels_last``)
         acc_v, sum_v = acc[:, :-1], acc[:, -1:]
     else:
         acc_v, sum_v = _sums(lambda a, b: F.conv2d(a, b, None, *geom), _codes(layer, pl, x, 1), pl)
-    c_q = c_1 = None
-    if pl.z_a:
-        ones = x.new_ones((1,) + tuple(x.shape[1:]), dtype=pl.w.dtype)
-        c_q, c_1 = _borders(layer, tuple(x.shape[1:]), lambda: _sums(
-            lambda a, b: F.conv2d(a, b, None, *geom), ones, pl))
     return _expanded(layer, acc_v, sum_v, c_q, c_1, pl.s_a, pl.z_a, 1, x.dtype)
 
 
@@ -416,14 +433,18 @@ def conv_transpose2d(layer, x: torch.Tensor):
     if pl.kind == "folded":
         # per-output-channel scales are stored per column of the [C_in, C_out/g] weight
         return _epilogue(F.conv_transpose2d(_folded_input(layer, pl, x, 1), pl.w, None, *geom),
-                         pl.scale.repeat(layer.groups), layer.bias, 1, x.dtype)
+                         pl.scale.repeat(layer.groups), layer.bias, 1, x.dtype, not _keeps_channels_last(layer, x))
     v = _codes(layer, pl, x, 1)
     op = lambda a, b: F.conv_transpose2d(a, b, None, *geom)  # noqa: E731
-    acc_v, sum_v = _sums(op, v, pl)
     c_q = c_1 = None
     if pl.z_a:
         ones = v.new_ones((1,) + tuple(v.shape[1:]))
-        c_q, c_1 = _borders(layer, tuple(v.shape[1:]), lambda: _sums(op, ones, pl))
+        c_q, c_1 = _borders(layer, tuple(v.shape[1:]), lambda: tuple(t.contiguous() for t in _sums(op, ones, pl)))
+    if pl.stack is not None and x.dtype == torch.float32 and v.dim() == 4 and _fast(v):
+        acc = op(v, pl.stack)  # [sum v q; sum v], in the layout the reference's sums have
+        return cpu_ops.expanded_epilogue(acc, c_q, c_1, layer.w_zero, pl.z_a, pl.s_a * layer.w_scale.double(),
+                                         layer.bias, acc.is_contiguous())
+    acc_v, sum_v = _sums(op, v, pl)
     return _expanded(layer, acc_v, sum_v, c_q, c_1, pl.s_a, pl.z_a, 1, x.dtype, layer.groups)
 
 

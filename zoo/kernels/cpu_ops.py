@@ -121,7 +121,7 @@ def available() -> bool:
                                verbose=False)
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
                                for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue",
-                                                                        "epilogue_sum"))
+                                                                        "epilogue_sum", "expanded_epilogue"))
             if _state["ok"]:
                 _register_fakes()
         except Exception as e:  # no compiler, no ninja, a failed build: the float32 path runs instead
@@ -159,6 +159,12 @@ def _register_fakes() -> None:
             return out if nchw else out.contiguous(memory_format=torch.channels_last)
         return acc.new_empty(acc.shape[:-1] + (acc.shape[-1] - 1,))
 
+    @torch.library.register_fake("zoo_cpu::expanded_epilogue")
+    def _expanded_epilogue(acc, c_q, c_1, z_w, z_a, scale, bias, nchw):
+        n, c, h, w = acc.shape
+        out = acc.new_empty((n, c - 1, h, w))
+        return out if nchw else out.contiguous(memory_format=torch.channels_last)
+
     @torch.library.register_fake("zoo_cpu::binary_conv2d")
     def _conv(xbits, wbits, c_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, scale, bias):
         n, h, w, _ = xbits.shape
@@ -195,6 +201,15 @@ def epilogue_sum(acc: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, bias, 
     contiguous): the epilogue of int8 sums with per-channel shifted weights and, in the last channel,
     the sum of the inputs."""
     return torch.ops.zoo_cpu.epilogue_sum(acc, d, scale, bias, nchw)
+
+
+def expanded_epilogue(acc: torch.Tensor, c_q, c_1, z_w: torch.Tensor, z_a: float, scale: torch.Tensor, bias,
+                      nchw: bool) -> torch.Tensor:
+    """The expanded form's epilogue (``cached._expanded``, muL2Q's real zero points) in one pass over
+    int8 convolution sums: acc N x (C + 1) x H x W (sum v q per channel, then sum v), c_q (C x H x W)
+    and c_1 (H x W) when z_a != 0; float32(((a - z_w s) - z_a (c_q - z_w c_1)) * scale + bias) in
+    float64, in ``_expanded``'s order; contiguous (``nchw``) or channels-last."""
+    return torch.ops.zoo_cpu.expanded_epilogue(acc, c_q, c_1, z_w, z_a, scale, bias, nchw)
 
 
 def pack_signs(x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:

@@ -258,6 +258,62 @@ at::Tensor epilogue_sum(const at::Tensor& acc_in, const at::Tensor& d_in, const 
   return out;
 }
 
+// expanded_epilogue: the expanded form's epilogue (muL2Q's real zero points, zoo.kernels.cached._expanded)
+// for int8 convolution sums: acc is N x (C + 1) x H x W stored channels-last, sum v q per channel and,
+// last, sum v; c_q (C x H x W) and c_1 (H x W) the border terms, used when z_a != 0;
+//   y = float(((a - z_w[c] s) - z_a (c_q - z_w[c] c_1)) * scale[c] + bias[c])
+// in float64 in _expanded's order (its round() calls are no-ops on these exact integer sums); the
+// result is contiguous (nchw) or channels-last.
+at::Tensor expanded_epilogue(const at::Tensor& acc_in, const c10::optional<at::Tensor>& cq_in,
+                             const c10::optional<at::Tensor>& c1_in, const at::Tensor& zw_in, double za,
+                             const at::Tensor& scale_in, const c10::optional<at::Tensor>& bias_in, bool nchw) {
+  TORCH_CHECK(acc_in.scalar_type() == at::kFloat && acc_in.dim() == 4, "expanded_epilogue: acc must be 4-d float32");
+  const at::Tensor acc = acc_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t ca = acc.size(1), c = ca - 1, hw = acc.size(2) * acc.size(3);
+  const at::Tensor zw = zw_in.contiguous().to(at::kDouble), scale = scale_in.contiguous().to(at::kDouble);
+  TORCH_CHECK(zw.numel() == c && scale.numel() == c, "expanded_epilogue: ", zw.numel(), " zero points and ",
+              scale.numel(), " scales for ", c, " channels");
+  const bool borders = za != 0.0;
+  at::Tensor cq, c1, bias;
+  const float *cqp = nullptr, *c1p = nullptr;
+  if (borders) {
+    TORCH_CHECK(cq_in.has_value() && c1_in.has_value(), "expanded_epilogue: z_a != 0 needs c_q and c_1");
+    cq = cq_in->contiguous().to(at::kFloat);
+    c1 = c1_in->contiguous().to(at::kFloat);
+    TORCH_CHECK(cq.numel() == c * hw && c1.numel() == hw, "expanded_epilogue: border terms of the wrong size");
+    cqp = cq.data_ptr<float>();
+    c1p = c1.data_ptr<float>();
+  }
+  const double* bp = nullptr;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->contiguous().to(at::kDouble);
+    TORCH_CHECK(bias.numel() == c, "expanded_epilogue: ", bias.numel(), " biases for ", c, " channels");
+    bp = bias.data_ptr<double>();
+  }
+  std::vector<int64_t> shape{acc.size(0), c, acc.size(2), acc.size(3)};
+  at::Tensor out = nchw ? at::empty(shape, acc.options())
+                        : at::empty(shape, acc.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const double *zp = zw.data_ptr<double>(), *sc = scale.data_ptr<double>();
+  const float* ap = acc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, acc.size(0) * hw, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t p = r % hw;
+      const float* a = ap + r * ca;
+      const double s = std::nearbyint(double(a[c]));
+      float* o = nchw ? op + (r / hw) * c * hw + p : op + r * c;
+      const int64_t step = nchw ? hw : 1;
+      for (int64_t k = 0; k < c; ++k) {
+        double t = std::nearbyint(double(a[k])) - zp[k] * s;
+        if (borders) t = t - za * (std::nearbyint(double(cqp[k * hw + p])) - zp[k] * std::nearbyint(double(c1p[p])));
+        double y = t * sc[k];
+        o[k * step] = float(bp ? y + bp[k] : y);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
@@ -267,6 +323,8 @@ TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
         "-> Tensor");
   m.def("epilogue(Tensor acc, Tensor scale, Tensor? bias, bool ch_last, bool nchw=False) -> Tensor");
   m.def("epilogue_sum(Tensor acc, Tensor d, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
+  m.def("expanded_epilogue(Tensor acc, Tensor? c_q, Tensor? c_1, Tensor z_w, float z_a, Tensor scale, Tensor? bias, "
+        "bool nchw) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
@@ -274,4 +332,5 @@ TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
   m.impl("threshold_input", threshold_input);
   m.impl("epilogue", epilogue);
   m.impl("epilogue_sum", epilogue_sum);
+  m.impl("expanded_epilogue", expanded_epilogue);
 }
