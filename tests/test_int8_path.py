@@ -120,3 +120,24 @@ def test_self_test_passes_here_and_rejects_saturating_sums(monkeypatch):
     assert not onednn._self_test()
     monkeypatch.setattr(onednn, "_state", {})
     assert not onednn.available()  # ... and the path is then off
+
+
+def test_a_model_with_built_caches_copies_and_pickles(int8_calls):
+    """oneDNN's prepacked weights cannot be copied or pickled: deepcopy / torch.save of a loaded model
+    after a forward give empty caches that rebuild on the next call, with the same outputs."""
+    import copy
+    import io
+
+    model = zoo.load("resnet20.lsq_w4a4_fmnist")
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+    assert int8_calls  # the prepacked weights exist
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):  # our own file, just written
+        int8_calls.clear()
+        with torch.no_grad():
+            assert torch.equal(other(x), want)
+        assert len(int8_calls) == 20

@@ -76,8 +76,20 @@ def _multiplier(z: torch.Tensor | float) -> int | None:
     return None
 
 
+class _Cache(dict):
+    """A layer's CPU-path cache (plans, float32 and oneDNN-prepacked weights, border terms). Copying
+    or pickling the layer gives an empty one, rebuilt on the next call: oneDNN's prepacked tensors
+    cannot be copied or pickled, and everything here is derived from the layer's buffers anyway."""
+
+    def __deepcopy__(self, memo):
+        return _Cache()
+
+    def __reduce__(self):
+        return _Cache, ()
+
+
 def _cache(layer) -> dict:
-    return layer.__dict__.setdefault("_cpu_cache", {})
+    return layer.__dict__.setdefault("_cpu_cache", _Cache())
 
 
 def clear(model) -> None:
