@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from common import RESULTS, markdown, save
 
@@ -37,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--task", nargs="*", default=None, choices=task_names())
     ap.add_argument("--batch", nargs="*", type=int, default=[64])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     rows, records = [], []
     for task in args.task or task_names():
@@ -66,7 +68,7 @@ def main(argv=None):
                       markdown(["model", "batch", "float release ms", "same arch in float ms (/release)",
                                 "packed, cpu backend ms (/release, /same arch)"], rows)])
     print("\n" + text)
-    path = save("own_arch", cpu_name(), text, records, RESULTS)
+    path = save("own_arch", cpu_name(), text, records, args.out)
     print(f"\nsaved {path}")
     return 0
 

@@ -59,6 +59,18 @@ def test_mixed_benchmark_runs_and_saves_its_table(tmp_path, tiny_fmnist):
     assert len([ln for ln in table.splitlines() if ln.startswith("| htq vs direct |")]) == 4 + 2
 
 
+def test_own_arch_benchmark_finds_the_models_whose_architecture_differs(tmp_path):
+    """ReAct's ResNet-20 (RPReLU, per-conv shortcuts) differs from the float release's; LSQ's does not."""
+    out = _run("own_arch.py", "--task", "cls", "--batch", "2", "--reps", "1", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / next(p.name for p in tmp_path.glob("own_arch_*.md"))).read_text()
+    rows = {r.split("|")[1].strip(): r.split("|") for r in table.splitlines() if r.startswith("| resnet20.")}
+    assert "resnet20.react_w1a1_fmnist" in rows and "resnet20.lsq_w4a4_fmnist" not in rows
+    release, own = float(rows["resnet20.react_w1a1_fmnist"][3]), rows["resnet20.react_w1a1_fmnist"][4]
+    ratio = float(own.split("(")[1].split("x")[0])  # printed from unrounded times: within rounding
+    assert ratio == pytest.approx(float(own.split()[0]) / release, abs=0.03)
+
+
 @pytest.mark.slow
 def test_model_benchmark_smoke():
     out = _run("model.py", "--smoke")
