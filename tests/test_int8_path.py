@@ -141,3 +141,18 @@ def test_a_model_with_built_caches_copies_and_pickles(int8_calls):
         with torch.no_grad():
             assert torch.equal(other(x), want)
         assert len(int8_calls) == 20
+
+
+def test_a_single_vector_through_a_packed_linear():
+    """nn.Linear takes 1-d inputs; so do the int8 and float32 sums (the C++ kernels need 2-d: torch's
+    operations make the codes instead), identical to the reference."""
+    net, _ = _packed("lsq4", "linear")
+    x = torch.randn(40)
+    want = _run(net, x, "reference")
+    for int8 in ("1", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ZOO_CPU_INT8", int8)
+            mp.setattr(onednn, "_state", {})
+            cached.clear(net)
+            got = _run(net, x, "cpu")
+        assert got.shape == want.shape == (5,) and torch.equal(got, want), int8

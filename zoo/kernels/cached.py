@@ -270,7 +270,7 @@ def _int8_epilogue(pl: Plan, acc: torch.Tensor, bias, ch_dim: int, dtype, nchw: 
     d = pl.spec[3]
     if d is None:
         return _epilogue(acc, pl.scale, bias, ch_dim, dtype, nchw)
-    if dtype == torch.float32 and _fast(acc):
+    if dtype == torch.float32 and acc.dim() >= 2 and _fast(acc):
         return cpu_ops.epilogue_sum(acc, d, pl.scale, bias, nchw)
     c = len(d)
     a, s = acc.narrow(ch_dim, 0, c).double(), acc.narrow(ch_dim, c, 1).double()
@@ -280,7 +280,7 @@ def _int8_epilogue(pl: Plan, acc: torch.Tensor, bias, ch_dim: int, dtype, nchw: 
 def _int8_input(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
     """m8 (v - lo) as uint8: the codes of the int8 sums."""
     lo, m8 = pl.spec[:2]
-    if x.dtype == torch.float32 and _fast(x):
+    if x.dtype == torch.float32 and x.dim() >= 2 and _fast(x):
         if pl.affine is not None:
             s, o, qmin, qmax = pl.affine
             return cpu_ops.affine_input(x, pl.p.get("shift"), s, o, qmin, qmax, lo, m8, ch_axis == -1, True)
@@ -290,7 +290,7 @@ def _int8_input(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
 
 
 def _folded_input(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
-    if pl.w.dtype == torch.float32 and layer.act_mode in ("affine", "threshold") and _fast(x):
+    if pl.w.dtype == torch.float32 and layer.act_mode in ("affine", "threshold") and x.dim() >= 2 and _fast(x):
         if pl.affine is not None:
             s, o, lo, hi = pl.affine
             return cpu_ops.affine_input(x, pl.p.get("shift"), s, o, lo, hi, pl.z_a, pl.m_a, ch_axis == -1)
@@ -332,7 +332,7 @@ def _expanded(layer, acc_v, sum_v, c_q, c_1, s_a, z_a, ch_dim, dtype, groups=1):
 
 def _epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_dim: int, dtype, nchw: bool = False) -> torch.Tensor:
     """``nchw``: a contiguous result from a channels-last acc (the int8 convolutions' sums of NCHW inputs)."""
-    if dtype == torch.float32 and _fast(acc, (torch.float32, torch.float64)):
+    if dtype == torch.float32 and acc.dim() >= 2 and _fast(acc, (torch.float32, torch.float64)):
         return cpu_ops.epilogue(acc, scale, bias, ch_dim == -1, nchw)
     shape = [1] * acc.ndim
     shape[ch_dim] = -1
