@@ -19,8 +19,10 @@ differs. ``ZOO_CPU_INT8=0`` turns it off too; then the float32 convolution of th
 (same outputs). Eager only: inside a ``torch.compile`` trace the float32 path is traced instead.
 
 The prepacked weights (oneDNN's blocked layout, one byte per weight) are cached in the layer's plan,
-beside the float32 copy the other paths use. Convolutions return channels-last tensors; the cached
-path's C++ kernels read and write channels-last in place, and the rest of a network is layout-agnostic.
+beside the float32 copy the other paths use (they cannot be copied or pickled: ``cached._Cache``).
+Convolutions return channels-last sums; the cached path's epilogues write the layout the reference's
+result would have (``cached._keeps_channels_last``), because a float conv after a packed layer can
+round differently in another layout.
 """
 from __future__ import annotations
 
