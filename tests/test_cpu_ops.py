@@ -313,6 +313,10 @@ def test_uint8_codes_and_channels_last_in_place():
     acc_cl = acc.contiguous(memory_format=torch.channels_last)
     y = cpu_ops.epilogue(acc_cl, scale, shift, False)
     assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, cpu_ops.epilogue(acc, scale, shift, False))
+    for hw in ((5, 7), (13, 11)):  # planes of 35 and 143 pixels: one partial tile, and full ones plus a partial
+        a = torch.randint(-900, 900, (2, 6) + hw, generator=g).float()
+        planes = cpu_ops.epilogue(a.contiguous(memory_format=torch.channels_last), scale, shift, False, True)
+        assert planes.is_contiguous() and torch.equal(planes, cpu_ops.epilogue(a, scale, shift, False))
 
 
 def test_epilogue_sum_equals_its_float64_formula():
@@ -336,6 +340,8 @@ def test_epilogue_sum_equals_its_float64_formula():
             assert got.shape == want.shape and torch.equal(got, want), shape
             if acc.dim() == 4:
                 assert got.is_contiguous(memory_format=torch.channels_last)
+                planes = cpu_ops.epilogue_sum(acc, d, scale, b, True)  # written as N x C x H x W
+                assert planes.is_contiguous() and torch.equal(planes, want), shape
     with pytest.raises(RuntimeError, match="4 scales and 5 shifts for 5 channels"):
         cpu_ops.epilogue_sum(acc, d, scale[:4], None)
 

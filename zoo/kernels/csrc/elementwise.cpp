@@ -19,6 +19,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -67,6 +68,25 @@ void threshold_run(const float* __restrict__ src, T* __restrict__ dst, int64_t n
 // 4-d channels-last and not also contiguous (a dense N x C x H x W tensor stored as N x H x W x C)
 bool nhwc(const at::Tensor& x) {
   return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Writes out[img, k, p] = f(r, k) for every row r = img * hw + p of a channels-last source and channel k
+// (a transpose to N x C x H x W), a tile of 64 pixels at a time: the tile's source rows stay in L1 while
+// every channel's stores run contiguously (one store per row and channel, hw floats apart, would touch
+// a new cache line each time: 10-17x slower at 64 x 64 pixels).
+template <typename F>
+void write_nchw(float* op, int64_t rows, int64_t c, int64_t hw, F&& f) {
+  constexpr int64_t T = 64;
+  const int64_t tiles = (hw + T - 1) / T;
+  at::parallel_for(0, (rows / hw) * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t img = t / tiles, p0 = (t % tiles) * T, np = std::min(T, hw - p0), r0 = img * hw + p0;
+      for (int64_t k = 0; k < c; ++k) {
+        float* o = op + (img * c + k) * hw + p0;
+        for (int64_t j = 0; j < np; ++j) o[j] = f(r0 + j, k);
+      }
+    }
+  });
 }
 
 // The shared frame of the input kernels: checks, the layout, the per-channel shift, then
@@ -166,14 +186,9 @@ at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& scale_in, const 
   const int64_t total = acc.numel();
   auto run = [&](auto* ap) {
     if (t) {  // rows of C channels, written to planes: out[n, k, p] for row r = n * hw + p
-      at::parallel_for(0, total / c, 256, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          float* o = op + (r / hw) * c * hw + r % hw;
-          for (int64_t k = 0; k < c; ++k) {
-            double v = double(ap[r * c + k]) * sc[k];
-            o[k * hw] = float(bp ? v + bp[k] : v);
-          }
-        }
+      write_nchw(op, total / c, c, hw, [&](int64_t r, int64_t k) {
+        double v = double(ap[r * c + k]) * sc[k];
+        return float(bp ? v + bp[k] : v);
       });
     } else if (ch_last) {
       at::parallel_for(0, total / c, 256, [&](int64_t begin, int64_t end) {
@@ -236,25 +251,19 @@ at::Tensor epilogue_sum(const at::Tensor& acc_in, const at::Tensor& d_in, const 
   const double *sc = scale.data_ptr<double>(), *dp = d.data_ptr<double>();
   const float* ap = acc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, acc.numel() / ca, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* a = ap + r * ca;
-      const double sum = double(a[c]);
-      if (t) {
-        float* o = op + (r / hw) * c * hw + r % hw;
-        for (int64_t k = 0; k < c; ++k) {
-          const double v = (double(a[k]) + dp[k] * sum) * sc[k];
-          o[k * hw] = float(bp ? v + bp[k] : v);
-        }
-      } else {
-        float* o = op + r * c;
-        for (int64_t k = 0; k < c; ++k) {
-          const double v = (double(a[k]) + dp[k] * sum) * sc[k];
-          o[k] = float(bp ? v + bp[k] : v);
-        }
-      }
-    }
-  });
+  auto value = [&](int64_t r, int64_t k) {
+    const float* a = ap + r * ca;
+    const double v = (double(a[k]) + dp[k] * double(a[c])) * sc[k];
+    return float(bp ? v + bp[k] : v);
+  };
+  if (t) {
+    write_nchw(op, acc.numel() / ca, c, hw, value);
+  } else {
+    at::parallel_for(0, acc.numel() / ca, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t k = 0; k < c; ++k) op[r * c + k] = value(r, k);
+    });
+  }
   return out;
 }
 
@@ -296,21 +305,22 @@ at::Tensor expanded_epilogue(const at::Tensor& acc_in, const c10::optional<at::T
   const double *zp = zw.data_ptr<double>(), *sc = scale.data_ptr<double>();
   const float* ap = acc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, acc.size(0) * hw, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t p = r % hw;
-      const float* a = ap + r * ca;
-      const double s = std::nearbyint(double(a[c]));
-      float* o = nchw ? op + (r / hw) * c * hw + p : op + r * c;
-      const int64_t step = nchw ? hw : 1;
-      for (int64_t k = 0; k < c; ++k) {
-        double t = std::nearbyint(double(a[k])) - zp[k] * s;
-        if (borders) t = t - za * (std::nearbyint(double(cqp[k * hw + p])) - zp[k] * std::nearbyint(double(c1p[p])));
-        double y = t * sc[k];
-        o[k * step] = float(bp ? y + bp[k] : y);
-      }
-    }
-  });
+  auto value = [&](int64_t r, int64_t k) {
+    const int64_t p = r % hw;
+    const float* a = ap + r * ca;
+    double t = std::nearbyint(double(a[k])) - zp[k] * std::nearbyint(double(a[c]));
+    if (borders) t = t - za * (std::nearbyint(double(cqp[k * hw + p])) - zp[k] * std::nearbyint(double(c1p[p])));
+    const double y = t * sc[k];
+    return float(bp ? y + bp[k] : y);
+  };
+  if (nchw) {
+    write_nchw(op, acc.size(0) * hw, c, hw, value);
+  } else {
+    at::parallel_for(0, acc.size(0) * hw, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t k = 0; k < c; ++k) op[r * c + k] = value(r, k);
+    });
+  }
   return out;
 }
 
