@@ -34,7 +34,7 @@ practice) return ``None`` (the reference).
 
 Where the CPU has exact int8 sums (``onednn.py``: oneDNN's u8 x s8 convolutions and matmuls, int32
 accumulation, self-tested on first use), a float32-exact plan runs them instead of the float32
-convolution: the same integer sums, 1.6-5.5x faster at the zoo's shapes. Codes go in as uint8 from the C++
+convolution: the same integer sums, several times faster at the zoo's shapes. Codes go in as uint8 from the C++
 input kernel, W' (or [q; 1]) as int8 -- 8-bit asymmetric weight rows, whose W' spans up to 256 values
 around a non-zero centre, are shifted by their integer centre d[c] and a row of ones stacked on, whose
 sum s gives sum u W' = sum u (W' - d) + d s back exactly in the float64 epilogue (``_int8_spec``).
