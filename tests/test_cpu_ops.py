@@ -222,6 +222,25 @@ def test_the_portable_build_without_avx512_gives_the_same_results(tmp_path):
         assert "popcnt" in asm and "vpopcntq" not in asm  # the scalar popcount, not AVX-512's
 
 
+@pytest.mark.slow
+def test_a_compiler_without_openmp_gets_a_single_threaded_build(tmp_path):
+    """If the -fopenmp build fails (a compiler without OpenMP), the kernels are built without it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from zoo.kernels import cpu_ops\n"
+            "cpu_ops.OPENMP = ['-fno-such-openmp-flag']\n"
+            "assert cpu_ops.available()\n"
+            "assert cpu_ops.OPENMP == ['-fno-such-openmp-flag']\n"  # cpp_extension must not have appended to it
+            "print(cpu_ops.build_dir(cpu_ops.CFLAGS))\n")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZOO_CACHE": str(tmp_path)},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    built = [p.parent for p in tmp_path.rglob("zoo_cpu_kernels*.so")]  # a retry is versioned: _v1.so
+    assert [str(p) for p in built] == [r.stdout.strip()]  # only the build without the flag exists
+
+
 # ----------------------------------------------------------------------------- elementwise kernels
 def test_affine_input_equals_torchs_operations():
     """(clamp(round((x - shift) / s + o), qmin, qmax) - z) * m in float32: ties round to even, both

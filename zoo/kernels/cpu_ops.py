@@ -36,8 +36,10 @@ SOURCES = [Path(__file__).with_name("csrc") / f for f in ("binary_conv.cpp", "el
 # ZOO_CPU_KERNEL_MARCH: the -march= of the build (default native; e.g. x86-64-v2 for a portable build
 # without AVX-512, or for a cache shared by machines with different CPUs)
 MARCH = os.environ.get("ZOO_CPU_KERNEL_MARCH", "native")
-# -fopenmp: at::parallel_for splits the work over torch's OpenMP threads (the libgomp torch loaded)
-CFLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off", "-fopenmp"]
+CFLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off"]
+# -fopenmp: at::parallel_for splits the work over torch's OpenMP threads (the libgomp torch loaded); a
+# compiler without OpenMP (e.g. Apple clang) gets a single-threaded build instead
+OPENMP = ["-fopenmp"]
 _state: dict = {}
 
 
@@ -87,10 +89,11 @@ def _cpu_tag() -> str:
     return hashlib.sha256(info.encode()).hexdigest()[:10]
 
 
-def build_dir() -> Path:
+def build_dir(flags: list[str] | None = None) -> Path:
     from ..registry import cache_root
 
-    src = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:10]
+    flags = CFLAGS + OPENMP if flags is None else flags
+    src = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(flags).encode()).hexdigest()[:10]
     return cache_root() / "ext" / f"torch-{torch.__version__}" / f"cpu_kernels-{src}-{_cpu_tag()}"
 
 
@@ -114,11 +117,18 @@ def available() -> bool:
             finally:
                 quiet.setLevel(level)
 
-            d = build_dir()
-            d.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name="zoo_cpu_kernels", sources=[str(f) for f in SOURCES], extra_cflags=CFLAGS,
-                               extra_ldflags=["-fopenmp"], build_directory=str(d), is_python_module=False,
-                               verbose=False)
+            for extra in (OPENMP, []):  # with OpenMP; without it if that build fails
+                d = build_dir(CFLAGS + extra)
+                d.mkdir(parents=True, exist_ok=True)
+                try:
+                    cpp_extension.load(name="zoo_cpu_kernels", sources=[str(f) for f in SOURCES],
+                                       extra_cflags=CFLAGS + extra, extra_ldflags=list(extra), build_directory=str(d),
+                                       is_python_module=False, verbose=False)
+                    break
+                except Exception:
+                    if not extra:
+                        raise
+                    log.info("the C++ CPU kernels did not build with %s; trying without", extra)
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
                                for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue",
                                                                         "epilogue_sum", "expanded_epilogue"))
