@@ -246,7 +246,7 @@ def _codes(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
 
 def _fast(x: torch.Tensor, dtypes=(torch.float32,)) -> bool:
     """Eager work on ``dtypes`` with the C++ elementwise kernels (``cpu_ops``) built and enabled."""
-    return x.dtype in dtypes and not compiling() and cpu_ops.enabled() and cpu_ops.available()
+    return x.dtype in dtypes and cpu_ops.ready()
 
 
 def _int8(layer, pl: Plan, linear: bool):

@@ -131,7 +131,7 @@ def available() -> bool:
                     log.info("the C++ CPU kernels did not build with %s; trying without", extra)
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
                                for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue",
-                                                                        "epilogue_sum", "expanded_epilogue"))
+                                          "epilogue_sum", "expanded_epilogue"))
             if _state["ok"]:
                 _register_fakes()
         except Exception as e:  # no compiler, no ninja, a failed build: the float32 path runs instead
@@ -139,6 +139,12 @@ def available() -> bool:
                         "path's torch operations. Set ZOO_CPU_KERNELS=0 to skip trying.", type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "")
     return _state["ok"]
+
+
+def ready() -> bool:
+    """Eager work can call the kernels: not inside a torch.compile trace (inductor fuses the torch
+    operations there itself), enabled, and built."""
+    return not torch.compiler.is_compiling() and enabled() and available()
 
 
 def _register_fakes() -> None:

@@ -130,11 +130,11 @@ def integer_matmul(a, aq_a, b, aq_b, backend: str = "reference", grids: tuple | 
     points) the centred codes u = v - z come from one pass each (float32, exact: small integers) and,
     with ``out_dtype=float32``, the result is float32(float64(sum) * s_a s_b) in one more pass: the
     values the float64 product gives, rounded to float32 as ``QuantMatMul`` does."""
-    from ..kernels import dispatch
+    from ..kernels import cpu_ops, dispatch
 
     ga, gb = grids if grids is not None else tuple(grid(q.params(None)) if q is not None else None
                                                    for q in (aq_a, aq_b))
-    fast = dispatch.cpu_cached(backend, a) and a.dtype == b.dtype == torch.float32 and _cpu_kernels()
+    fast = dispatch.cpu_cached(backend, a) and a.dtype == b.dtype == torch.float32 and cpu_ops.ready()
     if fast and gb[2] == round(gb[2]) and (aq_a is None or ga[2] == round(ga[2])):
         return _cpu_integer_matmul(a, ga if aq_a is not None else None, b, gb, out_dtype)
     (sb, _, zb, bmin, bmax), vb = gb, _codes(b, gb)
@@ -154,16 +154,9 @@ def integer_matmul(a, aq_a, b, aq_b, backend: str = "reference", grids: tuple | 
             return s * (sa * sb)
     ua, ub = va - za, vb - zb
     if dispatch.cpu_cached(backend, a) and za == round(za) and zb == round(zb):
-        bound = k * max(abs(amin - za), abs(amax - za)) * max(abs(bmin - zb), abs(bmax - zb))
-        if bound < 2 ** 24:
+        if _bound(k, ga, gb) < 2 ** 24:
             return (ua.float() @ ub.float()).double() * (sa * sb)
     return (ua @ ub) * (sa * sb)
-
-
-def _cpu_kernels() -> bool:
-    from ..kernels import cpu_ops
-
-    return not torch.compiler.is_compiling() and cpu_ops.enabled() and cpu_ops.available()
 
 
 def _bound(k: int, ga, gb) -> float:
