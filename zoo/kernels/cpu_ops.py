@@ -52,7 +52,7 @@ def tune_malloc() -> bool:
     process; Linux with glibc; ``ZOO_MALLOC_TUNE=0`` skips it). With its dynamic defaults, the many
     differently sized temporaries of a quantized forward (codes, integer sums, float64 epilogues) make
     it trim the heap top and mmap / munmap blocks call after call, and every page is faulted in again:
-    up to 60,000 page faults and twice the time of the forward itself (a quantized ViT at batch 64).
+    tens of thousands of page faults per forward of a quantized ViT at batch 64 in one profiling run.
     Fixed thresholds (blocks under 32 MiB from the heap, the heap top trimmed only past 1 GiB free)
     stop that; the cost is that the process keeps freed memory up to its peak for reuse (as with
     jemalloc or tcmalloc, which PyTorch's CPU guides recommend). Returns whether the settings were
