@@ -199,6 +199,8 @@ def main(argv=None):
     ap.add_argument("--layers", action="store_true", help="also time single W1A1 convs (the C++ kernel)")
     ap.add_argument("--compile", action="store_true",
                     help="also torch.compile'd FP32 and packed (cpu backend) models (compiling takes a while)")
+    ap.add_argument("--models", nargs="*", default=None,
+                    help="only models whose name contains one of these (a quick look; saves nothing)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     batches = [1] if args.smoke else (args.batch or [1, 32])
@@ -214,6 +216,8 @@ def main(argv=None):
         floats = [n for n in names if n.split(".", 1)[1].startswith("fp32")]
         quantized = [(n, float_baseline(n, floats)) for n in names if n not in floats]
         quantized = [(n, f) for n, f in quantized if f is not None and not n.startswith("mmdet.")]
+        if args.models:
+            quantized = [(n, f) for n, f in quantized if any(m in n for m in args.models)]
         if args.smoke:
             quantized = quantized[:1]
         for name, fp in quantized:
@@ -268,7 +272,7 @@ def main(argv=None):
                                          "float32 path ms (/FP32)"], lrows)])
     print("\n" + text)
     stem = "_".join(["cpu", *(args.task or [])])  # one file per task selection: runs do not overwrite each other
-    path = save(stem, desc, text, records, None if args.smoke else args.out)
+    path = save(stem, desc, text, records, None if args.smoke or args.models else args.out)
     if path:
         print(f"\nsaved {path}")
     return 0

@@ -28,6 +28,10 @@ NETS = {  # (modules, input shape)
     "grouped": (lambda: nn.Sequential(nn.Conv2d(6, 12, 3, padding=1, groups=3), nn.Conv2d(12, 8, 1)), (2, 6, 9, 9)),
     "one_pixel": (lambda: nn.Sequential(nn.Conv2d(16, 8, 3), nn.Conv2d(8, 4, 1)), (2, 16, 3, 3)),  # 1 x 1 outputs
     "linear": (lambda: nn.Sequential(nn.Linear(40, 9), nn.Linear(9, 5)), (2, 3, 40)),
+    # transposed convs: one sub-pixel int8 convolution each (LinkNet's 4/2/1 and 3/2/1, whose 2H - 1 outputs crop)
+    "transposed": (lambda: nn.Sequential(nn.ConvTranspose2d(6, 8, 4, stride=2, padding=1), nn.ReLU(),
+                                         nn.ConvTranspose2d(8, 5, 3, stride=2, padding=1)),  # cropped
+                   (2, 6, 7, 9)),
 }
 
 
@@ -60,7 +64,7 @@ def _run(net, x, backend):
 @pytest.fixture
 def int8_calls(monkeypatch):
     calls = []
-    for cls in (onednn.Conv, onednn.Linear):
+    for cls in (onednn.Conv, onednn.Linear):  # a transposed conv's int8 sums: one call of its sub-pixel Conv
         real = cls.__call__
         monkeypatch.setattr(cls, "__call__", lambda self, x, _r=real: calls.append(type(self).__name__) or _r(self, x))
     return calls
@@ -82,14 +86,88 @@ def test_int8_sums_identical_to_reference(cfg_name, net_name, int8_calls):
         layout = lambda t: (t.is_contiguous(), t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))  # noqa: E731
         assert layout(got) == layout(want), (got.stride(), want.stride())
         layers = [m for m in net.modules() if isinstance(m, PackedLayer)]
+        calls = int8_calls
         if net_name == "grouped" and cfg_name in ("minmax8", "ul2q2"):  # a ones row needs one group: float32 first
-            assert len(int8_calls) == 1
+            assert len(calls) == 1
+        elif net_name == "transposed" and cfg_name == "minmax8":  # asymmetric 8-bit columns: float32 sums
+            assert not calls
         else:
-            assert len(int8_calls) == len(layers), int8_calls  # every layer took the int8 sums
+            assert len(calls) == len(layers), int8_calls  # every layer took the int8 sums
     plans = [pl for m in layers for _, pl in m.__dict__["_cpu_cache"]["plans"].values()]
     assert {pl.kind for pl in plans} == ({"expanded"} if cfg_name == "ul2q2" else {"folded"})
-    if cfg_name == "minmax8" and net_name != "grouped":
-        assert all(pl.spec[3] is not None for pl in plans)  # 8-bit asymmetric rows: shifted, ones stacked
+    if cfg_name == "minmax8" and net_name not in ("grouped", "transposed"):
+        assert all(pl.spec.d is not None for pl in plans)  # 8-bit asymmetric rows: shifted, ones stacked
+
+
+GEOMETRIES = [  # (kernel, stride, padding, output_padding) of transposed convs, per dimension
+    ((4, 4), (2, 2), (1, 1), (0, 0)), ((3, 3), (2, 2), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1), (0, 0)),
+    ((2, 2), (2, 2), (0, 0), (0, 0)), ((5, 3), (3, 2), (2, 0), (1, 1)), ((1, 1), (1, 1), (0, 0), (0, 0)),
+    ((3, 5), (1, 3), (2, 1), (0, 2)), ((4, 4), (3, 3), (3, 0), (2, 0)), ((6, 2), (4, 1), (1, 0), (3, 0)),
+]
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES)
+def test_transposed_conv_as_one_sub_pixel_int8_conv(geom):
+    """onednn.ConvTranspose: the transposed conv's exact sums of (x8 - x_zp) * w (float64 conv_transpose2d
+    of the same integers), from one ordinary int8 conv and a phase interleave, channels-last; and the C++
+    epilogues reading the sub-pixel sums in place equal them on the interleaved sums."""
+    from zoo.kernels import cpu_ops
+
+    (kh, kw), stride, padding, out_pad = geom
+    g = torch.Generator().manual_seed(sum(sum(t) for t in geom))
+    x8 = torch.randint(0, 256, (2, 5, 6, 7), generator=g).to(torch.uint8)
+    w8 = torch.randint(-128, 128, (5, 4, kh, kw), generator=g).to(torch.int8)
+    want = torch.nn.functional.conv_transpose2d(x8.double() - 9, w8.double(), None, stride, padding, out_pad)
+    ct = onednn.ConvTranspose(w8, 9, stride, padding, out_pad)
+    got = ct(x8)
+    assert got.shape == want.shape and torch.equal(got.double(), want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    if not cpu_ops.ready():
+        return
+    sums, sub = ct.sums(x8), ct.subpixel(6, 7)
+    assert sub[4:] == list(want.shape[2:])
+    scale, bias = torch.rand(4, generator=g).double(), torch.randn(4, generator=g)
+    for nchw in (True, False):
+        y = cpu_ops.epilogue(sums, scale, bias, False, nchw, sub)
+        y_want = (want * scale.view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)).float()
+        assert torch.equal(y, y_want) and y.is_contiguous() == nchw
+        # the expanded form's: [sum v q; sum v] as C + 1 groups (the last one here: the sums of channel 3)
+        zw, za = torch.rand(3, generator=g).double(), 0.37
+        c_q, c_1 = torch.randn(1, 3, *sub[4:], generator=g).round(), torch.randn(1, 1, *sub[4:], generator=g).round()
+        y = cpu_ops.expanded_epilogue(sums, c_q, c_1, zw, za, scale[:3], bias[:3], nchw, sub)
+        v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+        y_want = ((want[:, :3] - v(zw) * want[:, 3:]) - za * (c_q.double() - v(zw) * c_1.double())) * v(scale[:3])
+        assert torch.equal(y, (y_want + v(bias[:3].double())).float())
+
+
+def test_sums_that_need_float64_run_as_two_int8_halves(int8_calls, monkeypatch):
+    """A conv and a linear with K = 2304 and 8-bit codes spread over the whole range: their sums can pass
+    2^24 (the plan takes float64), so the int8 path splits W' = 16 H + L and sums each half in int8
+    (the ones FCOS W8A8's layer4 takes); outputs identical to the reference's float64 sums."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(256, 6, 3, padding=1), nn.Flatten(), nn.Linear(6 * 9, 2304), nn.Linear(2304, 4))
+    for p in net.parameters():
+        nn.init.uniform_(p, -1, 1)
+    zoo.quantize(net, CFGS["lsq8"])
+    net.train()
+    for _ in range(3):
+        net(torch.randn(2, 256, 3, 3) * 2)
+    with torch.no_grad():
+        for m in net.modules():
+            if hasattr(m, "wq"):  # codes over the whole int8 range
+                m.wq.step.copy_(m.weight.abs().amax() / 127)
+    net = zoo.to_packed(net.eval())
+    x = torch.randn(3, 256, 3, 3) * 2
+    want = _run(net, x, "reference")
+    got = _run(net, x, "cpu")
+    assert torch.equal(got, want)
+    plans = {n: pl for n, m in net.named_modules() for _, pl in m.__dict__.get("_cpu_cache", {}).get("plans", {}).values()}
+    split = [n for n, pl in plans.items() if pl.spec is not None and pl.spec.split]
+    assert split == ["0", "3"] and all(plans[n].w.dtype == torch.float64 for n in split)  # the K = 2304 layers
+    assert len(int8_calls) == 3  # every layer in int8
+    assert torch.equal(_run(net, x.contiguous(memory_format=torch.channels_last), "cpu"), want)
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")  # the epilogue in torch's operations: the same
+    assert torch.equal(_run(net, x, "cpu"), want)
 
 
 def test_int8_sums_of_a_shipped_model_and_the_off_switch(monkeypatch, int8_calls):

@@ -56,6 +56,7 @@ oneDNN's prepacked int8 copy (1 byte per weight) where the int8 sums run. ``back
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +122,7 @@ class Plan:
         self.kind, self.p, self.s_a, self.z_a, self.m_a = kind, p, s_a, z_a, m_a
         self.w, self.scale, self.stack, self.binary, self.bits = w, scale, stack, binary, None
         self.affine = affine  # (scale, offset, qmin, qmax) as floats for the C++ input kernel, or None
-        # int8 sums (onednn.py): spec = (lo, m8, x_zp, d) where they can run (``_int8_spec``), else
+        # int8 sums (onednn.py): spec = an Int8Spec where they can run (``_int8_spec``), else
         # None; int8 = the prepacked weights once built
         self.spec, self.int8 = int8, None
 
@@ -165,10 +166,23 @@ def _build_plan(layer, k: int, binary_ok: bool) -> Plan:
         ones = list(qf.shape)
         ones[layer.ch_axis] = 1
         stack = torch.cat([qf, qf.new_ones(ones)], dim=layer.ch_axis)
-        if layer.ch_axis == 0:
-            spec = _int8_spec(layer, p, stack, dtype, 1, 0.0, vmax)
-            spec = spec if spec is not None and spec[3] is None else None  # [q; 1] itself in int8
+        spec = _int8_spec(layer, p, stack, dtype, 1, 0.0, vmax)
+        spec = spec if spec is not None and spec.d is None and spec.split is None else None  # [q; 1] itself
     return Plan("expanded", p, s_a, z_a, m_a, w=qf, stack=stack, affine=affine, int8=spec)
+
+
+class Int8Spec(NamedTuple):
+    """How a plan's sums run in int8 (``_int8_spec``): codes x8 = m8 (v - lo) with zero point x_zp; d: per-row
+    integer centres the weights were shifted by (a row of ones stacked on), or None; split: W' = split * H + L
+    with H and L summed apart (stacked as 2 C output channels), or None."""
+    lo: float
+    m8: int
+    x_zp: int
+    d: torch.Tensor | None = None
+    split: int | None = None
+
+
+SPLIT = 16  # W' = 16 H + L, L in [0, 15]: float64-sum layers whose two halves' sums stay below 2^24
 
 
 def _int8_spec(layer, p, w: torch.Tensor, dtype, m8: int, z8: float, umax: float):
@@ -179,18 +193,34 @@ def _int8_spec(layer, p, w: torch.Tensor, dtype, m8: int, z8: float, umax: float
     group, w - d[c] in int8 with d[c] the integer centre of row c (8-bit asymmetric weights): then a
     row of ones is stacked as one more output channel, its sum s of the inputs gives
     sum u w = sum u (w - d) + d s back in float64, and every sum the int8 op returns, umax = max|x8 - x_zp|
-    times its row's L1 norm (K for the ones), must stay below 2^24 too (float32 outputs)."""
-    if dtype != torch.float32 or layer.act_mode not in ("affine", "threshold") or not w.numel():
+    times its row's L1 norm (K for the ones), must stay below 2^24 too (float32 outputs). Sums that need
+    float64 (dtype) split the weights instead: W' = 16 H + L with L = W' mod 16, whose sums with u each
+    stay below 2^24 where umax times the rows' L1 norms of H and of L do (one group, H in int8); the
+    float64 epilogue takes 16 sum u H + sum u L, the exact sum."""
+    if dtype not in (torch.float32, torch.float64) or layer.act_mode not in ("affine", "threshold") or not w.numel():
         return None
-    if isinstance(getattr(layer, "padding", 0), str) or getattr(layer, "output_padding", None) is not None:
+    if isinstance(getattr(layer, "padding", 0), str):
+        return None
+    transposed = getattr(layer, "output_padding", None) is not None  # run as one sub-pixel conv (``_subpixel``)
+    if transposed and (layer.groups != 1 or torch.nn.modules.utils._pair(layer.dilation) != (1, 1)):
         return None
     lo, hi = (0.0, float(p["thresholds"].numel())) if layer.act_mode == "threshold" else \
         (float(p["qmin"]), float(p["qmax"]))
     if lo != int(lo) or m8 * (hi - lo) > 255:
         return None
     x_zp = round(m8 * (z8 - lo))  # an integer: m_a z_a is one
+    if dtype == torch.float64:
+        if transposed or getattr(layer, "groups", 1) != 1:
+            return None
+        high = torch.floor(w.double() / SPLIT)
+        low = w.double() - SPLIT * high
+        if not onednn.int8_range(high) or umax * max(_row_l1(high, 0), _row_l1(low, 0)) >= EXACT_LIMIT:
+            return None
+        return Int8Spec(lo, m8, x_zp, None, SPLIT)
     if onednn.int8_range(w):
-        return lo, m8, x_zp, None
+        return Int8Spec(lo, m8, x_zp)
+    if transposed:  # no shifted rows for the transposed convs' columns
+        return None
     rows = w.double().reshape(len(w), -1)
     d = torch.ceil((rows.amax(1) + rows.amin(1)) / 2)  # a row of 256 values: [-128, 127]
     shifted = rows - d[:, None]
@@ -198,7 +228,7 @@ def _int8_spec(layer, p, w: torch.Tensor, dtype, m8: int, z8: float, umax: float
         return None
     if umax * max(_row_l1(shifted, 0), rows.shape[1]) >= EXACT_LIMIT:
         return None
-    return lo, m8, x_zp, d
+    return Int8Spec(lo, m8, x_zp, d)
 
 
 def plan(layer, k: int, binary_ok: bool = False) -> Plan:
@@ -255,19 +285,33 @@ def _int8(layer, pl: Plan, linear: bool):
     if pl.spec is None or compiling() or not onednn.available():
         return None
     if pl.int8 is None:
-        _, _, x_zp, d = pl.spec
+        x_zp, d, split = pl.spec.x_zp, pl.spec.d, pl.spec.split
         w = (pl.w if pl.kind == "folded" else pl.stack).double()
         if d is not None:  # shifted rows and a row of ones
             w = torch.cat([w - channel_view(d, w.ndim, 0), w.new_ones((1,) + tuple(w.shape[1:]))])
+        if split is not None:  # [H; L]
+            high = torch.floor(w / split)
+            w = torch.cat([high, w - split * high])
         w8 = w.to(torch.int8)
-        pl.int8 = onednn.Linear(w8, x_zp) if linear else \
-            onednn.Conv(w8, x_zp, layer.stride, layer.padding, layer.dilation, layer.groups)
+        if linear:
+            pl.int8 = onednn.Linear(w8, x_zp)
+        elif layer.ch_axis == 1:  # a transposed conv, as one sub-pixel convolution
+            pl.int8 = onednn.ConvTranspose(w8, x_zp, layer.stride, layer.padding, layer.output_padding)
+        else:
+            pl.int8 = onednn.Conv(w8, x_zp, layer.stride, layer.padding, layer.dilation, layer.groups)
     return pl.int8
 
 
 def _int8_epilogue(pl: Plan, acc: torch.Tensor, bias, ch_dim: int, dtype, nchw: bool = False) -> torch.Tensor:
-    """The epilogue of the int8 sums: with shifted weights, sum u W' = a[c] + d[c] s first (float64)."""
-    d = pl.spec[3]
+    """The epilogue of the int8 sums: with shifted weights, sum u W' = a[c] + d[c] s first (float64); with
+    split ones, split * a[c] + a[C + c]."""
+    d, split = pl.spec.d, pl.spec.split
+    if split is not None:
+        if dtype == torch.float32 and acc.dim() >= 2 and _fast(acc):
+            return cpu_ops.epilogue_split(acc, split, pl.scale, bias, nchw)
+        c = acc.shape[ch_dim] // 2
+        acc = acc.narrow(ch_dim, 0, c).double() * split + acc.narrow(ch_dim, c, c).double()
+        return _epilogue(acc, pl.scale, bias, ch_dim, dtype, nchw)
     if d is None:
         return _epilogue(acc, pl.scale, bias, ch_dim, dtype, nchw)
     if dtype == torch.float32 and acc.dim() >= 2 and _fast(acc):
@@ -279,7 +323,7 @@ def _int8_epilogue(pl: Plan, acc: torch.Tensor, bias, ch_dim: int, dtype, nchw: 
 
 def _int8_input(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
     """m8 (v - lo) as uint8: the codes of the int8 sums."""
-    lo, m8 = pl.spec[:2]
+    lo, m8 = pl.spec.lo, pl.spec.m8
     if x.dtype == torch.float32 and x.dim() >= 2 and _fast(x):
         if pl.affine is not None:
             s, o, qmin, qmax = pl.affine
@@ -299,9 +343,14 @@ def _folded_input(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tenso
     return (v - pl.z_a) * pl.m_a if (pl.z_a or pl.m_a != 1) else v  # exact: small (half-)integers
 
 
-def _borders(layer, key, build):
-    """C_q and C_1 of the expanded form for one input size, cached with the weights' version (while
-    compiling: the cached ones if any, else computed in the graph)."""
+def _borders(layer, key, sums):
+    """C_q and C_1 of the expanded form for one input size (``sums()``: the two convolutions of a ones
+    input), cached with the weights' version (while compiling: the cached ones if any, else computed in
+    the graph). C_q is kept channels-last, the layout the C++ epilogue reads."""
+    def build():
+        c_q, c_1 = sums()
+        return c_q.contiguous(memory_format=torch.channels_last), c_1.contiguous()
+
     cache = _cache(layer).setdefault("borders", {})
     hit = cache.get(key)
     if compiling():
@@ -323,7 +372,7 @@ def _expanded(layer, acc_v, sum_v, c_q, c_1, s_a, z_a, ch_dim, dtype, groups=1):
     z_w = layer.w_zero.double().repeat(groups).reshape(shape)
     acc = acc_v.double().round_() - z_w * sum_v.double().round_()
     if z_a:
-        acc = acc - z_a * (c_q.double().round_() - z_w * c_1.double().round_())
+        acc = acc - z_a * (c_q.contiguous().double().round_() - z_w * c_1.double().round_())
     y = acc * (s_a * layer.w_scale.double().repeat(groups).reshape(shape))
     if layer.bias is not None:
         y = y + layer.bias.double().reshape(shape)
@@ -396,8 +445,7 @@ def conv2d(layer, x: torch.Tensor):
     c_q = c_1 = None
     if pl.z_a:
         ones = x.new_ones((1,) + tuple(x.shape[1:]), dtype=pl.w.dtype)
-        c_q, c_1 = _borders(layer, tuple(x.shape[1:]), lambda: tuple(t.contiguous() for t in _sums(
-            lambda a, b: F.conv2d(a, b, None, *geom), ones, pl)))
+        c_q, c_1 = _borders(layer, tuple(x.shape[1:]), lambda: _sums(lambda a, b: F.conv2d(a, b, None, *geom), ones, pl))
     if acc is not None and x.dtype == torch.float32 and _fast(acc):
         return cpu_ops.expanded_epilogue(acc, c_q, c_1, layer.w_zero, pl.z_a, pl.s_a * layer.w_scale.double(),
                                          layer.bias, not keep_cl)
@@ -442,21 +490,36 @@ def conv_transpose2d(layer, x: torch.Tensor):
     if pl.kind == "reference":
         return None
     geom = (layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+    nchw = not _keeps_channels_last(layer, x)
+    int8 = _int8(layer, pl, linear=False) if x.dim() == 4 else None
+    acc = sub = None
+    if int8 and x.dtype == torch.float32 and _fast(x):  # the C++ epilogues read the sub-pixel sums in place
+        acc, sub = int8.sums(_int8_input(layer, pl, x, 1)), int8.subpixel(*x.shape[2:])
+    elif int8:
+        acc = int8(_int8_input(layer, pl, x, 1))  # the transposed conv's sums, channels-last
     if pl.kind == "folded":
         # per-output-channel scales are stored per column of the [C_in, C_out/g] weight
-        return _epilogue(F.conv_transpose2d(_folded_input(layer, pl, x, 1), pl.w, None, *geom),
-                         pl.scale.repeat(layer.groups), layer.bias, 1, x.dtype, not _keeps_channels_last(layer, x))
-    v = _codes(layer, pl, x, 1)
+        if sub is not None:
+            return cpu_ops.epilogue(acc, pl.scale, layer.bias, False, nchw, sub)
+        if acc is None:
+            acc = F.conv_transpose2d(_folded_input(layer, pl, x, 1), pl.w, None, *geom)
+        return _epilogue(acc, pl.scale.repeat(layer.groups), layer.bias, 1, x.dtype, nchw)
     op = lambda a, b: F.conv_transpose2d(a, b, None, *geom)  # noqa: E731
     c_q = c_1 = None
     if pl.z_a:
-        ones = v.new_ones((1,) + tuple(v.shape[1:]))
-        c_q, c_1 = _borders(layer, tuple(v.shape[1:]), lambda: tuple(t.contiguous() for t in _sums(op, ones, pl)))
-    if pl.stack is not None and x.dtype == torch.float32 and v.dim() == 4 and _fast(v):
-        acc = op(v, pl.stack)  # [sum v q; sum v], in the layout the reference's sums have
+        ones = x.new_ones((1,) + tuple(x.shape[1:]), dtype=pl.w.dtype)
+        c_q, c_1 = _borders(layer, tuple(x.shape[1:]), lambda: _sums(op, ones, pl))
+    if acc is None and pl.stack is not None and x.dtype == torch.float32 and x.dim() == 4 and _fast(x):
+        acc = op(_codes(layer, pl, x, 1), pl.stack)  # [sum v q; sum v]
+        nchw = acc.is_contiguous()  # in the layout the reference's sums have
+    if acc is not None and x.dtype == torch.float32 and _fast(acc):
         return cpu_ops.expanded_epilogue(acc, c_q, c_1, layer.w_zero, pl.z_a, pl.s_a * layer.w_scale.double(),
-                                         layer.bias, acc.is_contiguous())
-    acc_v, sum_v = _sums(op, v, pl)
+                                         layer.bias, nchw, sub)
+    if acc is not None:
+        acc = acc.contiguous() if nchw else acc
+        acc_v, sum_v = acc[:, :-1], acc[:, -1:]
+    else:
+        acc_v, sum_v = _sums(op, _codes(layer, pl, x, 1), pl)
     return _expanded(layer, acc_v, sum_v, c_q, c_1, pl.s_a, pl.z_a, 1, x.dtype, layer.groups)
 
 
@@ -490,5 +553,5 @@ def prepare(model) -> None:
                 _int8(m, plan(m, m.weight_shape[1]), linear=True)
             elif isinstance(m, PackedConvTranspose2d):
                 c_in, _, kh, kw = m.weight_shape
-                plan(m, c_in // m.groups * kh * kw)
+                _int8(m, plan(m, c_in // m.groups * kh * kw), linear=False)
         m.site = site

@@ -163,8 +163,14 @@ def _register_fakes() -> None:
     def _threshold(x, shift, thresholds, z, m, ch_last, u8=False):
         return torch.empty_like(x, dtype=torch.uint8 if u8 else x.dtype)
 
+    def _subpixel_shape(acc, c, subpixel):
+        return (acc.shape[0], c) + (tuple(subpixel[4:]) if subpixel is not None else tuple(acc.shape[2:]))
+
     @torch.library.register_fake("zoo_cpu::epilogue")
-    def _epilogue(acc, scale, bias, ch_last, nchw=False):
+    def _epilogue(acc, scale, bias, ch_last, nchw=False, subpixel=None):
+        if subpixel is not None:
+            out = acc.new_empty(_subpixel_shape(acc, acc.shape[1] // (subpixel[0] * subpixel[1]), subpixel))
+            return out if nchw else out.contiguous(memory_format=torch.channels_last)
         return acc.new_empty(acc.shape, dtype=torch.float32) if nchw else torch.empty_like(acc, dtype=torch.float32)
 
     @torch.library.register_fake("zoo_cpu::epilogue_sum")
@@ -175,10 +181,18 @@ def _register_fakes() -> None:
             return out if nchw else out.contiguous(memory_format=torch.channels_last)
         return acc.new_empty(acc.shape[:-1] + (acc.shape[-1] - 1,))
 
+    @torch.library.register_fake("zoo_cpu::epilogue_split")
+    def _epilogue_split(acc, m, scale, bias, nchw=False):
+        if acc.dim() == 4:
+            n, c, h, w = acc.shape
+            out = acc.new_empty((n, c // 2, h, w))
+            return out if nchw else out.contiguous(memory_format=torch.channels_last)
+        return acc.new_empty(acc.shape[:-1] + (acc.shape[-1] // 2,))
+
     @torch.library.register_fake("zoo_cpu::expanded_epilogue")
-    def _expanded_epilogue(acc, c_q, c_1, z_w, z_a, scale, bias, nchw):
-        n, c, h, w = acc.shape
-        out = acc.new_empty((n, c - 1, h, w))
+    def _expanded_epilogue(acc, c_q, c_1, z_w, z_a, scale, bias, nchw, subpixel=None):
+        ca = acc.shape[1] // (subpixel[0] * subpixel[1]) if subpixel is not None else acc.shape[1]
+        out = acc.new_empty(_subpixel_shape(acc, ca - 1, subpixel))
         return out if nchw else out.contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake("zoo_cpu::binary_conv2d")
@@ -205,10 +219,13 @@ def threshold_input(x: torch.Tensor, shift, thresholds: torch.Tensor, z: float, 
     return torch.ops.zoo_cpu.threshold_input(x, shift, thresholds, z, m, ch_last, u8)
 
 
-def epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_last: bool, nchw: bool = False) -> torch.Tensor:
+def epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_last: bool, nchw: bool = False,
+             subpixel=None) -> torch.Tensor:
     """float32(float64(acc) * scale[c] + bias[c]), channels on dim 1 or (``ch_last``) the last dim; a 4-d
-    channels-last acc gives a channels-last result, or with ``nchw`` a contiguous one."""
-    return torch.ops.zoo_cpu.epilogue(acc, scale, bias, ch_last, nchw)
+    channels-last acc gives a channels-last result, or with ``nchw`` a contiguous one. ``subpixel``:
+    acc is a sub-pixel convolution's sums and [sh, sw, oh, ow, ho, wo] says where each output pixel's are
+    (``onednn.ConvTranspose.subpixel``)."""
+    return torch.ops.zoo_cpu.epilogue(acc, scale, bias, ch_last, nchw, subpixel)
 
 
 def epilogue_sum(acc: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, bias, nchw: bool = False) -> torch.Tensor:
@@ -219,13 +236,20 @@ def epilogue_sum(acc: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, bias, 
     return torch.ops.zoo_cpu.epilogue_sum(acc, d, scale, bias, nchw)
 
 
+def epilogue_split(acc: torch.Tensor, m: int, scale: torch.Tensor, bias, nchw: bool = False) -> torch.Tensor:
+    """float32((float64(acc[c]) * m + float64(acc[C + c])) * scale[c] + bias[c]) for acc's 2 C channels,
+    channels last (as in :func:`epilogue_sum`): the epilogue of int8 sums with weights split as m H + L."""
+    return torch.ops.zoo_cpu.epilogue_split(acc, m, scale, bias, nchw)
+
+
 def expanded_epilogue(acc: torch.Tensor, c_q, c_1, z_w: torch.Tensor, z_a: float, scale: torch.Tensor, bias,
-                      nchw: bool) -> torch.Tensor:
+                      nchw: bool, subpixel=None) -> torch.Tensor:
     """The expanded form's epilogue (``cached._expanded``, muL2Q's real zero points) in one pass over
     int8 convolution sums: acc N x (C + 1) x H x W (sum v q per channel, then sum v), c_q (C x H x W)
     and c_1 (H x W) when z_a != 0; float32(((a - z_w s) - z_a (c_q - z_w c_1)) * scale + bias) in
-    float64, in ``_expanded``'s order; contiguous (``nchw``) or channels-last."""
-    return torch.ops.zoo_cpu.expanded_epilogue(acc, c_q, c_1, z_w, z_a, scale, bias, nchw)
+    float64, in ``_expanded``'s order; contiguous (``nchw``) or channels-last. ``subpixel``: as in
+    :func:`epilogue`."""
+    return torch.ops.zoo_cpu.expanded_epilogue(acc, c_q, c_1, z_w, z_a, scale, bias, nchw, subpixel)
 
 
 def pack_signs(x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:

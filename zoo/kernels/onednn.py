@@ -120,3 +120,63 @@ class Linear:
         out = torch.ops.onednn.qlinear_pointwise(x8.reshape(-1, x8.shape[-1]), 1.0, self.x_zp, self.packed,
                                                  self.ones, self.zeros, None, 1.0, 0, torch.float32, "none", [], "")
         return out.reshape(*x8.shape[:-1], out.shape[-1])
+
+
+def _phases(k: int, s: int, p: int, op: int):
+    """One dimension of a transposed conv (kernel k, stride s, padding p, output padding op, dilation 1) as
+    s phases of one ordinary convolution: output o = s i + a sums x[i + delta] w[k'] over the taps k' with
+    a + p - k' = s delta. Returns (taps, t, pad, off, n): taps[a][j] = the tap k' at window position j of
+    phase a (or -1), t the window (all phases' deltas), pad the ordinary conv's symmetric padding, off the
+    first of its outputs that is phase output i = 0, n = ceil(H_out / s) its outputs used, less H."""
+    deltas = [(a + p - kk) // s for a in range(s) for kk in range(k) if (a + p - kk) % s == 0]
+    d0 = min(deltas)
+    t = max(deltas) - d0 + 1
+    taps = [[a + p - s * (d0 + j) if 0 <= a + p - s * (d0 + j) < k else -1 for j in range(t)] for a in range(s)]
+    n = -(-(k + op - 2 * p) // s) - 1  # ceil(H_out / s) - H, for every H
+    pad = max(0, -d0, n - 1 + d0 + t)
+    return taps, t, pad, d0 + pad, n
+
+
+class ConvTranspose:
+    """A transposed conv's int8 weights (C_in x C_out x kh x kw, groups 1, dilation 1) as one ordinary
+    convolution with s_h s_w C_out outputs, one group of C_out per output phase (sub-pixel form), zero
+    weights where a phase's window has no tap: the same products and sums, without the zeros a
+    zero-inserted input would multiply. Padded positions contribute 0, as the transposed conv's
+    missing inputs do. Called, it returns the transposed conv's sums, stored channels-last."""
+
+    def __init__(self, w8: torch.Tensor, x_zp: int, stride, padding, output_padding):
+        pair = torch.nn.modules.utils._pair
+        (sh, sw), (ph, pw), (oph, opw) = pair(stride), pair(padding), pair(output_padding)
+        c_in, c_out, kh, kw = w8.shape
+        (taps_h, th, pad_h, self.off_h, self.n_h), (taps_w, tw, pad_w, self.off_w, self.n_w) = \
+            _phases(kh, sh, ph, oph), _phases(kw, sw, pw, opw)
+        self.s, self.c, self.out_pad = (sh, sw), c_out, (kh - 2 * ph + oph - sh, kw - 2 * pw + opw - sw)
+        w = torch.zeros(sh, sw, c_out, c_in, th, tw, dtype=torch.int8)
+        wt = w8.permute(1, 0, 2, 3)  # C_out x C_in x kh x kw
+        for a in range(sh):
+            for b in range(sw):
+                for i, ky in enumerate(taps_h[a]):
+                    for j, kx in enumerate(taps_w[b]):
+                        if ky >= 0 and kx >= 0:
+                            w[a, b, :, :, i, j] = wt[:, :, ky, kx]
+        self.conv = Conv(w.reshape(sh * sw * c_out, c_in, th, tw), x_zp, 1, (pad_h, pad_w), 1, 1)
+
+    def sums(self, x8: torch.Tensor) -> torch.Tensor:
+        """The sub-pixel convolution's sums: N x (s_h s_w C_out) x H' x W', channels-last."""
+        return self.conv(x8)
+
+    def subpixel(self, h: int, w: int) -> list[int]:
+        """[s_h, s_w, off_h, off_w, H_out, W_out] for an h x w input: the transposed conv's output pixel
+        (y, x) is phase (y % s_h, x % s_w)'s group of ``sums`` at pixel (y // s_h + off_h, x // s_w + off_w)
+        (what ``cpu_ops``' epilogues read)."""
+        (sh, sw), (eh, ew) = self.s, self.out_pad
+        return [sh, sw, self.off_h, self.off_w, h * sh + eh, w * sw + ew]
+
+    def __call__(self, x8: torch.Tensor) -> torch.Tensor:
+        """The transposed conv's sums, N x C_out x H_out x W_out, stored channels-last."""
+        (sh, sw), (n, _, h, w) = self.s, x8.shape
+        nh, nw = h + self.n_h, w + self.n_w
+        out = self.sums(x8).permute(0, 2, 3, 1)[:, self.off_h:self.off_h + nh, self.off_w:self.off_w + nw]
+        out = out.reshape(n, nh, nw, sh, sw, self.c).permute(0, 1, 3, 2, 4, 5).reshape(n, nh * sh, nw * sw, self.c)
+        h_out, w_out = self.subpixel(h, w)[4:]
+        return out[:, :h_out, :w_out].contiguous().permute(0, 3, 1, 2)  # channels-last (no copy if uncropped)

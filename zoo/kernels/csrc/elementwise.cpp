@@ -70,22 +70,72 @@ bool nhwc(const at::Tensor& x) {
   return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Writes out[img, k, p] = f(r, k) for every row r = img * hw + p of a channels-last source and channel k
-// (a transpose to N x C x H x W), a tile of 64 pixels at a time: the tile's source rows stay in L1 while
-// every channel's stores run contiguously (one store per row and channel, hw floats apart, would touch
-// a new cache line each time: 10-17x slower at 64 x 64 pixels).
-template <typename F>
-void write_nchw(float* op, int64_t rows, int64_t c, int64_t hw, F&& f) {
+// The source rows of the epilogues: row r (= img * hw + p, output pixel p of image img) holds the C'
+// values acc[r * C' + k] of a channels-last acc -- or (sub) of a sub-pixel convolution's sums
+// (zoo/kernels/onednn.py, ConvTranspose): acc is N x (sh sw C') x hi x wi stored channels-last, and
+// the transposed conv's output pixel (y, x) of an ho x wo image is phase (y % sh, x % sw)'s C' values at
+// acc pixel (y / sh + oh, x / sw + ow).
+template <typename A>
+struct Rows {
+  const A* ap;
+  int64_t ca;
+  bool sub = false;
+  int64_t sh = 1, sw = 1, oh = 0, ow = 0, ho = 1, wo = 1, hi = 1, wi = 1;
+  const A* operator()(int64_t r) const {
+    if (!sub) return ap + r * ca;
+    const int64_t hw = ho * wo, n = r / hw, p = r - n * hw, y = p / wo, x = p - y * wo;
+    return ap + ((n * hi + y / sh + oh) * wi + x / sw + ow) * (sh * sw * ca) + ((y % sh) * sw + x % sw) * ca;
+  }
+};
+
+// Rows of acc (channels-last, C' = ca values per row) and the output's N x C x H x W shape: with
+// subpixel = [sh, sw, oh, ow, ho, wo], acc holds sh sw groups of ca channels and the output is ho x wo.
+template <typename A>
+Rows<A> make_rows(const at::Tensor& acc, int64_t ca, at::OptionalIntArrayRef subpixel, std::vector<int64_t>& hw_out) {
+  Rows<A> rows{acc.data_ptr<A>(), ca};
+  hw_out = {acc.size(2), acc.size(3)};
+  if (subpixel.has_value()) {
+    const auto sp = *subpixel;
+    TORCH_CHECK(sp.size() == 6 && acc.dim() == 4 && acc.size(1) == sp[0] * sp[1] * ca,
+                "subpixel: [sh, sw, oh, ow, ho, wo] for sums with sh sw groups of channels");
+    rows.sub = true;
+    rows.sh = sp[0], rows.sw = sp[1], rows.oh = sp[2], rows.ow = sp[3], rows.ho = sp[4], rows.wo = sp[5];
+    rows.hi = acc.size(2), rows.wi = acc.size(3);
+    TORCH_CHECK((rows.ho - 1) / rows.sh + rows.oh < rows.hi && (rows.wo - 1) / rows.sw + rows.ow < rows.wi,
+                "subpixel: the output needs sums outside acc");
+    hw_out = {rows.ho, rows.wo};
+  }
+  return rows;
+}
+
+// Writes out[img, k, p] = f(row(r), p, k) for every row r = img * hw + p and channel k (a transpose to
+// N x C x H x W), a tile of 64 pixels at a time: the tile's values are computed row by row into a
+// buffer (channels innermost, so the compiler vectorises f over k) and then stored plane by plane, so
+// every channel's stores run contiguously (one store per row and channel, hw floats apart, would
+// touch a new cache line each time: 10-17x slower at 64 x 64 pixels).
+template <typename Row, typename F>
+void write_nchw(float* op, int64_t rows, int64_t c, int64_t hw, Row&& row, F&& f) {
   constexpr int64_t T = 64;
   const int64_t tiles = (hw + T - 1) / T;
   at::parallel_for(0, (rows / hw) * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(T * c);
+    float* buf = tile.data();
     for (int64_t t = begin; t < end; ++t) {
       const int64_t img = t / tiles, p0 = (t % tiles) * T, np = std::min(T, hw - p0), r0 = img * hw + p0;
+      for (int64_t j = 0; j < np; ++j) f(buf + j * c, row(r0 + j), p0 + j);
       for (int64_t k = 0; k < c; ++k) {
         float* o = op + (img * c + k) * hw + p0;
-        for (int64_t j = 0; j < np; ++j) o[j] = f(r0 + j, k);
+        for (int64_t j = 0; j < np; ++j) o[j] = buf[j * c + k];
       }
     }
+  });
+}
+
+// Writes out[r * c .. r * c + c) = f(row(r), p) (channels-last output rows).
+template <typename Row, typename F>
+void write_rows(float* op, int64_t rows, int64_t c, int64_t hw, Row&& row, F&& f) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(op + r * c, row(r), r % hw);
   });
 }
 
@@ -158,15 +208,17 @@ at::Tensor threshold_input(const at::Tensor& x, const c10::optional<at::Tensor>&
 }
 
 // acc: float32 or float64 integer sums, channels on dim 1 or the last dim; scale: float64 [C];
-// bias: float32 [C] or none -> float32
+// bias: float32 [C] or none -> float32. subpixel: acc is a sub-pixel convolution's float32 sums (Rows).
 at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& scale_in, const c10::optional<at::Tensor>& bias_in,
-                    bool ch_last, bool nchw) {
+                    bool ch_last, bool nchw, at::OptionalIntArrayRef subpixel) {
   TORCH_CHECK(acc_in.dim() >= 2, "epilogue: acc must be 2-d or more");
-  const bool cl = !ch_last && nhwc(acc_in);
-  const at::Tensor acc = cl ? acc_in : acc_in.contiguous();
-  const int64_t c = ch_last ? acc.size(-1) : acc.size(1);
+  const bool sub = subpixel.has_value();
+  TORCH_CHECK(!sub || (acc_in.dim() == 4 && !ch_last && acc_in.scalar_type() == at::kFloat),
+              "epilogue: subpixel sums must be 4-d float32");
+  const bool cl = sub || (!ch_last && nhwc(acc_in));
+  const at::Tensor acc = sub ? acc_in.contiguous(at::MemoryFormat::ChannelsLast) : cl ? acc_in : acc_in.contiguous();
+  const int64_t c = sub ? acc.size(1) / ((*subpixel)[0] * (*subpixel)[1]) : ch_last ? acc.size(-1) : acc.size(1);
   ch_last = ch_last || cl;
-  const int64_t inner = ch_last ? 1 : acc.numel() / (acc.size(0) * c);
   const at::Tensor scale = scale_in.contiguous().to(at::kDouble);
   TORCH_CHECK(scale.numel() == c, "epilogue: ", scale.numel(), " scales for ", c, " channels");
   at::Tensor bias;
@@ -176,21 +228,34 @@ at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& scale_in, const 
     TORCH_CHECK(bias.numel() == c, "epilogue: ", bias.numel(), " biases for ", c, " channels");
     bp = bias.data_ptr<double>();
   }
-  // a channels-last acc gives a channels-last result, or (nchw) a contiguous one
-  const bool t = cl && nchw;
-  const int64_t hw = t ? acc.size(2) * acc.size(3) : 1;
-  at::Tensor out = t ? at::empty(acc.sizes(), acc.options().dtype(at::kFloat))
-                     : at::empty_like(acc, acc.options().dtype(at::kFloat));
   const double* sc = scale.data_ptr<double>();
+  if (cl) {  // rows of C channels: a channels-last result, or (nchw) a contiguous one
+    std::vector<int64_t> hw2;
+    auto run = [&](auto rows) {
+      const int64_t hw = hw2[0] * hw2[1], n = acc.size(0);
+      at::Tensor out = at::empty({n, c, hw2[0], hw2[1]}, nchw ? acc.options().dtype(at::kFloat)
+          : acc.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+      auto f = [&](float* __restrict__ o, auto a, int64_t) {
+        if (bp) {
+          for (int64_t k = 0; k < c; ++k) o[k] = float(double(a[k]) * sc[k] + bp[k]);
+        } else {
+          for (int64_t k = 0; k < c; ++k) o[k] = float(double(a[k]) * sc[k]);
+        }
+      };
+      if (nchw) write_nchw(out.data_ptr<float>(), n * hw, c, hw, rows, f);
+      else write_rows(out.data_ptr<float>(), n * hw, c, hw, rows, f);
+      return out;
+    };
+    if (acc.scalar_type() == at::kFloat) return run(make_rows<float>(acc, c, subpixel, hw2));
+    TORCH_CHECK(acc.scalar_type() == at::kDouble, "epilogue: acc must be float32 or float64, got ", acc.scalar_type());
+    return run(make_rows<double>(acc, c, subpixel, hw2));
+  }
+  const int64_t inner = ch_last ? 1 : acc.numel() / (acc.size(0) * c);
+  at::Tensor out = at::empty_like(acc, acc.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   const int64_t total = acc.numel();
   auto run = [&](auto* ap) {
-    if (t) {  // rows of C channels, written to planes: out[n, k, p] for row r = n * hw + p
-      write_nchw(op, total / c, c, hw, [&](int64_t r, int64_t k) {
-        double v = double(ap[r * c + k]) * sc[k];
-        return float(bp ? v + bp[k] : v);
-      });
-    } else if (ch_last) {
+    if (ch_last) {
       at::parallel_for(0, total / c, 256, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r)
           for (int64_t k = 0; k < c; ++k) {
@@ -249,48 +314,88 @@ at::Tensor epilogue_sum(const at::Tensor& acc_in, const at::Tensor& d_in, const 
   at::Tensor out = cl && !nchw ? at::empty(shape, acc.options().memory_format(at::MemoryFormat::ChannelsLast))
                                : at::empty(shape, acc.options());
   const double *sc = scale.data_ptr<double>(), *dp = d.data_ptr<double>();
-  const float* ap = acc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  auto value = [&](int64_t r, int64_t k) {
-    const float* a = ap + r * ca;
-    const double v = (double(a[k]) + dp[k] * double(a[c])) * sc[k];
-    return float(bp ? v + bp[k] : v);
+  const Rows<float> rows{acc.data_ptr<float>(), ca};
+  auto value = [&](float* __restrict__ o, const float* __restrict__ a, int64_t) {
+    const double s = a[c];
+    if (bp) {
+      for (int64_t k = 0; k < c; ++k) o[k] = float((double(a[k]) + dp[k] * s) * sc[k] + bp[k]);
+    } else {
+      for (int64_t k = 0; k < c; ++k) o[k] = float((double(a[k]) + dp[k] * s) * sc[k]);
+    }
   };
-  if (t) {
-    write_nchw(op, acc.numel() / ca, c, hw, value);
-  } else {
-    at::parallel_for(0, acc.numel() / ca, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t k = 0; k < c; ++k) op[r * c + k] = value(r, k);
-    });
+  if (t) write_nchw(out.data_ptr<float>(), acc.numel() / ca, c, hw, rows, value);
+  else write_rows(out.data_ptr<float>(), acc.numel() / ca, c, hw, rows, value);
+  return out;
+}
+
+// epilogue_split: the epilogue of int8 sums whose weights were split as W' = m H + L (float64-sum
+// layers, zoo/kernels/cached.py): acc holds 2 C channels, channels last (the last dim, or dim 1 of a
+// 4-d tensor, read as channels-last), the sums with H and then those with L;
+// y[c] = float((double(a[c]) * m + double(a[C + c])) * scale[c] + double(bias[c])), the bracket being the
+// exact integer sum (below 2^53): the epilogue of the float64 sums.
+at::Tensor epilogue_split(const at::Tensor& acc_in, int64_t m, const at::Tensor& scale_in,
+                          const c10::optional<at::Tensor>& bias_in, bool nchw) {
+  TORCH_CHECK(acc_in.scalar_type() == at::kFloat && acc_in.dim() >= 2, "epilogue_split: acc must be float32, 2-d or more");
+  const bool cl = acc_in.dim() == 4;
+  const at::Tensor acc = acc_in.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const int64_t ca = cl ? acc.size(1) : acc.size(-1), c = ca / 2;
+  const at::Tensor scale = scale_in.contiguous().to(at::kDouble);
+  TORCH_CHECK(ca == 2 * c && scale.numel() == c, "epilogue_split: ", scale.numel(), " scales for ", ca, " sums");
+  const double* bp = nullptr;
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->contiguous().to(at::kDouble);
+    TORCH_CHECK(bias.numel() == c, "epilogue_split: ", bias.numel(), " biases for ", c, " channels");
+    bp = bias.data_ptr<double>();
   }
+  std::vector<int64_t> shape(acc.sizes().begin(), acc.sizes().end());
+  shape[cl ? 1 : shape.size() - 1] = c;
+  const int64_t hw = cl ? acc.size(2) * acc.size(3) : 1;
+  at::Tensor out = cl && !nchw ? at::empty(shape, acc.options().memory_format(at::MemoryFormat::ChannelsLast))
+                               : at::empty(shape, acc.options());
+  const double* sc = scale.data_ptr<double>();
+  const double md = double(m);
+  const Rows<float> rows{acc.data_ptr<float>(), ca};
+  auto value = [&](float* __restrict__ o, const float* __restrict__ a, int64_t) {
+    if (bp) {
+      for (int64_t k = 0; k < c; ++k) o[k] = float((double(a[k]) * md + double(a[c + k])) * sc[k] + bp[k]);
+    } else {
+      for (int64_t k = 0; k < c; ++k) o[k] = float((double(a[k]) * md + double(a[c + k])) * sc[k]);
+    }
+  };
+  if (cl && nchw) write_nchw(out.data_ptr<float>(), acc.numel() / ca, c, hw, rows, value);
+  else write_rows(out.data_ptr<float>(), acc.numel() / ca, c, hw, rows, value);
   return out;
 }
 
 // expanded_epilogue: the expanded form's epilogue (muL2Q's real zero points, zoo.kernels.cached._expanded)
 // for int8 convolution sums: acc is N x (C + 1) x H x W stored channels-last, sum v q per channel and,
-// last, sum v; c_q (C x H x W) and c_1 (H x W) the border terms, used when z_a != 0;
+// last, sum v (or, with subpixel, a sub-pixel convolution's sums: Rows); c_q (1 x C x H x W) and c_1 (H x W)
+// the border terms of the output's H x W, used when z_a != 0;
 //   y = float(((a - z_w[c] s) - z_a (c_q - z_w[c] c_1)) * scale[c] + bias[c])
 // in float64 in _expanded's order (its round() calls are no-ops on these exact integer sums); the
 // result is contiguous (nchw) or channels-last.
 at::Tensor expanded_epilogue(const at::Tensor& acc_in, const c10::optional<at::Tensor>& cq_in,
                              const c10::optional<at::Tensor>& c1_in, const at::Tensor& zw_in, double za,
-                             const at::Tensor& scale_in, const c10::optional<at::Tensor>& bias_in, bool nchw) {
+                             const at::Tensor& scale_in, const c10::optional<at::Tensor>& bias_in, bool nchw,
+                             at::OptionalIntArrayRef subpixel) {
   TORCH_CHECK(acc_in.scalar_type() == at::kFloat && acc_in.dim() == 4, "expanded_epilogue: acc must be 4-d float32");
   const at::Tensor acc = acc_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t ca = acc.size(1), c = ca - 1, hw = acc.size(2) * acc.size(3);
+  const int64_t ca = subpixel.has_value() ? acc.size(1) / ((*subpixel)[0] * (*subpixel)[1]) : acc.size(1), c = ca - 1;
+  std::vector<int64_t> hw2;
+  const Rows<float> rows = make_rows<float>(acc, ca, subpixel, hw2);
+  const int64_t hw = hw2[0] * hw2[1];
   const at::Tensor zw = zw_in.contiguous().to(at::kDouble), scale = scale_in.contiguous().to(at::kDouble);
   TORCH_CHECK(zw.numel() == c && scale.numel() == c, "expanded_epilogue: ", zw.numel(), " zero points and ",
               scale.numel(), " scales for ", c, " channels");
   const bool borders = za != 0.0;
-  at::Tensor cq, c1, bias;
-  const float *cqp = nullptr, *c1p = nullptr;
+  at::Tensor c1, bias;
+  const float* c1p = nullptr;
   if (borders) {
     TORCH_CHECK(cq_in.has_value() && c1_in.has_value(), "expanded_epilogue: z_a != 0 needs c_q and c_1");
-    cq = cq_in->contiguous().to(at::kFloat);
+    TORCH_CHECK(cq_in->dim() == 4 && cq_in->size(0) == 1 && cq_in->size(1) == c && cq_in->numel() == c * hw &&
+                c1_in->numel() == hw, "expanded_epilogue: border terms of the wrong size");
     c1 = c1_in->contiguous().to(at::kFloat);
-    TORCH_CHECK(cq.numel() == c * hw && c1.numel() == hw, "expanded_epilogue: border terms of the wrong size");
-    cqp = cq.data_ptr<float>();
     c1p = c1.data_ptr<float>();
   }
   const double* bp = nullptr;
@@ -299,28 +404,32 @@ at::Tensor expanded_epilogue(const at::Tensor& acc_in, const c10::optional<at::T
     TORCH_CHECK(bias.numel() == c, "expanded_epilogue: ", bias.numel(), " biases for ", c, " channels");
     bp = bias.data_ptr<double>();
   }
-  std::vector<int64_t> shape{acc.size(0), c, acc.size(2), acc.size(3)};
+  std::vector<int64_t> shape{acc.size(0), c, hw2[0], hw2[1]};
   at::Tensor out = nchw ? at::empty(shape, acc.options())
                         : at::empty(shape, acc.options().memory_format(at::MemoryFormat::ChannelsLast));
   const double *zp = zw.data_ptr<double>(), *sc = scale.data_ptr<double>();
-  const float* ap = acc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  auto value = [&](int64_t r, int64_t k) {
-    const int64_t p = r % hw;
-    const float* a = ap + r * ca;
-    double t = std::nearbyint(double(a[k])) - zp[k] * std::nearbyint(double(a[c]));
-    if (borders) t = t - za * (std::nearbyint(double(cqp[k * hw + p])) - zp[k] * std::nearbyint(double(c1p[p])));
-    const double y = t * sc[k];
-    return float(bp ? y + bp[k] : y);
+  // c_q read channels-last (hw x C): contiguous over the channels, as the sums are (cached.py keeps its
+  // c_q channels-last; any other layout is transposed here)
+  const at::Tensor cqt = borders ? cq_in->to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  const float* cqtp = borders ? cqt.data_ptr<float>() : nullptr;
+  auto value = [&](float* __restrict__ o, const float* __restrict__ a, int64_t p) {
+    const double s = std::nearbyint(double(a[c]));
+    if (borders) {
+      const float* __restrict__ q = cqtp + p * c;
+      const double one = std::nearbyint(double(c1p[p]));
+      for (int64_t k = 0; k < c; ++k) {
+        const double t = (std::nearbyint(double(a[k])) - zp[k] * s) - za * (std::nearbyint(double(q[k])) - zp[k] * one);
+        o[k] = float(bp ? t * sc[k] + bp[k] : t * sc[k]);
+      }
+    } else {
+      for (int64_t k = 0; k < c; ++k) {
+        const double t = std::nearbyint(double(a[k])) - zp[k] * s;
+        o[k] = float(bp ? t * sc[k] + bp[k] : t * sc[k]);
+      }
+    }
   };
-  if (nchw) {
-    write_nchw(op, acc.size(0) * hw, c, hw, value);
-  } else {
-    at::parallel_for(0, acc.size(0) * hw, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t k = 0; k < c; ++k) op[r * c + k] = value(r, k);
-    });
-  }
+  if (nchw) write_nchw(out.data_ptr<float>(), acc.size(0) * hw, c, hw, rows, value);
+  else write_rows(out.data_ptr<float>(), acc.size(0) * hw, c, hw, rows, value);
   return out;
 }
 
@@ -331,10 +440,12 @@ TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
         "bool ch_last, bool u8=False) -> Tensor");
   m.def("threshold_input(Tensor x, Tensor? shift, Tensor thresholds, float z, float m, bool ch_last, bool u8=False) "
         "-> Tensor");
-  m.def("epilogue(Tensor acc, Tensor scale, Tensor? bias, bool ch_last, bool nchw=False) -> Tensor");
+  m.def("epilogue(Tensor acc, Tensor scale, Tensor? bias, bool ch_last, bool nchw=False, int[]? subpixel=None) "
+        "-> Tensor");
   m.def("epilogue_sum(Tensor acc, Tensor d, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
+  m.def("epilogue_split(Tensor acc, int m, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
   m.def("expanded_epilogue(Tensor acc, Tensor? c_q, Tensor? c_1, Tensor z_w, float z_a, Tensor scale, Tensor? bias, "
-        "bool nchw) -> Tensor");
+        "bool nchw, int[]? subpixel=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
@@ -342,5 +453,6 @@ TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
   m.impl("threshold_input", threshold_input);
   m.impl("epilogue", epilogue);
   m.impl("epilogue_sum", epilogue_sum);
+  m.impl("epilogue_split", epilogue_split);
   m.impl("expanded_epilogue", expanded_epilogue);
 }
