@@ -325,10 +325,11 @@ def _int8_input(layer, pl: Plan, x: torch.Tensor, ch_axis: int) -> torch.Tensor:
     """m8 (v - lo) as uint8: the codes of the int8 sums."""
     lo, m8 = pl.spec.lo, pl.spec.m8
     if x.dtype == torch.float32 and x.dim() >= 2 and _fast(x):
+        cl = ch_axis == 1 and x.dim() == 4  # convolutions take channels-last codes (no reorder in oneDNN)
         if pl.affine is not None:
             s, o, qmin, qmax = pl.affine
-            return cpu_ops.affine_input(x, pl.p.get("shift"), s, o, qmin, qmax, lo, m8, ch_axis == -1, True)
-        return cpu_ops.threshold_input(x, pl.p.get("shift"), pl.p["thresholds"], lo, m8, ch_axis == -1, True)
+            return cpu_ops.affine_input(x, pl.p.get("shift"), s, o, qmin, qmax, lo, m8, ch_axis == -1, True, cl)
+        return cpu_ops.threshold_input(x, pl.p.get("shift"), pl.p["thresholds"], lo, m8, ch_axis == -1, True, cl)
     v = reference.quantize_act(x, layer.act_mode, pl.p, ch_axis)
     return ((v - lo) * m8).to(torch.uint8)
 

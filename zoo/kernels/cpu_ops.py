@@ -155,13 +155,17 @@ def _register_fakes() -> None:
         n, c, h, w = x.shape
         return x.new_empty((n, h, w, (c + 63) // 64), dtype=torch.int64)
 
+    def _input(x, u8, ch_last, cl_out):
+        out = torch.empty_like(x, dtype=torch.uint8 if u8 else x.dtype)
+        return out.contiguous(memory_format=torch.channels_last) if cl_out and x.dim() == 4 and not ch_last else out
+
     @torch.library.register_fake("zoo_cpu::affine_input")
-    def _affine(x, shift, scale, offset, qmin, qmax, z, m, ch_last, u8=False):
-        return torch.empty_like(x, dtype=torch.uint8 if u8 else x.dtype)
+    def _affine(x, shift, scale, offset, qmin, qmax, z, m, ch_last, u8=False, cl_out=False):
+        return _input(x, u8, ch_last, cl_out)
 
     @torch.library.register_fake("zoo_cpu::threshold_input")
-    def _threshold(x, shift, thresholds, z, m, ch_last, u8=False):
-        return torch.empty_like(x, dtype=torch.uint8 if u8 else x.dtype)
+    def _threshold(x, shift, thresholds, z, m, ch_last, u8=False, cl_out=False):
+        return _input(x, u8, ch_last, cl_out)
 
     def _subpixel_shape(acc, c, subpixel):
         return (acc.shape[0], c) + (tuple(subpixel[4:]) if subpixel is not None else tuple(acc.shape[2:]))
@@ -206,17 +210,19 @@ def _register_fakes() -> None:
 
 
 def affine_input(x: torch.Tensor, shift, scale: float, offset: float, qmin: float, qmax: float, z: float,
-                 m: float, ch_last: bool, u8: bool = False) -> torch.Tensor:
+                 m: float, ch_last: bool, u8: bool = False, cl_out: bool = False) -> torch.Tensor:
     """(clamp(round((x - shift) / scale + offset), qmin, qmax) - z) * m in float32 (``u8``: as uint8, for
     values in [0, 255]), channels on dim 1 or (``ch_last``) the last dim: the cached path's folded input
-    of affine activation codes. A 4-d channels-last x gives a channels-last result."""
-    return torch.ops.zoo_cpu.affine_input(x, shift, scale, offset, qmin, qmax, z, m, ch_last, u8)
+    of affine activation codes. A 4-d channels-last x gives a channels-last result; so does any 4-d x
+    with ``cl_out`` (the int8 convolutions' input layout)."""
+    return torch.ops.zoo_cpu.affine_input(x, shift, scale, offset, qmin, qmax, z, m, ch_last, u8, cl_out)
 
 
 def threshold_input(x: torch.Tensor, shift, thresholds: torch.Tensor, z: float, m: float, ch_last: bool,
-                    u8: bool = False):
-    """(number of thresholds below x - shift - z) * m in float32 or uint8 (N2UQ's codes, as torch.bucketize)."""
-    return torch.ops.zoo_cpu.threshold_input(x, shift, thresholds, z, m, ch_last, u8)
+                    u8: bool = False, cl_out: bool = False):
+    """(number of thresholds below x - shift - z) * m in float32 or uint8 (N2UQ's codes, as torch.bucketize);
+    layouts as in :func:`affine_input`."""
+    return torch.ops.zoo_cpu.threshold_input(x, shift, thresholds, z, m, ch_last, u8, cl_out)
 
 
 def epilogue(acc: torch.Tensor, scale: torch.Tensor, bias, ch_last: bool, nchw: bool = False,

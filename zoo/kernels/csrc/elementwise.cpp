@@ -61,7 +61,11 @@ void threshold_run(const float* __restrict__ src, T* __restrict__ dst, int64_t n
       const float tt = tp[t];
       for (int64_t j = 0; j < nj; ++j) k[j] += tt < v[j] ? 1.0f : 0.0f;
     }
-    for (int64_t j = 0; j < nj; ++j) dst[j0 + j] = store(((v[j] != v[j] ? float(nt) : k[j]) - z) * m, dst);  // NaN: all
+    const float all = float(nt);
+    for (int64_t j = 0; j < nj; ++j) {  // (a select the compiler vectorises: the v != v ? : form it did not)
+      const float c = v[j] == v[j] ? k[j] : all;  // NaN: above every threshold
+      dst[j0 + j] = store((c - z) * m, dst);
+    }
   }
 }
 
@@ -143,25 +147,56 @@ void write_rows(float* op, int64_t rows, int64_t c, int64_t hw, Row&& row, F&& f
 // run.template operator()<Shift>(src, dst, n, shift pointer) over runs of elements:
 // no shift: any runs of the flat storage; channels on dim 1: planes of one channel (Shift 1);
 // channels last (ch_last: the last dim; or a 4-d channels-last tensor): rows of C elements (Shift 2).
+// With cl_out, a 4-d N x C x H x W input gives a channels-last result (the int8 convolutions' input
+// layout, which oneDNN would otherwise make with a copy): a tile of 64 pixels is gathered into a buffer
+// as rows of C floats and computed from there.
 template <typename T, typename Run>
 at::Tensor input_kernel(const char* name, const at::Tensor& x_in, const c10::optional<at::Tensor>& shift_in,
-                        bool ch_last, at::ScalarType out_type, Run&& run) {
+                        bool ch_last, at::ScalarType out_type, Run&& run, bool cl_out = false) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 2, name, ": x must be float32, 2-d or more");
   const bool cl = !ch_last && nhwc(x_in);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
   const int64_t c = ch_last ? x.size(-1) : x.size(1);
   const int64_t total = x.numel();
-  at::Tensor out = at::empty_like(x, x.options().dtype(out_type));  // keeps a channels-last layout
+  const bool has_shift = shift_in.has_value() && shift_in->defined();
+  at::Tensor shift;
+  if (has_shift) {
+    shift = shift_in->contiguous().to(at::kFloat);
+    TORCH_CHECK(shift.numel() == c, name, ": shift has ", shift.numel(), " values for ", c, " channels");
+  }
   const float* xp = x.data_ptr<float>();
+  if (cl_out && !cl && !ch_last && x.dim() == 4) {  // N x C x H x W planes -> channels-last rows
+    at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_type).memory_format(at::MemoryFormat::ChannelsLast));
+    T* op = out.data_ptr<T>();
+    const float* sp = has_shift ? shift.data_ptr<float>() : nullptr;
+    constexpr int64_t TILE = 64;
+    const int64_t hw = x.size(2) * x.size(3), tiles = (hw + TILE - 1) / TILE;
+    at::parallel_for(0, x.size(0) * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(c * TILE);
+      float* __restrict__ b = buf.data();
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t img = t / tiles, p0 = (t % tiles) * TILE, np = std::min(TILE, hw - p0);
+        const float* __restrict__ src = xp + img * c * hw + p0;
+        for (int64_t j = 0; j < np; ++j)  // the tile's inputs as rows of C floats
+          for (int64_t k = 0; k < c; ++k) b[j * c + k] = src[k * hw + j];
+        T* o = op + (img * hw + p0) * c;
+        if (sp) {
+          for (int64_t j = 0; j < np; ++j) run.template operator()<2>(b + j * c, o + j * c, c, sp);
+        } else {
+          run.template operator()<0>(b, o, np * c, nullptr);
+        }
+      }
+    });
+    return out;
+  }
+  at::Tensor out = at::empty_like(x, x.options().dtype(out_type));  // keeps a channels-last layout
   T* op = out.data_ptr<T>();
-  if (!(shift_in.has_value() && shift_in->defined())) {
+  if (!has_shift) {
     at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
       run.template operator()<0>(xp + begin, op + begin, end - begin, nullptr);
     });
     return out;
   }
-  const at::Tensor shift = shift_in->contiguous().to(at::kFloat);
-  TORCH_CHECK(shift.numel() == c, name, ": shift has ", shift.numel(), " values for ", c, " channels");
   const float* sp = shift.data_ptr<float>();
   if (ch_last || cl) {
     at::parallel_for(0, total / c, 16, [&](int64_t begin, int64_t end) {
@@ -177,14 +212,14 @@ at::Tensor input_kernel(const char* name, const at::Tensor& x_in, const c10::opt
 }
 
 at::Tensor affine_input(const at::Tensor& x, const c10::optional<at::Tensor>& shift, double scale, double offset,
-                        double qmin, double qmax, double z, double m, bool ch_last, bool u8) {
+                        double qmin, double qmax, double z, double m, bool ch_last, bool u8, bool cl_out) {
   const float s = float(scale), o = float(offset), lo = float(qmin), hi = float(qmax), zf = float(z), mf = float(m);
   auto go = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     return input_kernel<T>("affine_input", x, shift, ch_last, u8 ? at::kByte : at::kFloat,
                            [&]<int Shift>(const float* src, T* dst, int64_t n, const float* sh) {
                              affine_run<Shift>(src, dst, n, sh, s, o, lo, hi, zf, mf);
-                           });
+                           }, cl_out);
   };
   return u8 ? go((uint8_t*)nullptr) : go((float*)nullptr);
 }
@@ -192,7 +227,7 @@ at::Tensor affine_input(const at::Tensor& x, const c10::optional<at::Tensor>& sh
 // N2UQ's threshold activations: v = the number of thresholds t_k < x - shift[c] (torch.bucketize's count,
 // NaN counting all of them), u = (v - z) * m; thresholds sorted ascending, float32
 at::Tensor threshold_input(const at::Tensor& x, const c10::optional<at::Tensor>& shift, const at::Tensor& th_in,
-                           double z, double m, bool ch_last, bool u8) {
+                           double z, double m, bool ch_last, bool u8, bool cl_out) {
   const at::Tensor th = th_in.contiguous().to(at::kFloat);
   const float* tp = th.data_ptr<float>();
   const int64_t nt = th.numel();
@@ -202,7 +237,7 @@ at::Tensor threshold_input(const at::Tensor& x, const c10::optional<at::Tensor>&
     return input_kernel<T>("threshold_input", x, shift, ch_last, u8 ? at::kByte : at::kFloat,
                            [&]<int Shift>(const float* src, T* dst, int64_t n, const float* sh) {
                              threshold_run<Shift>(src, dst, n, sh, tp, nt, zf, mf);
-                           });
+                           }, cl_out);
   };
   return u8 ? go((uint8_t*)nullptr) : go((float*)nullptr);
 }
@@ -437,9 +472,9 @@ at::Tensor expanded_epilogue(const at::Tensor& acc_in, const c10::optional<at::T
 
 TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
   m.def("affine_input(Tensor x, Tensor? shift, float scale, float offset, float qmin, float qmax, float z, float m, "
-        "bool ch_last, bool u8=False) -> Tensor");
-  m.def("threshold_input(Tensor x, Tensor? shift, Tensor thresholds, float z, float m, bool ch_last, bool u8=False) "
-        "-> Tensor");
+        "bool ch_last, bool u8=False, bool cl_out=False) -> Tensor");
+  m.def("threshold_input(Tensor x, Tensor? shift, Tensor thresholds, float z, float m, bool ch_last, bool u8=False, "
+        "bool cl_out=False) -> Tensor");
   m.def("epilogue(Tensor acc, Tensor scale, Tensor? bias, bool ch_last, bool nchw=False, int[]? subpixel=None) "
         "-> Tensor");
   m.def("epilogue_sum(Tensor acc, Tensor d, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
