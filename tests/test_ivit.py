@@ -184,3 +184,56 @@ def test_integer_only_vit_agrees_with_the_release_and_refuses_other_models():
     assert not torch.equal(a, b)  # a different computation, not a call of the same forward
     with pytest.raises(ValueError, match="I-ViT releases"):
         IntegerViT(zoo.load("vit_tiny_p4.ptq_w8a8_fmnist"))
+
+
+@pytest.mark.parametrize("amax", [0.05, 1.0, 7.3, 300.0])
+def test_modules_at_inference_take_one_cpp_pass_with_identical_outputs(amax, monkeypatch):
+    """In eval on CPU float32 inputs the three modules run csrc/ivit.cpp (one pass per row); outputs equal
+    the torch integer functions' (ZOO_CPU_KERNELS=0) bit for bit: codes clamped at the grid's ends,
+    LayerNorm rows whose mean is exactly k + 1/2 (round half to even), negative and tiny gammas (a -0.0
+    becomes +0.0 as the straight-through + 0 makes it), and rows with NaN or inf (the torch functions
+    then run, so the NaN/inf are theirs)."""
+    from zoo.kernels import cpu_ops
+
+    if not cpu_ops.available():
+        pytest.skip("C++ kernels not built here")
+    g = torch.Generator().manual_seed(int(amax * 10))
+    mods = [IntSoftmax(), ShiftGELU(), ILayerNorm.from_float(nn.LayerNorm(48))]
+    with torch.no_grad():
+        mods[2].weight.uniform_(-2, 2, generator=g)
+        mods[2].weight[:3] = torch.tensor([0.0, 1e-13, -1e-13])
+        mods[2].bias.uniform_(-1, 1, generator=g)
+        mods[2].weight[3:6], mods[2].bias[3:6] = -1.0, 0.0  # the zero row gives (0 + 0) * (negative) = -0.0
+    for m in mods:
+        m.iq.amax.fill_(amax)
+        m.eval()
+    x = torch.randn(4, 7, 48, generator=g) * amax * 0.6
+    x[0, 0] = amax * 3  # beyond the grid: clamped codes
+    x[0, 1, :] = 0.0
+    s = amax / (2 ** 15 - 1)  # LayerNorm's 16-bit grid: a row with code sum 48 k + 24 (mean k + 1/2)
+    x[0, 2] = torch.tensor([5.0] * 24 + [6.0] * 24) * s
+    x[0, 3] = torch.tensor([-5.0] * 24 + [-6.0] * 24) * s
+    bad = x.clone()
+    bad[1, 2, 5], bad[2, 3, 0], bad[3, 0, 7] = float("nan"), float("inf"), -float("inf")
+    calls = []
+    real = cpu_ops.ivit
+
+    def spy(*a):
+        y = real(*a)
+        calls.append((a[0], y is not None))
+        return y
+
+    monkeypatch.setattr(cpu_ops, "ivit", spy)
+    for inp in (x, bad):
+        for m in mods:
+            with torch.no_grad():
+                got = m(inp)
+                with monkeypatch.context() as mp:
+                    mp.setenv("ZOO_CPU_KERNELS", "0")
+                    want = m(inp)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), m
+            assert torch.equal(got.signbit(), want.signbit())  # -0.0 where the torch path has it, and only there
+    # C++ on the finite input, then None with ZOO_CPU_KERNELS=0; on the input with NaN/inf: None (torch) both times
+    assert calls == [(op, ran) for finite in (True, False) for op in ("softmax", "gelu", "layernorm")
+                     for ran in (finite, False)]

@@ -6,6 +6,8 @@
   each -- the activation codes and folded input ``u = (clamp(round((x - shift) / s + o), qmin, qmax) - z)
   * m`` (float32, as torch computes them) and the float64 epilogue ``float(acc * scale + bias)`` --
   where torch takes five or six passes over the tensor.
+- ``csrc/ivit.cpp``: I-ViT's integer softmax, GELU and LayerNorm (``quantizers/ivit.py``) at inference,
+  one pass per row with the same int64 arithmetic as the torch functions.
 
 They are compiled against the installed torch **on first use** (torch's ``cpp_extension``, ninja, the
 system C++ compiler; about a minute) with ``-march=native`` -- so AVX-512 VPOPCNTDQ where the CPU has
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name("csrc") / f for f in ("binary_conv.cpp", "elementwise.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / f for f in ("binary_conv.cpp", "elementwise.cpp", "ivit.cpp")]
 # ZOO_CPU_KERNEL_MARCH: the -march= of the build (default native; e.g. x86-64-v2 for a portable build
 # without AVX-512, or for a cache shared by machines with different CPUs)
 MARCH = os.environ.get("ZOO_CPU_KERNEL_MARCH", "native")
@@ -131,7 +133,8 @@ def available() -> bool:
                     log.info("the C++ CPU kernels did not build with %s; trying without", extra)
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
                                for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue",
-                                          "epilogue_sum", "expanded_epilogue"))
+                                          "epilogue_sum", "epilogue_split", "expanded_epilogue", "ivit_softmax",
+                                          "ivit_gelu", "ivit_layernorm"))
             if _state["ok"]:
                 _register_fakes()
         except Exception as e:  # no compiler, no ninja, a failed build: the float32 path runs instead
@@ -273,3 +276,13 @@ def binary_conv2d(xbits, wbits, c_in, stride, padding, dilation, scale, bias) ->
     """float32(float64(sum u*w) * scale + bias) over each window of the packed signs (zero padding)."""
     return torch.ops.zoo_cpu.binary_conv2d(xbits, wbits, c_in, stride[0], stride[1], padding[0], padding[1],
                                            dilation[0], dilation[1], scale, bias)
+
+
+def ivit(op: str, x: torch.Tensor, s: float, *args) -> torch.Tensor | None:
+    """I-ViT's integer ``op`` ("softmax", "gelu", "layernorm") over x's last dim in C++ (``csrc/ivit.cpp``),
+    or None where it does not run: not eager float32 CPU inference with the kernels built, or a
+    non-finite x (the torch functions then give their NaN/inf)."""
+    if x.is_cuda or x.dtype != torch.float32 or not x.numel() or not ready() or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    y = getattr(torch.ops.zoo_cpu, f"ivit_{op}")(x.detach(), s, *args)
+    return y if y.numel() else None

@@ -22,7 +22,9 @@ integers on a calibrated symmetric grid (an EMA of max|x| in training, frozen in
 softmax logits, 16 for the LayerNorm input, 8 for GELU; the softmax output has 16 bits, the sigmoid 8),
 run the integer function, and return its value (integer times scale). In training the gradient is the
 float function's (straight-through), which is how I-ViT's QAT trains. ``to_integer_only(model)`` swaps
-them in (``quantize()`` does when the config's ``extra`` has ``ivit: true``). What stays float in these
+them in (``quantize()`` does when the config's ``extra`` has ``ivit: true``). At inference on the CPU
+(eager, float32, finite inputs) each runs as one C++ pass with the same int64 arithmetic
+(``kernels.cpu_ops.ivit``): identical outputs. What stays float in these
 modules: the requantization between ops (a multiply by the ratio of scales and a round) and the residual
 stream; ``ivit_integer.IntegerViT`` runs a packed release with integers only (dyadic requantization).
 """
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu_ops
 from .attention import QuantSoftmax, Softmax
 from .base import Quantizer, ste
 
@@ -121,6 +124,9 @@ class IntSoftmax(Softmax):
 
     def forward(self, x):
         s = self.iq.scale(x)
+        y = None if self.training else cpu_ops.ivit("softmax", x, s, self.bits, self.iq.bits)
+        if y is not None:  # the same values in one C++ pass (inference on the CPU)
+            return y
         y = shiftmax(self.iq.codes(x, s), s, self.bits).to(x.dtype) * 2.0 ** -(self.bits - 1)
         return ste(y, x.softmax(-1))
 
@@ -135,6 +141,9 @@ class ShiftGELU(nn.Module):
 
     def forward(self, x):
         s = self.iq.scale(x)
+        y = None if self.training else cpu_ops.ivit("gelu", x, s, self.bits, self.iq.bits)
+        if y is not None:
+            return y
         y = (shift_gelu(self.iq.codes(x, s), s, self.bits).double() * (s * 2.0 ** -(self.bits - 1))).to(x.dtype)
         return ste(y, F.gelu(x))
 
@@ -158,10 +167,14 @@ class ILayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         s = self.iq.scale(x)
-        y, scale = i_layernorm(self.iq.codes(x, s))
+        scale = math.sqrt(x.shape[-1]) / 2 ** 30  # i_layernorm's output scale
         g = self.weight.detach().double()
         g = torch.where(g.abs() < 1e-12, torch.full_like(g, 1e-12), g)
         b = torch.floor(self.bias.detach().double() / g / scale).long()
+        v = None if self.training else cpu_ops.ivit("layernorm", x, s, self.iq.bits, b, scale * g)
+        if v is not None:
+            return v
+        y, scale = i_layernorm(self.iq.codes(x, s))
         v = ((y + b).double() * (scale * g)).to(x.dtype)
         return ste(v, F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps))
 
