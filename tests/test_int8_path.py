@@ -140,6 +140,21 @@ def test_transposed_conv_as_one_sub_pixel_int8_conv(geom):
         assert torch.equal(y, (y_want + v(bias[:3].double())).float())
 
 
+@pytest.mark.parametrize("cfg_name", ["lsq4", "ul2q2"])
+def test_transposed_int8_sums_without_the_cpp_kernels(cfg_name, int8_calls, monkeypatch):
+    """ZOO_CPU_KERNELS=0: the sub-pixel int8 sums interleaved by torch (ConvTranspose.__call__) and the torch
+    epilogues (folded and expanded forms), identical to the reference; channels-last input too."""
+    net, shape = _packed(cfg_name, "transposed")
+    x = torch.randn(*shape) * 2
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        want = _run(net, inp, "reference")
+        int8_calls.clear()
+        got = _run(net, inp, "cpu")
+        assert torch.equal(got, want) and len(int8_calls) == 2
+        assert got.is_contiguous() == want.is_contiguous()
+
+
 def test_sums_that_need_float64_run_as_two_int8_halves(int8_calls, monkeypatch):
     """A conv and a linear with K = 2304 and 8-bit codes spread over the whole range: their sums can pass
     2^24 (the plan takes float64), so the int8 path splits W' = 16 H + L and sums each half in int8

@@ -37,7 +37,10 @@ accumulation, self-tested on first use), a float32-exact plan runs them instead 
 convolution: the same integer sums, several times faster at the zoo's shapes. Codes go in as uint8 from the C++
 input kernel, W' (or [q; 1]) as int8 -- 8-bit asymmetric weight rows, whose W' spans up to 256 values
 around a non-zero centre, are shifted by their integer centre d[c] and a row of ones stacked on, whose
-sum s gives sum u W' = sum u (W' - d) + d s back exactly in the float64 epilogue (``_int8_spec``).
+sum s gives sum u W' = sum u (W' - d) + d s back exactly in the float64 epilogue (``_int8_spec``). Plans
+whose sums need float64 split W' = 16 H + L and sum both halves in int8 (16 sum u H + sum u L in the
+epilogue); transposed convs run as one ordinary int8 convolution in sub-pixel form
+(``onednn.ConvTranspose``), whose sums the C++ epilogues read in place as the interleaved image.
 Results take the layout the reference's would have (``_keeps_channels_last``), so the float layers
 after a packed one see the same input, bit for bit. ``ZOO_CPU_INT8=0`` turns the int8 sums off.
 
