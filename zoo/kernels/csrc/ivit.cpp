@@ -69,18 +69,20 @@ bool rows(const at::Tensor& x, double s, int64_t in_bits, at::Tensor& out, F&& f
   float* op = out.data_ptr<float>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> codes(len);
+    const int64_t m = len;  // locals: the int64 stores below could alias the captured ones (no vectorising)
+    const double sd = s, qd = q;
+    std::vector<int64_t> codes(m);
     int64_t* __restrict__ v = codes.data();
     for (int64_t r = begin; r < end; ++r) {
-      const float* __restrict__ xr = xp + r * len;
-      bool ok = true;
-      for (int64_t i = 0; i < len; ++i) {
-        ok &= xr[i] - xr[i] == 0.0f;  // false for NaN and +-inf
-        double c = std::nearbyint(double(xr[i]) / s);
-        c = c < -q ? -q : c > q ? q : c;
+      const float* __restrict__ xr = xp + r * m;
+      int64_t bad = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        bad |= int64_t(xr[i] - xr[i] != 0.0f);  // 1 for NaN and +-inf
+        double c = std::nearbyint(double(xr[i]) / sd);
+        c = c < -qd ? -qd : c > qd ? qd : c;
         v[i] = int64_t(c);
       }
-      if (!ok) {
+      if (bad) {
         finite = false;
         return;
       }
