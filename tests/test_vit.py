@@ -293,17 +293,34 @@ def test_log_sqrt2_levels_by_hand():
     assert torch.allclose(q(x), expect, atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("k", [1, 2])
-def test_log_quantizer_inference_value_is_the_training_forward_value(k):
-    """Without autograd the forward skips ste's surrogate: the same values, bit for bit (NaN, 0, > s too)."""
-    q = zoo.quantizers.logq.LogAct(4, k)
+def test_log_quantizer_inference_value_is_the_training_forward_value(k, bits, monkeypatch):
+    """Without autograd the forward skips ste's surrogate -- on the CPU as one C++ pass after torch's log2
+    (``cpu_ops.logact_levels``, with the torch-made table of levels), else torch's operations: the same
+    values as the training forward, bit for bit (NaN, inf, 0, -0, negatives, > s, every code, a tensor
+    long enough for vectorised bodies and scalar tails alike)."""
+    from zoo.kernels import cpu_ops
+
+    q = zoo.quantizers.logq.LogAct(bits, k)
     q.scale.fill_(0.6)
-    x = torch.cat([torch.rand(5000), torch.tensor([0.0, 1e-30, 0.6, 0.61, float("nan"), float("inf")])])
-    with torch.no_grad():
-        fast = q(x)
+    g = torch.Generator().manual_seed(k * 10 + bits)
+    special = torch.tensor([0.0, -0.0, -0.3, 1e-30, 0.6, 0.61, 0.6 * 2 ** -0.25, 0.6 * 2 ** -0.75, float("nan"),
+                            float("inf"), -float("inf")])
+    x = torch.cat([torch.rand(100_005, generator=g) ** 4, special]).reshape(-1, 7)
     slow = q(x.clone().requires_grad_()).detach()
-    assert torch.equal(torch.nan_to_num(fast, nan=-1.0), torch.nan_to_num(slow, nan=-1.0))
-    assert torch.isnan(fast).sum() == torch.isnan(slow).sum() == 2  # NaN and inf propagate as before
+    built, calls = cpu_ops.available(), []
+    real = cpu_ops.logact_levels
+    monkeypatch.setattr(cpu_ops, "logact_levels", lambda *a: calls.append(1) or real(*a))
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("ZOO_CPU_KERNELS", kernels)
+        with torch.no_grad():
+            fast = q(x)
+        assert torch.equal(torch.nan_to_num(fast, nan=-1.0), torch.nan_to_num(slow, nan=-1.0)), kernels
+        assert torch.equal(fast.signbit(), slow.signbit())
+        assert torch.isnan(fast).sum() == torch.isnan(slow).sum() == 3  # NaN and +-inf propagate as before
+    assert len(calls) == (1 if built else 0)
+    assert len(set(q.codes(x).flatten().tolist())) == 2 ** bits  # every code occurs
 
 
 def test_mpq_levels_by_hand():

@@ -133,7 +133,7 @@ def available() -> bool:
                     log.info("the C++ CPU kernels did not build with %s; trying without", extra)
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
                                for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue",
-                                          "epilogue_sum", "epilogue_split", "expanded_epilogue", "ivit_softmax",
+                                          "epilogue_sum", "epilogue_split", "expanded_epilogue", "logact_levels", "ivit_softmax",
                                           "ivit_gelu", "ivit_layernorm"))
             if _state["ok"]:
                 _register_fakes()
@@ -276,6 +276,12 @@ def binary_conv2d(xbits, wbits, c_in, stride, padding, dilation, scale, bias) ->
     """float32(float64(sum u*w) * scale + bias) over each window of the packed signs (zero padding)."""
     return torch.ops.zoo_cpu.binary_conv2d(xbits, wbits, c_in, stride[0], stride[1], padding[0], padding[1],
                                            dilation[0], dilation[1], scale, bias)
+
+
+def logact_levels(x: torch.Tensor, l2: torch.Tensor, k: float, table: torch.Tensor) -> torch.Tensor:
+    """The log2 / log-sqrt2 softmax quantizer's inference value from ``l2 = torch.log2(x / s)`` in one
+    pass: table[clamp(x > 0 ? round(-k l2) : top, 0, top)] + (x - x) (``quantizers/logq.py``)."""
+    return torch.ops.zoo_cpu.logact_levels(x, l2, k, table)
 
 
 def ivit(op: str, x: torch.Tensor, s: float, *args) -> torch.Tensor | None:

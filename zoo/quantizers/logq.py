@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..kernels import cpu_ops
 from .base import ActQuantizer, ste
 from .config import MPQ, Log2, LogSqrt2, register_quantizer
 
@@ -52,11 +53,23 @@ class LogAct(ActQuantizer):
             v = torch.exp2(-c) * (1 + odd * (math.sqrt(2) - 1))
         return torch.where(q == top, torch.zeros_like(v), v * self.scale)
 
+    def table(self) -> torch.Tensor:
+        """``levels`` of every code 0..top (float32; rebuilt when the scale changes)."""
+        tag = (self.scale.data_ptr(), self.scale._version, self.scale.device)
+        hit = self.__dict__.get("_table")
+        if hit is None or hit[0] != tag:
+            q = torch.arange(2 ** self.bits, dtype=torch.float32, device=self.scale.device)
+            hit = (tag, self.levels(q).float())
+            self.__dict__["_table"] = hit
+        return hit[1]
+
     def forward(self, x):
-        v = self.levels(self.codes(x))
         if not (torch.is_grad_enabled() and x.requires_grad):  # inference: ste's forward value, v + (x - x),
-            return v + (x - x)  # without building its gradient surrogate (whose value is x either way)
-        return ste(v, torch.where((x > 0) & (x <= self.scale), x, x.detach()))
+            if x.dtype == torch.float32 and not x.is_cuda and x.numel() and cpu_ops.ready():
+                # torch's log2 as in codes(), then everything else in one C++ pass (the same values)
+                return cpu_ops.logact_levels(x, torch.log2(x / self.scale), self.k, self.table())
+            return self.levels(self.codes(x)) + (x - x)  # without building ste's gradient surrogate
+        return ste(self.levels(self.codes(x)), torch.where((x > 0) & (x <= self.scale), x, x.detach()))
 
     @torch.no_grad()
     def fit(self, x: torch.Tensor, hi: float | None = None) -> float:

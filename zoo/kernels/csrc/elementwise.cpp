@@ -468,6 +468,33 @@ at::Tensor expanded_epilogue(const at::Tensor& acc_in, const c10::optional<at::T
   return out;
 }
 
+// logact_levels: the log2 / log-sqrt2 softmax quantizer's inference value (zoo/quantizers/logq.py,
+// LogAct.forward without gradients) from l2 = torch.log2(x / s), computed by torch as the quantizer does:
+//   q = clamp(x > 0 ? round(-k * l2) : top, 0, top),   y = table[q] + (x - x)
+// in float32 (round half to even); table[q] is LogAct.levels of code q (torch's own values, scale and
+// the zero top code included), so this pass replaces the ~20 torch passes after the log2.
+at::Tensor logact_levels(const at::Tensor& x_in, const at::Tensor& l2_in, double k, const at::Tensor& table_in) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && l2_in.scalar_type() == at::kFloat && x_in.sizes() == l2_in.sizes(),
+              "logact_levels: x and l2 must be float32 tensors of one shape");
+  const at::Tensor x = x_in.contiguous(), l2 = l2_in.contiguous(), table = table_in.contiguous().to(at::kFloat);
+  const int64_t top = table.numel() - 1;
+  TORCH_CHECK(top >= 1, "logact_levels: the table needs a value per code");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const float *xp = x.data_ptr<float>(), *lp = l2.data_ptr<float>(), *tp = table.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float nk = float(-k), topf = float(top);
+  at::parallel_for(0, x.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float r = std::nearbyint(nk * lp[i]);
+      r = xp[i] > 0.0f ? r : topf;
+      r = r < 0.0f ? 0.0f : r;  // torch.clamp's order (NaN stays NaN)
+      r = r > topf ? topf : r;
+      op[i] = r == r ? tp[int64_t(r)] + (xp[i] - xp[i]) : r;  // (a NaN scale: NaN, as torch's levels give)
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
@@ -478,6 +505,7 @@ TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
   m.def("epilogue(Tensor acc, Tensor scale, Tensor? bias, bool ch_last, bool nchw=False, int[]? subpixel=None) "
         "-> Tensor");
   m.def("epilogue_sum(Tensor acc, Tensor d, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
+  m.def("logact_levels(Tensor x, Tensor l2, float k, Tensor table) -> Tensor");
   m.def("epilogue_split(Tensor acc, int m, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
   m.def("expanded_epilogue(Tensor acc, Tensor? c_q, Tensor? c_1, Tensor z_w, float z_a, Tensor scale, Tensor? bias, "
         "bool nchw, int[]? subpixel=None) -> Tensor");
@@ -489,5 +517,6 @@ TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
   m.impl("epilogue", epilogue);
   m.impl("epilogue_sum", epilogue_sum);
   m.impl("epilogue_split", epilogue_split);
+  m.impl("logact_levels", logact_levels);
   m.impl("expanded_epilogue", expanded_epilogue);
 }
