@@ -3,7 +3,8 @@
 Each holds one calibrated scale (``s`` for the log quantizers, the step ``D`` for MPQ) and computes its
 forward value from integer codes, like every quantizer here; ``fit(x)`` calibrates the scale on
 recorded softmax outputs (``zoo.ptq.calibrate`` calls it). Formulas: the specs' docstrings in
-``zoo.quantizers.config``.
+``zoo.quantizers.config``. At inference on CPU float32 tensors the log quantizers take torch's log2 and
+then one C++ pass (``kernels.cpu_ops.logact_levels``): the same values as the torch operations.
 """
 from __future__ import annotations
 
