@@ -242,6 +242,23 @@ at::Tensor threshold_input(const at::Tensor& x, const c10::optional<at::Tensor>&
   return u8 ? go((uint8_t*)nullptr) : go((float*)nullptr);
 }
 
+// The float64 bias of an epilogue (nullptr without one), kept alive in ``holder``; C values or an error.
+const double* bias_ptr(const c10::optional<at::Tensor>& bias_in, int64_t c, const char* name, at::Tensor& holder) {
+  if (!(bias_in.has_value() && bias_in->defined())) return nullptr;
+  holder = bias_in->contiguous().to(at::kDouble);
+  TORCH_CHECK(holder.numel() == c, name, ": ", holder.numel(), " biases for ", c, " channels");
+  return holder.data_ptr<double>();
+}
+
+// The result of a channels-last epilogue with c channels: acc's shape with c channels, channels-last
+// for a 4-d acc unless nchw (then contiguous), contiguous otherwise.
+at::Tensor rows_out(const at::Tensor& acc, bool cl, int64_t c, bool nchw) {
+  std::vector<int64_t> shape(acc.sizes().begin(), acc.sizes().end());
+  shape[cl ? 1 : shape.size() - 1] = c;
+  return cl && !nchw ? at::empty(shape, acc.options().memory_format(at::MemoryFormat::ChannelsLast))
+                     : at::empty(shape, acc.options());
+}
+
 // acc: float32 or float64 integer sums, channels on dim 1 or the last dim; scale: float64 [C];
 // bias: float32 [C] or none -> float32. subpixel: acc is a sub-pixel convolution's float32 sums (Rows).
 at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& scale_in, const c10::optional<at::Tensor>& bias_in,
@@ -257,12 +274,7 @@ at::Tensor epilogue(const at::Tensor& acc_in, const at::Tensor& scale_in, const 
   const at::Tensor scale = scale_in.contiguous().to(at::kDouble);
   TORCH_CHECK(scale.numel() == c, "epilogue: ", scale.numel(), " scales for ", c, " channels");
   at::Tensor bias;
-  const double* bp = nullptr;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->contiguous().to(at::kDouble);
-    TORCH_CHECK(bias.numel() == c, "epilogue: ", bias.numel(), " biases for ", c, " channels");
-    bp = bias.data_ptr<double>();
-  }
+  const double* bp = bias_ptr(bias_in, c, "epilogue", bias);
   const double* sc = scale.data_ptr<double>();
   if (cl) {  // rows of C channels: a channels-last result, or (nchw) a contiguous one
     std::vector<int64_t> hw2;
@@ -335,19 +347,11 @@ at::Tensor epilogue_sum(const at::Tensor& acc_in, const at::Tensor& d_in, const 
   const at::Tensor scale = scale_in.contiguous().to(at::kDouble), d = d_in.contiguous().to(at::kDouble);
   TORCH_CHECK(scale.numel() == c && d.numel() == c, "epilogue_sum: ", scale.numel(), " scales and ", d.numel(),
               " shifts for ", c, " channels");
-  const double* bp = nullptr;
   at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->contiguous().to(at::kDouble);
-    TORCH_CHECK(bias.numel() == c, "epilogue_sum: ", bias.numel(), " biases for ", c, " channels");
-    bp = bias.data_ptr<double>();
-  }
-  std::vector<int64_t> shape(acc.sizes().begin(), acc.sizes().end());
-  shape[cl ? 1 : shape.size() - 1] = c;
+  const double* bp = bias_ptr(bias_in, c, "epilogue_sum", bias);
   const bool t = cl && nchw;  // write N x C x H x W planes
   const int64_t hw = cl ? acc.size(2) * acc.size(3) : 1;
-  at::Tensor out = cl && !nchw ? at::empty(shape, acc.options().memory_format(at::MemoryFormat::ChannelsLast))
-                               : at::empty(shape, acc.options());
+  at::Tensor out = rows_out(acc, cl, c, nchw);
   const double *sc = scale.data_ptr<double>(), *dp = d.data_ptr<double>();
   const Rows<float> rows{acc.data_ptr<float>(), ca};
   auto value = [&](float* __restrict__ o, const float* __restrict__ a, int64_t) {
@@ -376,18 +380,10 @@ at::Tensor epilogue_split(const at::Tensor& acc_in, int64_t m, const at::Tensor&
   const int64_t ca = cl ? acc.size(1) : acc.size(-1), c = ca / 2;
   const at::Tensor scale = scale_in.contiguous().to(at::kDouble);
   TORCH_CHECK(ca == 2 * c && scale.numel() == c, "epilogue_split: ", scale.numel(), " scales for ", ca, " sums");
-  const double* bp = nullptr;
   at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->contiguous().to(at::kDouble);
-    TORCH_CHECK(bias.numel() == c, "epilogue_split: ", bias.numel(), " biases for ", c, " channels");
-    bp = bias.data_ptr<double>();
-  }
-  std::vector<int64_t> shape(acc.sizes().begin(), acc.sizes().end());
-  shape[cl ? 1 : shape.size() - 1] = c;
+  const double* bp = bias_ptr(bias_in, c, "epilogue_split", bias);
   const int64_t hw = cl ? acc.size(2) * acc.size(3) : 1;
-  at::Tensor out = cl && !nchw ? at::empty(shape, acc.options().memory_format(at::MemoryFormat::ChannelsLast))
-                               : at::empty(shape, acc.options());
+  at::Tensor out = rows_out(acc, cl, c, nchw);
   const double* sc = scale.data_ptr<double>();
   const double md = double(m);
   const Rows<float> rows{acc.data_ptr<float>(), ca};
@@ -433,12 +429,7 @@ at::Tensor expanded_epilogue(const at::Tensor& acc_in, const c10::optional<at::T
     c1 = c1_in->contiguous().to(at::kFloat);
     c1p = c1.data_ptr<float>();
   }
-  const double* bp = nullptr;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->contiguous().to(at::kDouble);
-    TORCH_CHECK(bias.numel() == c, "expanded_epilogue: ", bias.numel(), " biases for ", c, " channels");
-    bp = bias.data_ptr<double>();
-  }
+  const double* bp = bias_ptr(bias_in, c, "expanded_epilogue", bias);
   std::vector<int64_t> shape{acc.size(0), c, hw2[0], hw2[1]};
   at::Tensor out = nchw ? at::empty(shape, acc.options())
                         : at::empty(shape, acc.options().memory_format(at::MemoryFormat::ChannelsLast));
