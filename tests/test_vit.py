@@ -187,6 +187,45 @@ def test_integer_matmul_with_exact_first_operand_same_on_every_cpu_path(monkeypa
         assert y.dtype == torch.float64 and torch.equal(y, want), k
 
 
+def test_exact_first_operand_takes_float32_only_where_certified(monkeypatch):
+    """attn @ v with I-ViT's softmax levels (multiples of 2^-15, rows summing to at most 1) and 8-bit v:
+    every partial sum is a multiple of 2^-15 below 255, so the CPU path's float32 product is exact and
+    taken (equal to the float64 product); levels that are not dyadic, a row sum too large for float32,
+    NaN: the float64 product."""
+    from zoo.kernels import cpu_ops
+    from zoo.quantizers import attention
+    from zoo.quantizers.attention import MatMul
+    from zoo.quantizers.config import LayerQuant
+    from zoo.quantizers.ivit import shiftmax
+
+    torch.manual_seed(4)
+    mm = QuantMatMul.from_float(MatMul(quant_a=False), LayerQuant(act=MinMax(8)))
+    v = torch.randn(4, 3, 50, 32) * 3
+    mm.train()
+    mm(torch.rand(4, 3, 50, 50), v)
+    mm.eval()
+    p = mm.aq_b.params(None)
+    ub = torch.clamp(torch.round(v / p["scale"] + p["offset"]), p["qmin"], p["qmax"]) - p["zero"]
+    levels = shiftmax(torch.randint(-2047, 2048, (4, 3, 50, 50)), 8 / 2047, 16).float() * 2.0 ** -15
+    taken = []
+    real = attention._certified_float32_product
+    monkeypatch.setattr(attention, "_certified_float32_product",
+                        lambda *a: (lambda r: taken.append(r is not None) or r)(real(*a)))
+    peaked = levels.clone()
+    peaked[0, 0, 0] = 0.0
+    peaked[0, 0, 0, 0] = 1.0  # a row of one 1: the largest partial sum, 255 * 2^15 < 2^24 quanta
+    wide = levels.clone()
+    wide[0, 0, 0, :2] = torch.tensor([2.0 ** 9, 2.0 ** -15])  # sums span 2^9 * 255 down to 2^-15: 2^32 quanta
+    cases = {"ivit": (levels, True), "peaked": (peaked, True), "wide": (wide, False), "not dyadic": (levels * 0.3, False),
+             "row sums 2^20": (levels * 2.0 ** 20, False), "nan": (levels.masked_fill(levels > 0.1, float("nan")), False)}
+    for name, (a, float32) in cases.items():
+        taken.clear()
+        want = (a.double() @ ub.double()) * p["scale"].double()
+        got = integer_matmul(a, None, v, mm.aq_b, "cpu")
+        assert got.dtype == torch.float64 and torch.equal(got.nan_to_num(), want.nan_to_num()), name
+        assert taken == ([float32] if cpu_ops.ready() else []), name
+
+
 @pytest.mark.parametrize("spec", [MinMax(8), MinMax(4), "lsq8"], ids=["minmax8", "minmax4", "lsq8-signed"])
 def test_integer_matmul_through_the_triton_int8_kernel_is_exact(spec, monkeypatch):
     """backend triton (interpreted on CPU): codes centred into int8, the int32 batched kernel, the

@@ -18,6 +18,8 @@ The config names them ``<attention>.matmul1`` (q·kᵀ), ``<attention>.matmul2``
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -164,6 +166,29 @@ def _bound(k: int, ga, gb) -> float:
     return k * max(abs(ga[3] - ga[2]), abs(ga[4] - ga[2])) * max(abs(gb[3] - gb[2]), abs(gb[4] - gb[2]))
 
 
+def _certified_float32_product(a: torch.Tensor, ub: torch.Tensor, umax: float) -> torch.Tensor | None:
+    """``a @ ub`` in float32 where this call's values make it exact, else None: with ub integer-valued
+    (|ub| <= umax) and every a a multiple of 2^-e, every partial sum of a row is a multiple of 2^-e below
+    umax * sum|a_row| in magnitude, so float32 holds them all exactly (in any order, FMA or not) when
+    that bound times 2^e is below 2^24. e is the largest that bound allows, and a * 2^e must be
+    integer-valued: I-ViT's 16-bit softmax levels (multiples of 2^-15, rows summing to at most 1)
+    pass; levels with a real-valued scale (log2, log-sqrt2) do not and take the float64 product."""
+    rows = float(a.abs().sum(-1, dtype=torch.float64).amax()) * (1 + 1e-9)  # (float64 sums: tiny error, margin)
+    bound = rows * umax
+    if not (0 < bound < float("inf")):
+        return None
+    e = math.ceil(math.log2(2.0 ** 24 / bound)) - 1  # bound * 2^e < 2^24
+    if not 0 <= e <= 100:  # (e >= 0: the scaling below cannot underflow; |a| 2^e < 2^24: nor overflow)
+        return None
+    first = a[(0,) * (a.dim() - 1)] * 2.0 ** e  # one row first: most non-dyadic levels fail there
+    if not torch.equal(first, torch.round(first)):
+        return None
+    scaled = a * 2.0 ** e  # exact: a power of two
+    if not torch.equal(scaled, torch.round(scaled)):
+        return None
+    return a @ ub
+
+
 def _cpu_integer_matmul(a, ga, b, gb, out_dtype):
     """``integer_matmul``'s CPU path with the C++ kernels (integer zero points; ``ga`` None: a is exact)."""
     from ..kernels import cpu_ops
@@ -173,8 +198,9 @@ def _cpu_integer_matmul(a, ga, b, gb, out_dtype):
         return cpu_ops.affine_input(x.detach(), None, s, off, lo, hi, z, 1.0, True)
 
     ub = centred(b, gb)
-    if ga is None:  # a holds the softmax levels: the float64 product, as the reference
-        return (a.double() @ ub.double()) * gb[0]
+    if ga is None:  # a holds the softmax levels: the float64 product, as the reference, unless float32 is exact
+        acc = _certified_float32_product(a.detach(), ub, max(abs(gb[3] - gb[2]), abs(gb[4] - gb[2])))
+        return (acc if acc is not None else a.double() @ ub.double()).double() * gb[0]
     ua = centred(a, ga)
     if _bound(a.shape[-1], ga, gb) >= 2 ** 24:
         return (ua.double() @ ub.double()) * (ga[0] * gb[0])
