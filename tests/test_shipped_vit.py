@@ -143,3 +143,25 @@ def test_ivit_release_runs_the_integer_nonlinearities():
 
     kinds = [type(m) for m in zoo.load("vit_tiny_p4.ivit_w8a8_fmnist").modules()]
     assert (kinds.count(ILayerNorm), kinds.count(ShiftGELU), kinds.count(IntSoftmax)) == (13, 6, 6)
+
+
+@pytest.mark.parametrize("tag", ["ivit_w8a8", "log2_w4a4", "repq_w4a4"])
+def test_cpp_inference_passes_equal_the_torch_operations_on_a_release(tag, monkeypatch):
+    """The C++ passes a ViT release takes at CPU inference (I-ViT's integer nonlinearities, the log
+    softmax quantizers, the packed layers' codes and epilogues) and the certified float32 attn·v product
+    give exactly the logits of the torch operations and float64 products (ZOO_CPU_KERNELS=0), on the
+    golden images and 60 random ones."""
+    from zoo.cards import read_golden
+    from zoo.kernels import cached, cpu_ops
+
+    if not cpu_ops.available():
+        pytest.skip("C++ kernels not built here")
+    name = f"vit_tiny_p4.{tag}_fmnist"
+    x, _ = read_golden(resolve_checkpoint(name))
+    x = torch.cat([x, torch.rand(60, *x.shape[1:], generator=torch.Generator().manual_seed(0))])
+    model = zoo.load(name)
+    with torch.no_grad():
+        fast = model(x)
+        monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+        cached.clear(model)
+        assert torch.equal(fast, model(x))
