@@ -176,7 +176,8 @@ def test_sums_that_need_float64_run_as_two_int8_halves(int8_calls, monkeypatch):
     want = _run(net, x, "reference")
     got = _run(net, x, "cpu")
     assert torch.equal(got, want)
-    plans = {n: pl for n, m in net.named_modules() for _, pl in m.__dict__.get("_cpu_cache", {}).get("plans", {}).values()}
+    plans = {n: pl for n, m in net.named_modules()
+             for _, pl in m.__dict__.get("_cpu_cache", {}).get("plans", {}).values()}
     split = [n for n, pl in plans.items() if pl.spec is not None and pl.spec.split]
     assert split == ["0", "3"] and all(plans[n].w.dtype == torch.float64 for n in split)  # the K = 2304 layers
     assert len(int8_calls) == 3  # every layer in int8

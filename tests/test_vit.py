@@ -216,8 +216,9 @@ def test_exact_first_operand_takes_float32_only_where_certified(monkeypatch):
     peaked[0, 0, 0, 0] = 1.0  # a row of one 1: the largest partial sum, 255 * 2^15 < 2^24 quanta
     wide = levels.clone()
     wide[0, 0, 0, :2] = torch.tensor([2.0 ** 9, 2.0 ** -15])  # sums span 2^9 * 255 down to 2^-15: 2^32 quanta
-    cases = {"ivit": (levels, True), "peaked": (peaked, True), "wide": (wide, False), "not dyadic": (levels * 0.3, False),
-             "row sums 2^20": (levels * 2.0 ** 20, False), "nan": (levels.masked_fill(levels > 0.1, float("nan")), False)}
+    cases = {"ivit": (levels, True), "peaked": (peaked, True), "wide": (wide, False),
+             "not dyadic": (levels * 0.3, False), "row sums 2^20": (levels * 2.0 ** 20, False),
+             "nan": (levels.masked_fill(levels > 0.1, float("nan")), False)}
     for name, (a, float32) in cases.items():
         taken.clear()
         want = (a.double() @ ub.double()) * p["scale"].double()

@@ -189,7 +189,7 @@ SPLIT = 16  # W' = 16 H + L, L in [0, 15]: float64-sum layers whose two halves' 
 
 
 def _int8_spec(layer, p, w: torch.Tensor, dtype, m8: int, z8: float, umax: float):
-    """(lo, m8, x_zp, d) when the sums with the weights ``w`` (the folded W' or the expanded [q; 1]) can
+    """An ``Int8Spec`` when the sums with the weights ``w`` (the folded W' or the expanded [q; 1]) can
     run in int8 (``onednn.py``), else None. The uint8 codes are x8 = m8 (v - lo) with lo the lowest
     activation code, and x8 - x_zp = m8 (v - z8): the folded U' (m8 = m_a, z8 = z_a) or the codes v
     (1, 0). Needs float32-exact sums, x8 in [0, 255] for every code v, and w in int8 -- or, for one
@@ -449,7 +449,8 @@ def conv2d(layer, x: torch.Tensor):
     c_q = c_1 = None
     if pl.z_a:
         ones = x.new_ones((1,) + tuple(x.shape[1:]), dtype=pl.w.dtype)
-        c_q, c_1 = _borders(layer, tuple(x.shape[1:]), lambda: _sums(lambda a, b: F.conv2d(a, b, None, *geom), ones, pl))
+        op = lambda a, b: F.conv2d(a, b, None, *geom)  # noqa: E731
+        c_q, c_1 = _borders(layer, tuple(x.shape[1:]), lambda: _sums(op, ones, pl))
     if acc is not None and x.dtype == torch.float32 and _fast(acc):
         return cpu_ops.expanded_epilogue(acc, c_q, c_1, layer.w_zero, pl.z_a, pl.s_a * layer.w_scale.double(),
                                          layer.bias, not keep_cl)

@@ -133,8 +133,8 @@ def available() -> bool:
                     log.info("the C++ CPU kernels did not build with %s; trying without", extra)
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
                                for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue",
-                                          "epilogue_sum", "epilogue_split", "expanded_epilogue", "logact_levels", "ivit_softmax",
-                                          "ivit_gelu", "ivit_layernorm"))
+                                          "epilogue_sum", "epilogue_split", "expanded_epilogue", "logact_levels",
+                                          "ivit_softmax", "ivit_gelu", "ivit_layernorm"))
             if _state["ok"]:
                 _register_fakes()
         except Exception as e:  # no compiler, no ninja, a failed build: the float32 path runs instead
@@ -288,7 +288,9 @@ def ivit(op: str, x: torch.Tensor, s: float, *args) -> torch.Tensor | None:
     """I-ViT's integer ``op`` ("softmax", "gelu", "layernorm") over x's last dim in C++ (``csrc/ivit.cpp``),
     or None where it does not run: not eager float32 CPU inference with the kernels built, or a
     non-finite x (the torch functions then give their NaN/inf)."""
-    if x.is_cuda or x.dtype != torch.float32 or not x.numel() or not ready() or (torch.is_grad_enabled() and x.requires_grad):
+    if x.is_cuda or x.dtype != torch.float32 or not x.numel() or not ready():
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:  # training-time gradients: the torch functions' ste
         return None
     y = getattr(torch.ops.zoo_cpu, f"ivit_{op}")(x.detach(), s, *args)
     return y if y.numel() else None
