@@ -417,3 +417,52 @@ def test_affine_layers_take_the_elementwise_kernels(monkeypatch):
         calls.clear()
         monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
         assert torch.equal(net(x), y_ref) and not calls
+
+
+def test_rprelu_at_inference_takes_one_pass_with_the_formulas_values(monkeypatch):
+    """ReActNet's RPReLU at CPU inference (the C++ ``rprelu`` pass): equal, value and sign bit, to
+    where(x - gamma >= 0, x - gamma, slope * (x - gamma)) + zeta written out here, per channel, for
+    NCHW, channels-last, 3-d and 2-d inputs, with negative and zero slopes, a zero gamma/zeta and
+    -0.0, +-0.0 / NaN / +-inf inputs; the op really runs, not with ZOO_CPU_KERNELS=0 nor while
+    gradients are needed (training: the torch form and its gradients)."""
+    from zoo.quantizers import RPReLU
+
+    g = torch.Generator().manual_seed(0)
+    m = RPReLU(16)
+    with torch.no_grad():
+        for p in (m.gamma, m.zeta, m.slope):
+            p.copy_(torch.randn(16, generator=g))
+        m.zeta[0], m.gamma[1], m.zeta[1], m.slope[1], m.slope[2], m.slope[3] = 0.0, 0.0, -0.0, -0.25, 0.0, -0.5
+    x = torch.randn(4, 16, 9, 7, generator=g)
+    x[0, 0, 0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    x[:, 1, 0, :2] = torch.tensor([0.0, -0.0])
+    x[:, 3, 1, :3] = m.gamma[3].item()  # y == 0 exactly
+
+    def want(x):
+        y = x - m.gamma.detach().view(1, -1, *[1] * (x.dim() - 2))
+        s, z = (t.detach().view(1, -1, *[1] * (x.dim() - 2)) for t in (m.slope, m.zeta))
+        return torch.where(y >= 0, y, s * y) + z
+
+    calls = []
+    real = cpu_ops.rprelu
+    monkeypatch.setattr(cpu_ops, "rprelu", lambda *a: (lambda y: calls.append(y is not None) or y)(real(*a)))
+    inputs = (x, x.contiguous(memory_format=torch.channels_last), x[:, :, 0], x[:, :, 0, 0])
+    with torch.no_grad():
+        for xx in inputs:
+            calls.clear()
+            got, ref = m(xx), want(xx)
+            assert calls == [True], xx.shape
+            assert torch.equal(got.nan_to_num(), ref.nan_to_num()), xx.shape
+            assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.signbit(), ref.signbit()), xx.shape
+            assert got.stride() == ref.stride()  # the layout torch gives (channels-last kept)
+        monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+        calls.clear()
+        assert torch.equal(m(x).nan_to_num(), want(x).nan_to_num()) and calls == [False]
+    monkeypatch.delenv("ZOO_CPU_KERNELS")
+    calls.clear()
+    xg = torch.randn(2, 16, 3, 3, generator=g, requires_grad=True)
+    m(xg).sum().backward()
+    assert calls == [False]  # training: the torch form, with its gradients
+    y = xg.detach() - m.gamma.detach().view(1, -1, 1, 1)
+    assert torch.equal(m.zeta.grad, torch.full((16,), 18.0))
+    assert torch.equal(m.slope.grad, torch.where(y >= 0, 0.0, y).sum((0, 2, 3)))

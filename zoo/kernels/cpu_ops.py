@@ -134,6 +134,7 @@ def available() -> bool:
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
                                for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue",
                                           "epilogue_sum", "epilogue_split", "expanded_epilogue", "logact_levels",
+                                          "rprelu",
                                           "ivit_softmax", "ivit_gelu", "ivit_layernorm"))
             if _state["ok"]:
                 _register_fakes()
@@ -146,8 +147,11 @@ def available() -> bool:
 
 def ready() -> bool:
     """Eager work can call the kernels: not inside a torch.compile trace (inductor fuses the torch
-    operations there itself), enabled, and built."""
-    return not torch.compiler.is_compiling() and enabled() and available()
+    operations there itself) nor a TorchScript/ONNX trace (which must record torch operations),
+    enabled, and built."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return enabled() and available()
 
 
 def _register_fakes() -> None:
@@ -282,6 +286,17 @@ def logact_levels(x: torch.Tensor, l2: torch.Tensor, k: float, table: torch.Tens
     """The log2 / log-sqrt2 softmax quantizer's inference value from ``l2 = torch.log2(x / s)`` in one
     pass: table[clamp(x > 0 ? round(-k l2) : top, 0, top)] + (x - x) (``quantizers/logq.py``)."""
     return torch.ops.zoo_cpu.logact_levels(x, l2, k, table)
+
+
+def rprelu(x: torch.Tensor, gamma: torch.Tensor, slope: torch.Tensor, zeta: torch.Tensor) -> torch.Tensor | None:
+    """ReActNet's RPReLU ``where(y >= 0, y, slope * y) + zeta`` with ``y = x - gamma`` (per channel, dim 1)
+    in one C++ pass, the same float32 values; None where it does not run (not eager float32 CPU
+    inference with the kernels built): the caller's torch operations then."""
+    if x.is_cuda or x.dtype != torch.float32 or x.dim() < 2 or not ready():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gamma, slope, zeta)):
+        return None
+    return torch.ops.zoo_cpu.rprelu(x, gamma.detach(), slope.detach(), zeta.detach())
 
 
 def ivit(op: str, x: torch.Tensor, s: float, *args) -> torch.Tensor | None:

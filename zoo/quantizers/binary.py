@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from ..kernels import cpu_ops
 from .base import ActQuantizer, WeightQuantizer, channel_view, dequantize, reduce_dims, sign_codes, ste
 from .config import XNOR, IRNet, ReAct, register_quantizer
 
@@ -197,6 +198,9 @@ class RPReLU(nn.Module):
         self.slope = nn.Parameter(torch.full((channels,), init))
 
     def forward(self, x):
+        y = cpu_ops.rprelu(x, self.gamma, self.slope, self.zeta)  # CPU inference: one C++ pass, same values
+        if y is not None:
+            return y
         g = channel_view(self.gamma, x.ndim, 1)
         z = channel_view(self.zeta, x.ndim, 1)
         s = channel_view(self.slope, x.ndim, 1)

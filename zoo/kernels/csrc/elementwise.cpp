@@ -486,6 +486,55 @@ at::Tensor logact_levels(const at::Tensor& x_in, const at::Tensor& l2_in, double
   return out;
 }
 
+// rprelu: ReActNet's RPReLU (zoo/quantizers/binary.py) at inference, per channel c
+//   y = x - gamma[c],   out = (y >= 0 ? y : slope[c] * y) + zeta[c]
+// the float32 operations of RPReLU.forward in the same order (torch.where's select, NaN -> slope * NaN),
+// one pass where torch takes five (sub, ge, mul, where, add). x: N x C x ... contiguous, or 4-d
+// channels-last (read in place; the output keeps x's layout).
+at::Tensor rprelu(const at::Tensor& x_in, const at::Tensor& gamma_in, const at::Tensor& slope_in,
+                  const at::Tensor& zeta_in) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() >= 2, "rprelu: x must be float32 with a channel dim");
+  const int64_t c = x_in.size(1);
+  const bool cl = x_in.dim() == 4 && !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = cl ? x_in : x_in.contiguous();
+  const at::Tensor g = gamma_in.contiguous().to(at::kFloat), s = slope_in.contiguous().to(at::kFloat),
+                   z = zeta_in.contiguous().to(at::kFloat);
+  TORCH_CHECK(g.numel() == c && s.numel() == c && z.numel() == c, "rprelu: one gamma, slope and zeta per channel");
+  at::Tensor out = at::empty_like(x);  // preserves the layout
+  const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>(), *sp = s.data_ptr<float>(),
+              *zp = z.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (!x.numel()) return out;
+  if (cl) {  // rows of C channels
+    const int64_t rows = x.numel() / c;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / c), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* __restrict__ src = xp + r * c;
+        float* __restrict__ dst = op + r * c;
+        for (int64_t k = 0; k < c; ++k) {
+          const float y = src[k] - gp[k];
+          dst[k] = (y >= 0.0f ? y : sp[k] * y) + zp[k];
+        }
+      }
+    });
+    return out;
+  }
+  const int64_t inner = x.numel() / (x.size(0) * c), planes = x.size(0) * c;
+  at::parallel_for(0, planes, std::max<int64_t>(1, 4096 / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t k = p % c;
+      const float gk = gp[k], sk = sp[k], zk = zp[k];
+      const float* __restrict__ src = xp + p * inner;
+      float* __restrict__ dst = op + p * inner;
+      for (int64_t i = 0; i < inner; ++i) {
+        const float y = src[i] - gk;
+        dst[i] = (y >= 0.0f ? y : sk * y) + zk;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
@@ -497,6 +546,7 @@ TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
         "-> Tensor");
   m.def("epilogue_sum(Tensor acc, Tensor d, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
   m.def("logact_levels(Tensor x, Tensor l2, float k, Tensor table) -> Tensor");
+  m.def("rprelu(Tensor x, Tensor gamma, Tensor slope, Tensor zeta) -> Tensor");
   m.def("epilogue_split(Tensor acc, int m, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
   m.def("expanded_epilogue(Tensor acc, Tensor? c_q, Tensor? c_1, Tensor z_w, float z_a, Tensor scale, Tensor? bias, "
         "bool nchw, int[]? subpixel=None) -> Tensor");
@@ -509,5 +559,6 @@ TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
   m.impl("epilogue_sum", epilogue_sum);
   m.impl("epilogue_split", epilogue_split);
   m.impl("logact_levels", logact_levels);
+  m.impl("rprelu", rprelu);
   m.impl("expanded_epilogue", expanded_epilogue);
 }
