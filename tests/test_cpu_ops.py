@@ -466,3 +466,43 @@ def test_rprelu_at_inference_takes_one_pass_with_the_formulas_values(monkeypatch
     y = xg.detach() - m.gamma.detach().view(1, -1, 1, 1)
     assert torch.equal(m.zeta.grad, torch.full((16,), 18.0))
     assert torch.equal(m.slope.grad, torch.where(y >= 0, 0.0, y).sum((0, 2, 3)))
+
+
+def test_affine_act_quantizer_at_inference_takes_one_pass_with_the_formulas_values(monkeypatch):
+    """An affine activation quantizer's forward at CPU inference (MinMax, as a ViT's softmax output
+    quantizer; the C++ ``affine_input`` pass): equal, value and sign bit, to (clamp(round(x / s + o),
+    qmin, qmax) - z) * s written out here, with NaN / +-inf / +-0 / huge inputs, for contiguous 2-d and
+    4-d tensors; the op runs there, not for a channels-last input (the torch form, the same values and
+    its layout), not with ZOO_CPU_KERNELS=0, not while gradients are needed."""
+    from zoo.quantizers.uniform import MinMaxAct
+
+    q = MinMaxAct(8).eval()
+    q.lo.fill_(-0.3), q.hi.fill_(1.7), q.initialized.fill_(True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 10, 10, generator=g) * 2
+    x.view(-1)[:7] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30])
+    p = q.params(None)
+    s, o, z = p["scale"], p["offset"], p["zero"]
+    assert z != 0 and 0 < s < 1  # (a real zero point and scale, so a missing term shows)
+
+    def want(x):
+        return (torch.clamp(torch.round(x / s + o), 0, 255) - z) * s
+
+    calls = []
+    real = cpu_ops.affine_input
+    monkeypatch.setattr(cpu_ops, "affine_input", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        for xx, fast in ((x, True), (x.flatten(1), True), (x.contiguous(memory_format=torch.channels_last), False)):
+            calls.clear()
+            got, ref = q(xx), want(xx)
+            assert calls == ([xx.shape] if fast else []), xx.shape
+            assert torch.equal(got.nan_to_num(), ref.nan_to_num()) and torch.equal(got.isnan(), ref.isnan())
+            assert torch.equal(got.signbit(), ref.signbit()) and got.stride() == ref.stride(), xx.shape
+        monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+        calls.clear()
+        assert torch.equal(q(x).nan_to_num(), want(x).nan_to_num()) and not calls
+    monkeypatch.delenv("ZOO_CPU_KERNELS")
+    xg = torch.randn(4, 5, generator=g, requires_grad=True)
+    q(xg).sum().backward()  # training-time gradients: the torch form, its clipped straight-through gradient
+    assert not calls
+    assert torch.equal(xg.grad, ((xg >= -z * s) & (xg <= (255 - z) * s)).float())

@@ -237,3 +237,25 @@ def test_modules_at_inference_take_one_cpp_pass_with_identical_outputs(amax, mon
     # C++ on the finite input, then None with ZOO_CPU_KERNELS=0; on the input with NaN/inf: None (torch) both times
     assert calls == [(op, ran) for finite in (True, False) for op in ("softmax", "gelu", "layernorm")
                      for ran in (finite, False)]
+
+
+@pytest.mark.parametrize("in_bits", [8, 12])
+def test_shift_gelu_over_many_row_maxima_equals_the_torch_function(in_bits, monkeypatch):
+    """ShiftGELU at inference over 4000 rows whose code maxima cover the whole 8-bit grid (negative-only
+    rows too, whose clamped maximum is 0): the C++ pass -- per-thread tables of each row maximum's
+    outputs for 8-bit codes, every element computed for 12-bit ones -- equals the torch integer
+    function (ZOO_CPU_KERNELS=0) bit for bit."""
+    from zoo.kernels import cpu_ops
+
+    if not cpu_ops.available():
+        pytest.skip("C++ kernels not built here")
+    g = torch.Generator().manual_seed(in_bits)
+    m = ShiftGELU(in_bits=in_bits).eval()
+    m.iq.amax.fill_(4.0)
+    x = (torch.rand(4000, 96, generator=g) * 2 - 1) * torch.linspace(0.0, 5.0, 4000).view(-1, 1)
+    x[::7] = -x[::7].abs()  # rows with only negative codes
+    with torch.no_grad():
+        got = m(x)
+        monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+        want = m(x)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())

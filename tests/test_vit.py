@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import zoo
+import zoo.ptq
 from zoo.quantizers import Log2, LogSqrt2, MinMax, MPQ, QuantConfig, quantize, quantized_layers, quantized_ops
 from zoo.quantizers.attention import (Attention, MultiheadAttention, QuantMatMul, QuantSoftmax, explicit_attention,
                                       integer_matmul)
@@ -225,6 +226,9 @@ def test_exact_first_operand_takes_float32_only_where_certified(monkeypatch):
         got = integer_matmul(a, None, v, mm.aq_b, "cpu")
         assert got.dtype == torch.float64 and torch.equal(got.nan_to_num(), want.nan_to_num()), name
         assert taken == ([float32] if cpu_ops.ready() else []), name
+        got = integer_matmul(a, None, v, mm.aq_b, "cpu", None, torch.float32)  # QuantMatMul's call (then .float())
+        assert got.dtype == (torch.float32 if float32 and cpu_ops.ready() else torch.float64), name
+        assert torch.equal(got.float().nan_to_num(), want.float().nan_to_num()), name
 
 
 @pytest.mark.parametrize("spec", [MinMax(8), MinMax(4), "lsq8"], ids=["minmax8", "minmax4", "lsq8-signed"])

@@ -134,7 +134,7 @@ def available() -> bool:
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
                                for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue",
                                           "epilogue_sum", "epilogue_split", "expanded_epilogue", "logact_levels",
-                                          "rprelu",
+                                          "rprelu", "dyadic_exponent",
                                           "ivit_softmax", "ivit_gelu", "ivit_layernorm"))
             if _state["ok"]:
                 _register_fakes()
@@ -286,6 +286,13 @@ def logact_levels(x: torch.Tensor, l2: torch.Tensor, k: float, table: torch.Tens
     """The log2 / log-sqrt2 softmax quantizer's inference value from ``l2 = torch.log2(x / s)`` in one
     pass: table[clamp(x > 0 ? round(-k l2) : top, 0, top)] + (x - x) (``quantizers/logq.py``)."""
     return torch.ops.zoo_cpu.logact_levels(x, l2, k, table)
+
+
+def dyadic_exponent(a: torch.Tensor, umax: float) -> int:
+    """The largest e with umax * max_row sum|a| * 2^e < 2^24 if 0 <= e <= 100 and every a * 2^e is
+    integer-valued, else -1: then ``a @ b`` for integer-valued b with |b| <= umax is exact in float32
+    (``quantizers/attention.py``, ``_certified_float32_product``); two passes over a."""
+    return torch.ops.zoo_cpu.dyadic_exponent(a, umax)
 
 
 def rprelu(x: torch.Tensor, gamma: torch.Tensor, slope: torch.Tensor, zeta: torch.Tensor) -> torch.Tensor | None:

@@ -18,8 +18,6 @@ The config names them ``<attention>.matmul1`` (q·kᵀ), ``<attention>.matmul2``
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,20 +171,10 @@ def _certified_float32_product(a: torch.Tensor, ub: torch.Tensor, umax: float) -
     that bound times 2^e is below 2^24. e is the largest that bound allows, and a * 2^e must be
     integer-valued: I-ViT's 16-bit softmax levels (multiples of 2^-15, rows summing to at most 1)
     pass; levels with a real-valued scale (log2, log-sqrt2) do not and take the float64 product."""
-    rows = float(a.abs().sum(-1, dtype=torch.float64).amax()) * (1 + 1e-9)  # (float64 sums: tiny error, margin)
-    bound = rows * umax
-    if not (0 < bound < float("inf")):
-        return None
-    e = math.ceil(math.log2(2.0 ** 24 / bound)) - 1  # bound * 2^e < 2^24
-    if not 0 <= e <= 100:  # (e >= 0: the scaling below cannot underflow; |a| 2^e < 2^24: nor overflow)
-        return None
-    first = a[(0,) * (a.dim() - 1)] * 2.0 ** e  # one row first: most non-dyadic levels fail there
-    if not torch.equal(first, torch.round(first)):
-        return None
-    scaled = a * 2.0 ** e  # exact: a power of two
-    if not torch.equal(scaled, torch.round(scaled)):
-        return None
-    return a @ ub
+    from ..kernels import cpu_ops
+
+    # (in C++: two passes over a -- the row sums, then the check -- where the torch form took six)
+    return a @ ub if cpu_ops.dyadic_exponent(a, umax) >= 0 else None
 
 
 def _cpu_integer_matmul(a, ga, b, gb, out_dtype):
@@ -200,7 +188,11 @@ def _cpu_integer_matmul(a, ga, b, gb, out_dtype):
     ub = centred(b, gb)
     if ga is None:  # a holds the softmax levels: the float64 product, as the reference, unless float32 is exact
         acc = _certified_float32_product(a.detach(), ub, max(abs(gb[3] - gb[2]), abs(gb[4] - gb[2])))
-        return (acc if acc is not None else a.double() @ ub.double()).double() * gb[0]
+        if acc is None:
+            return (a.double() @ ub.double()) * gb[0]
+        if out_dtype == torch.float32:  # float(double(acc) * s) in one pass
+            return cpu_ops.epilogue(acc, torch.full((acc.shape[-1],), gb[0], dtype=torch.float64), None, True)
+        return acc.double() * gb[0]
     ua = centred(a, ga)
     if _bound(a.shape[-1], ga, gb) >= 2 ** 24:
         return (ua.double() @ ub.double()) * (ga[0] * gb[0])

@@ -30,6 +30,43 @@ def affine_codes(x, scale, offset, qmin, qmax):
     return torch.clamp(torch.round(x / scale + offset), qmin, qmax)
 
 
+GRID = ("scale", "offset", "zero", "qmin", "qmax")
+
+
+def _affine_inference(x: torch.Tensor, p: dict) -> torch.Tensor | None:
+    """``ActQuantizer.forward``'s value at CPU inference in one C++ pass (``kernels.cpu_ops.affine_input``):
+    (clamp(round(x / scale + offset), qmin, qmax) - zero) * scale in float32, the operations and order of
+    ``affine_codes`` and the ste's value; its ``+ (clamp(x) - clamp(x))`` is + 0 (NaN where x is, and
+    then the value is NaN too), a no-op for scale > 0. None where that does not apply: gradients
+    needed, not eager float32 CPU work with the kernels built, not a contiguous tensor of 2 or more
+    dims, a per-channel grid, a non-float32 or
+    non-positive scale, a Python number float32 cannot hold."""
+    from ..kernels import cpu_ops
+
+    if x.is_cuda or x.dtype != torch.float32 or x.dim() < 2 or not x.numel() or not x.is_contiguous():
+        return None  # (contiguous: the output has torch's layout)
+    if not cpu_ops.ready():  # (first: inside a torch.compile trace, no .item() below)
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(isinstance(p[k], torch.Tensor) and p[k].requires_grad
+                                                           for k in GRID)):
+        return None
+    grid = []
+    for k in GRID:
+        t = p[k]
+        if isinstance(t, torch.Tensor):
+            if t.numel() != 1 or t.dtype != torch.float32 or t.is_cuda:
+                return None
+            grid.append(float(t.reshape(())))
+        elif float(torch.tensor(float(t), dtype=torch.float32)) == float(t):
+            grid.append(float(t))
+        else:
+            return None
+    s, off, z, lo, hi = grid
+    if not s > 0:
+        return None
+    return cpu_ops.affine_input(x, None, s, off, lo, hi, z, s, True)
+
+
 def sign_codes(x):
     """±1 with sign(0) = +1 (so every value packs into one bit)."""
     return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
@@ -209,6 +246,9 @@ class ActQuantizer(Quantizer):
         """Affine fake quantization with the clipped straight-through gradient (1 inside the
         representable range, 0 outside); quantizers with learnable ranges override this."""
         p = self.params(x)
+        y = _affine_inference(x, p)
+        if y is not None:
+            return y
         v = affine_codes(x.detach(), p["scale"], p["offset"], p["qmin"], p["qmax"])
         lo = (p["qmin"] - p["zero"]) * p["scale"]
         hi = (p["qmax"] - p["zero"]) * p["scale"]

@@ -535,6 +535,45 @@ at::Tensor rprelu(const at::Tensor& x_in, const at::Tensor& gamma_in, const at::
   return out;
 }
 
+// dyadic_exponent: for a float32 first operand a whose rows (last dim) multiply integer-valued values of
+// magnitude <= umax (zoo/quantizers/attention.py, _certified_float32_product): e = the largest integer
+// with umax * R * 2^e < 2^24, R = the largest row sum of |a| (float64, times 1 + 1e-9 for its rounding),
+// if 0 <= e <= 100 and every a * 2^e is integer-valued -- then every partial sum of a row's product is
+// a multiple of 2^-e below 2^24 of them, exact in float32 in any order; else -1 (also for NaN / inf).
+int64_t dyadic_exponent(const at::Tensor& a_in, double umax) {
+  TORCH_CHECK(a_in.scalar_type() == at::kFloat && a_in.dim() >= 1, "dyadic_exponent: a must be float32");
+  const at::Tensor a = a_in.contiguous();
+  const int64_t len = a.size(-1), n = len ? a.numel() / len : 0;
+  if (!n) return -1;
+  const float* ap = a.data_ptr<float>();
+  const double rows = at::parallel_reduce(0, n, 64, 0.0, [&](int64_t begin, int64_t end, double best) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict__ row = ap + r * len;
+      double t = 0.0;
+      for (int64_t i = 0; i < len; ++i) t += std::fabs(double(row[i]));
+      best = t > best || t != t ? t : best;  // (NaN wins: the bound below is then not finite)
+    }
+    return best;
+  }, [](double x, double y) { return x > y || x != x ? x : y; });
+  const double bound = rows * (1 + 1e-9) * umax;
+  if (!(bound > 0.0 && bound < INFINITY)) return -1;
+  int64_t e = int64_t(std::ceil(std::log2(16777216.0 / bound))) - 1;
+  while (e > -200 && std::ldexp(bound, int(e)) >= 16777216.0) --e;  // (log2's rounding: make sure)
+  if (e < 0 || e > 100) return -1;
+  const double f = std::ldexp(1.0, int(e));
+  const int64_t total = a.numel();
+  const bool dyadic = at::parallel_reduce(0, total, 16384, true, [&](int64_t begin, int64_t end, bool ok) {
+    if (!ok) return false;
+    bool all = true;
+    for (int64_t i = begin; i < end; ++i) {
+      const double t = double(ap[i]) * f;
+      all &= t == std::nearbyint(t);
+    }
+    return all;
+  }, [](bool x, bool y) { return x && y; });
+  return dyadic ? e : -1;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
@@ -547,6 +586,7 @@ TORCH_LIBRARY_FRAGMENT(zoo_cpu, m) {
   m.def("epilogue_sum(Tensor acc, Tensor d, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
   m.def("logact_levels(Tensor x, Tensor l2, float k, Tensor table) -> Tensor");
   m.def("rprelu(Tensor x, Tensor gamma, Tensor slope, Tensor zeta) -> Tensor");
+  m.def("dyadic_exponent(Tensor a, float umax) -> int");
   m.def("epilogue_split(Tensor acc, int m, Tensor scale, Tensor? bias, bool nchw=False) -> Tensor");
   m.def("expanded_epilogue(Tensor acc, Tensor? c_q, Tensor? c_1, Tensor z_w, float z_a, Tensor scale, Tensor? bias, "
         "bool nchw, int[]? subpixel=None) -> Tensor");
@@ -560,5 +600,6 @@ TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
   m.impl("epilogue_split", epilogue_split);
   m.impl("logact_levels", logact_levels);
   m.impl("rprelu", rprelu);
+  m.impl("dyadic_exponent", dyadic_exponent);
   m.impl("expanded_epilogue", expanded_epilogue);
 }

@@ -124,16 +124,44 @@ at::Tensor ivit_gelu(const at::Tensor& x_in, double s, int64_t bits, int64_t in_
   const IntExp ex(1.702 * s, 23);
   const double unit = s * std::ldexp(1.0, -int(bits - 1));
   const int shift = int(32 - bits);
+  const int64_t q = (int64_t(1) << (in_bits - 1)) - 1;
+  auto value = [&](int64_t v, int64_t m, int64_t b) {  // the output of code v in a row with clamped max m
+    const int64_t a = ex(v - m), d = a + b < 1 ? 1 : a + b;
+    const int64_t sig = (a * floor_div(INT32_MAX_, d)) >> shift;
+    return float(double(v * sig) * unit);
+  };
+  if ((2 * q + 1) * (q + 1) > (int64_t(1) << 20)) {  // wide codes: every element computed
+    const bool ok = rows(x, s, in_bits, out, [&](int64_t* v, float* o, int64_t len) {
+      int64_t m = v[0];
+      for (int64_t i = 1; i < len; ++i) m = v[i] > m ? v[i] : m;
+      m = m < 0 ? 0 : m;
+      const int64_t b = ex(-m);
+      for (int64_t i = 0; i < len; ++i) o[i] = value(v[i], m, b);
+    });
+    return ok ? out : at::empty({0}, x.options());
+  }
+  // Narrow codes (8-bit: 255 codes, row maxima 0..127): a row's outputs depend only on (code, row max), so
+  // each thread tabulates the 2q + 1 outputs of a row max the first time it meets it and looks them up.
+  const int64_t width = 2 * q + 1, threads = at::get_num_threads();
+  std::vector<std::vector<float>> tables(threads);
+  std::vector<std::vector<char>> built(threads);
   const bool ok = rows(x, s, in_bits, out, [&](int64_t* v, float* o, int64_t len) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < threads, "ivit_gelu: thread ", tid, " of ", threads);
+    std::vector<float>& tab = tables[tid];
+    std::vector<char>& done = built[tid];
+    if (tab.empty()) tab.assign(width * (q + 1), 0.0f), done.assign(q + 1, 0);
     int64_t m = v[0];
     for (int64_t i = 1; i < len; ++i) m = v[i] > m ? v[i] : m;
     m = m < 0 ? 0 : m;
-    const int64_t b = ex(-m);
-    for (int64_t i = 0; i < len; ++i) {
-      const int64_t a = ex(v[i] - m), d = a + b < 1 ? 1 : a + b;
-      const int64_t sig = (a * floor_div(INT32_MAX_, d)) >> shift;
-      o[i] = float(double(v[i] * sig) * unit);
+    float* t = tab.data() + m * width;
+    if (!done[m]) {
+      const int64_t b = ex(-m);
+      for (int64_t c = -q; c <= q; ++c) t[c + q] = value(c, m, b);
+      done[m] = 1;
     }
+    const float* __restrict__ tq = t + q;
+    for (int64_t i = 0; i < len; ++i) o[i] = tq[v[i]];
   });
   return ok ? out : at::empty({0}, x.options());
 }
