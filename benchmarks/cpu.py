@@ -10,7 +10,7 @@ FP32"), on random inputs of its golden input's shape: ``backend="reference"`` (t
 path: weights unpacked on every call), ``backend="cpu"`` (the cached CPU path, what ``auto`` runs on
 CPU tensors) and, with the ``export`` extra, onnxruntime on the float release ("ort FP32") and on the
 packed model's QDQ export ("ort int8", ``backend="onnxruntime"``; exported once into the cache).
-The runs of one model are interleaved (FP32, reference, cpu, ..., FP32, ...) and the table
+The runs of one model are interleaved (FP32, reference, cpu, ..., FP32, ..., the order rotated each repeat) and the table
 gives each one's median over the repeats and the ratio to FP32 from the same run (> 1: slower than
 float). "cache MiB": what the cached path holds after a forward (float32 weights, border terms); a
 second table gives each backend's peak memory of one forward (``peak_mib``).
@@ -136,10 +136,11 @@ def interleaved(fns: dict, reps: int, warmup: int) -> dict:
             for fn in fns.values():
                 fn()
         times = {k: [] for k in fns}
-        for _ in range(reps):
-            for k, fn in fns.items():
+        keys = list(fns)
+        for r in range(reps):  # the order rotates each repeat: no column always runs after the same one
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
                 t = time.perf_counter()
-                fn()
+                fns[k]()
                 times[k].append((time.perf_counter() - t) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
