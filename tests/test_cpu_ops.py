@@ -264,6 +264,13 @@ def test_affine_input_equals_torchs_operations():
         xl = x.permute(0, 2, 3, 1).contiguous()  # channels last: a linear layer's input
         assert torch.allclose(cpu_ops.affine_input(xl, sh, s, o, lo, hi, z, m, True), written_out(xl, sh, True),
                               rtol=0, atol=0, equal_nan=True)
+    for c, rows in ((30, 2101), (3, 5000), (1500, 7)):  # channels-last runs of many rows (the last one short)
+        xr = torch.randn(rows, c, generator=g) * 0.6
+        sr = torch.randn(c, generator=g) * 0.1
+        assert torch.equal(cpu_ops.affine_input(xr, sr, s, o, lo, hi, z, m, True), written_out(xr, sr, True)), c
+        xc = torch.randn(2, c, 9, 9, generator=g) * 0.6  # NCHW -> channels-last codes: a full 64-pixel tile + 17
+        got = cpu_ops.affine_input(xc, sr, s, o, lo, hi, z, m, False, False, True)
+        assert torch.equal(got, written_out(xc, sr, False)) and got.is_contiguous(memory_format=torch.channels_last)
     half = cpu_ops.affine_input(x, None, s, o, lo, hi, 7.5, 2.0, False)  # muL2Q-style half-integer zero point
     assert torch.allclose(half, (written_out(x, None, False) + z - 7.5) * 2, rtol=0, atol=0, equal_nan=True)
     # x / s + o = 3.5, 4.5, 5.5, 2.5 round half to even to 4, 4, 6, 2 (half up would give 4, 5, 6, 3)

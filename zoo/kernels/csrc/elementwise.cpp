@@ -171,6 +171,9 @@ at::Tensor input_kernel(const char* name, const at::Tensor& x_in, const c10::opt
     const float* sp = has_shift ? shift.data_ptr<float>() : nullptr;
     constexpr int64_t TILE = 64;
     const int64_t hw = x.size(2) * x.size(3), tiles = (hw + TILE - 1) / TILE;
+    std::vector<float> tiled(sp ? TILE * c : 0);  // the shifts repeated for a tile's rows: one long run
+    for (int64_t j = 0; sp && j < TILE; ++j) std::copy(sp, sp + c, tiled.begin() + j * c);
+    const float* tp = tiled.data();
     at::parallel_for(0, x.size(0) * tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(c * TILE);
       float* __restrict__ b = buf.data();
@@ -181,7 +184,7 @@ at::Tensor input_kernel(const char* name, const at::Tensor& x_in, const c10::opt
           for (int64_t k = 0; k < c; ++k) b[j * c + k] = src[k * hw + j];
         T* o = op + (img * hw + p0) * c;
         if (sp) {
-          for (int64_t j = 0; j < np; ++j) run.template operator()<2>(b + j * c, o + j * c, c, sp);
+          run.template operator()<2>(b, o, np * c, tp);
         } else {
           run.template operator()<0>(b, o, np * c, nullptr);
         }
@@ -198,9 +201,17 @@ at::Tensor input_kernel(const char* name, const at::Tensor& x_in, const c10::opt
     return out;
   }
   const float* sp = shift.data_ptr<float>();
-  if (ch_last || cl) {
-    at::parallel_for(0, total / c, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) run.template operator()<2>(xp + r * c, op + r * c, c, sp);
+  if (ch_last || cl) {  // rows of C: runs of `per` rows at once against the shifts repeated `per` times, so
+    // the loop is long enough to vectorise well when C is small (a 30-channel row alone is mostly remainder)
+    const int64_t rows = total / c, per = std::max<int64_t>(1, 1024 / c);
+    std::vector<float> tiled(per * c);
+    for (int64_t j = 0; j < per; ++j) std::copy(sp, sp + c, tiled.begin() + j * c);
+    const float* tp = tiled.data();
+    at::parallel_for(0, (rows + per - 1) / per, std::max<int64_t>(1, 4096 / (per * c)), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * per, nr = std::min(per, rows - r0);
+        run.template operator()<2>(xp + r0 * c, op + r0 * c, nr * c, tp);
+      }
     });
   } else {
     const int64_t inner = total / (x.size(0) * c);  // elements per (sample, channel) plane
