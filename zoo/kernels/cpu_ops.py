@@ -149,7 +149,7 @@ def ready() -> bool:
     """Eager work can call the kernels: not inside a torch.compile trace (inductor fuses the torch
     operations there itself) nor a TorchScript/ONNX trace (which must record torch operations),
     enabled, and built."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # (ONNX export traces: is_tracing)
         return False
     return enabled() and available()
 
