@@ -10,10 +10,10 @@ FP32"), on random inputs of its golden input's shape: ``backend="reference"`` (t
 path: weights unpacked on every call), ``backend="cpu"`` (the cached CPU path, what ``auto`` runs on
 CPU tensors) and, with the ``export`` extra, onnxruntime on the float release ("ort FP32") and on the
 packed model's QDQ export ("ort int8", ``backend="onnxruntime"``; exported once into the cache).
-The runs of one model are interleaved (FP32, reference, cpu, ..., FP32, ..., the order rotated each repeat) and the table
-gives each one's median over the repeats and the ratio to FP32 from the same run (> 1: slower than
-float). "cache MiB": what the cached path holds after a forward (float32 weights, border terms); a
-second table gives each backend's peak memory of one forward (``peak_mib``).
+The runs of one model are interleaved (FP32, reference, cpu, ..., FP32, ..., the order rotated each
+repeat) and the table gives each one's median over the repeats and the ratio to FP32 from the same run
+(> 1: slower than float). "cache MiB": what the cached path holds after a forward (float32 weights,
+border terms); a second table gives each backend's peak memory of one forward (``peak_mib``).
 Timings on a shared machine are noisy: compare ratios, not absolute times across runs.
 
 ``--compile`` adds two columns: the float release and the packed model (cpu backend) under

@@ -299,9 +299,11 @@ def rprelu(x: torch.Tensor, gamma: torch.Tensor, slope: torch.Tensor, zeta: torc
     """ReActNet's RPReLU ``where(y >= 0, y, slope * y) + zeta`` with ``y = x - gamma`` (per channel, dim 1)
     in one C++ pass, the same float32 values; None where it does not run (not eager float32 CPU
     inference with the kernels built): the caller's torch operations then."""
-    if x.is_cuda or x.dtype != torch.float32 or x.dim() < 2 or not ready():
+    if x.is_cuda or x.dtype != torch.float32 or x.dim() < 2:
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gamma, slope, zeta)):
+        return None  # (training: the torch form, without building the kernels)
+    if not ready():
         return None
     return torch.ops.zoo_cpu.rprelu(x, gamma.detach(), slope.detach(), zeta.detach())
 

@@ -45,10 +45,10 @@ def _affine_inference(x: torch.Tensor, p: dict) -> torch.Tensor | None:
 
     if x.is_cuda or x.dtype != torch.float32 or x.dim() < 2 or not x.numel() or not x.is_contiguous():
         return None  # (contiguous: the output has torch's layout)
-    if not cpu_ops.ready():  # (first: inside a torch.compile trace, no .item() below)
-        return None
     if torch.is_grad_enabled() and (x.requires_grad or any(isinstance(p[k], torch.Tensor) and p[k].requires_grad
                                                            for k in GRID)):
+        return None  # (training: nothing below, not even the kernels' build)
+    if not cpu_ops.ready():  # (before the .item()s below: inside a torch.compile trace, not ready)
         return None
     grid = []
     for k in GRID:

@@ -207,7 +207,8 @@ at::Tensor input_kernel(const char* name, const at::Tensor& x_in, const c10::opt
     std::vector<float> tiled(per * c);
     for (int64_t j = 0; j < per; ++j) std::copy(sp, sp + c, tiled.begin() + j * c);
     const float* tp = tiled.data();
-    at::parallel_for(0, (rows + per - 1) / per, std::max<int64_t>(1, 4096 / (per * c)), [&](int64_t begin, int64_t end) {
+    const int64_t runs = (rows + per - 1) / per;
+    at::parallel_for(0, runs, std::max<int64_t>(1, 4096 / (per * c)), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t r0 = b * per, nr = std::min(per, rows - r0);
         run.template operator()<2>(xp + r0 * c, op + r0 * c, nr * c, tp);
@@ -531,7 +532,8 @@ at::Tensor rprelu(const at::Tensor& x_in, const at::Tensor& gamma_in, const at::
     return out;
   }
   const int64_t inner = x.numel() / (x.size(0) * c), planes = x.size(0) * c;
-  at::parallel_for(0, planes, std::max<int64_t>(1, 4096 / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(inner, 1));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t k = p % c;
       const float gk = gp[k], sk = sp[k], zk = zp[k];
