@@ -39,8 +39,7 @@ def _affine_inference(x: torch.Tensor, p: dict) -> torch.Tensor | None:
     ``affine_codes`` and the ste's value; its ``+ (clamp(x) - clamp(x))`` is + 0 (NaN where x is, and
     then the value is NaN too), a no-op for scale > 0. None where that does not apply: gradients
     needed, not eager float32 CPU work with the kernels built, not a contiguous tensor of 2 or more
-    dims, a per-channel grid, a non-float32 or
-    non-positive scale, a Python number float32 cannot hold."""
+    dims, a per-channel grid, a non-float32 or non-positive scale, a Python number float32 cannot hold."""
     from ..kernels import cpu_ops
 
     if x.is_cuda or x.dtype != torch.float32 or x.dim() < 2 or not x.numel() or not x.is_contiguous():

@@ -147,13 +147,17 @@ at::Tensor ivit_gelu(const at::Tensor& x_in, double s, int64_t bits, int64_t in_
   std::vector<std::vector<char>> built(threads);
   const bool ok = rows(x, s, in_bits, out, [&](int64_t* v, float* o, int64_t len) {
     const int64_t tid = at::get_thread_num();
-    TORCH_CHECK(tid >= 0 && tid < threads, "ivit_gelu: thread ", tid, " of ", threads);
-    std::vector<float>& tab = tables[tid];
-    std::vector<char>& done = built[tid];
-    if (tab.empty()) tab.assign(width * (q + 1), 0.0f), done.assign(q + 1, 0);
     int64_t m = v[0];
     for (int64_t i = 1; i < len; ++i) m = v[i] > m ? v[i] : m;
     m = m < 0 ? 0 : m;
+    if (tid < 0 || tid >= threads) {  // (not one of this call's threads, e.g. nested in another parallel region)
+      const int64_t b = ex(-m);
+      for (int64_t i = 0; i < len; ++i) o[i] = value(v[i], m, b);
+      return;
+    }
+    std::vector<float>& tab = tables[tid];
+    std::vector<char>& done = built[tid];
+    if (tab.empty()) tab.assign(width * (q + 1), 0.0f), done.assign(q + 1, 0);
     float* t = tab.data() + m * width;
     if (!done[m]) {
       const int64_t b = ex(-m);
