@@ -6,6 +6,8 @@ joins the two so the forward value is bit-identical to what the packed model com
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 from torch import nn
 
@@ -56,7 +58,7 @@ def _affine_inference(x: torch.Tensor, p: dict) -> torch.Tensor | None:
             if t.numel() != 1 or t.dtype != torch.float32 or t.is_cuda:
                 return None
             grid.append(float(t.reshape(())))
-        elif float(torch.tensor(float(t), dtype=torch.float32)) == float(t):
+        elif abs(float(t)) < 2.0 ** 127 and struct.unpack("f", struct.pack("f", float(t)))[0] == float(t):
             grid.append(float(t))
         else:
             return None
