@@ -99,7 +99,7 @@ def test_bad_inputs_are_refused():
     wbits = cpu_ops.pack_weight_signs(torch.zeros(4, 70, 3, 3, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="64 channels need 1 words, got 2"):
         cpu_ops.binary_conv2d(xbits, wbits, 64, (1, 1), (1, 1), (1, 1), torch.ones(4, dtype=torch.float64), None)
-    with pytest.raises(RuntimeError, match="40 scales for packed weights of 32 output channels"):
+    with pytest.raises(RuntimeError, match="40 output channels for packed weights of 32"):
         cpu_ops.binary_conv2d(xbits, wbits, 70, (1, 1), (1, 1), (1, 1), torch.ones(40, dtype=torch.float64), None)
     with pytest.raises(RuntimeError, match="3 biases for 4 output channels"):
         cpu_ops.binary_conv2d(xbits, wbits, 70, (1, 1), (1, 1), (1, 1), torch.ones(4, dtype=torch.float64),
@@ -192,6 +192,9 @@ def test_shipped_binary_classifiers_identical_through_the_kernel(monkeypatch):
     names = [n for n in zoo.list_models("resnet20.*w1a1*", task="cls")]
     assert len(names) >= 3
     calls = _count(monkeypatch)
+    fused = []  # the hardtanh ResNet-20 blocks run fused (tests/test_binary_block.py), ReAct's RPReLU ones not
+    real = cpu_ops.binary_conv2d_table
+    monkeypatch.setattr(cpu_ops, "binary_conv2d_table", lambda *a: fused.append(1) or real(*a))
     for name in names:
         x = read_golden(resolve_checkpoint(name))[0]
         model = zoo.load(name, backend="reference")
@@ -199,22 +202,28 @@ def test_shipped_binary_classifiers_identical_through_the_kernel(monkeypatch):
             y_ref = model(x)
             zoo.set_backend(model, "auto")
             calls.clear()
+            fused.clear()
             y = model(x)
-        assert calls, name
+        assert len(calls) + len(fused) == 18, name
+        assert len(fused) == (0 if "react" in name else 18), name
         assert torch.equal(y, y_ref), name
 
 
 @pytest.mark.slow
 def test_the_portable_build_without_avx512_gives_the_same_results(tmp_path):
     """The plain-loop popcount (what CPUs without AVX-512 VPOPCNTDQ run), built with -march=x86-64-v2
-    into a fresh cache in another process, passes this file's kernel tests."""
+    into a fresh cache in another process, passes this file's kernel tests and the fused block's
+    (tests/test_binary_block.py: its plain-loop epilogue too)."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     env = {**os.environ, "ZOO_CPU_KERNEL_MARCH": "x86-64-v2", "ZOO_CACHE": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "written_out or bit_by_bit or refused"], env=env, capture_output=True, text=True)
+    block = str(Path(__file__).with_name("test_binary_block.py"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, block, "-k",
+                        "written_out or bit_by_bit or refused or batchnorm or fused"], env=env, capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stdout[-3000:]
     so = next(tmp_path.rglob("zoo_cpu_kernels.so"))  # built fresh, into the given cache
     if shutil.which("objdump"):

@@ -132,7 +132,7 @@ def available() -> bool:
                         raise
                     log.info("the C++ CPU kernels did not build with %s; trying without", extra)
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
-                               for op in ("binary_conv2d", "affine_input", "threshold_input", "epilogue",
+                               for op in ("binary_conv2d", "binary_conv2d_table", "linear_matches", "affine_input", "threshold_input", "epilogue",
                                           "epilogue_sum", "epilogue_split", "expanded_epilogue", "logact_levels",
                                           "rprelu", "dyadic_exponent",
                                           "ivit_softmax", "ivit_gelu", "ivit_layernorm"))
@@ -215,6 +215,17 @@ def _register_fakes() -> None:
         ow = (w + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
         return xbits.new_empty((n, co, oh, ow), dtype=torch.float32)
 
+    @torch.library.register_fake("zoo_cpu::binary_conv2d_table")
+    def _conv_table(xbits, wbits, c_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, table, residual, lo, hi,
+                    pack_next, shift, linear=None):
+        n, h, w, _ = xbits.shape
+        kh, kw = wbits.shape[:2]
+        co = table.shape[0]
+        oh = (h + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
+        ow = (w + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
+        bits = xbits.new_empty((n, oh, ow, (co + 63) // 64) if pack_next else (0,), dtype=torch.int64)
+        return xbits.new_empty((n, co, oh, ow), dtype=torch.float32), bits
+
 
 def affine_input(x: torch.Tensor, shift, scale: float, offset: float, qmin: float, qmax: float, z: float,
                  m: float, ch_last: bool, u8: bool = False, cl_out: bool = False) -> torch.Tensor:
@@ -280,6 +291,26 @@ def binary_conv2d(xbits, wbits, c_in, stride, padding, dilation, scale, bias) ->
     """float32(float64(sum u*w) * scale + bias) over each window of the packed signs (zero padding)."""
     return torch.ops.zoo_cpu.binary_conv2d(xbits, wbits, c_in, stride[0], stride[1], padding[0], padding[1],
                                            dilation[0], dilation[1], scale, bias)
+
+
+def binary_conv2d_table(xbits, wbits, c_in, stride, padding, dilation, table, residual, lo: float, hi: float,
+                        pack_next: bool = False, shift=None, linear=None):
+    """A W1A1 convolution with what follows it in a residual block, in one pass: clamp(table[o][sum + K]
+    (+ residual), lo, hi) with K = C_in kh kw (``table[o]``: the values the layers after the convolution give
+    each of its integer sums) -> (y, the signs of y - shift packed as :func:`pack_signs` packs them, or an
+    empty tensor without ``pack_next``). ``linear`` (4 x C_out float64: scale, bias, alpha, beta): every
+    table entry is fma(float32(float64(s) * scale + bias), alpha, beta) in float32 (the caller checked,
+    :func:`linear_matches`), computed so instead of looked up."""
+    return torch.ops.zoo_cpu.binary_conv2d_table(xbits, wbits, c_in, stride[0], stride[1], padding[0], padding[1],
+                                                 dilation[0], dilation[1], table, residual, lo, hi, pack_next,
+                                                 shift, linear)
+
+
+def linear_matches(table: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
+    """Per output channel: whether fma(float32(float64(s) * scale + bias), alpha, beta) in float32, as
+    :func:`binary_conv2d_table` computes it with ``linear`` (4 x C_out: scale, bias, alpha, beta), equals
+    table[o][s + K] bit for bit for every s in -K .. K."""
+    return torch.ops.zoo_cpu.linear_matches(table, linear)
 
 
 def logact_levels(x: torch.Tensor, l2: torch.Tensor, k: float, table: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,7 @@ class QuantConfig:
     """What ``zoo.quantize`` does to a model.
 
     ``overrides`` maps a module-name glob to a :class:`LayerQuant` (or ``None`` to keep the
-    layer float); the first matching glob wins. ``skip`` lists globs never quantized.
+    layer float); the first matching glob wins.
     ``extra`` carries method options (e.g. ``{"rprelu": True}`` for ReActNet).
     """
 

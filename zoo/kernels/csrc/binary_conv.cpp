@@ -18,7 +18,11 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -192,37 +196,39 @@ void for_blocks(int64_t co, F&& f) {  // output-channel blocks of 32, then 16 or
   }
 }
 
-// xbits: N x H x W x WC, wbits: kh x kw x WC x roundup(C_out, 32), C_out = scale.numel()
-//   -> y: N x C_out x OH x OW float32
-at::Tensor binary_conv2d(const at::Tensor& xbits, const at::Tensor& wbits, int64_t c_in, int64_t stride_h,
-                         int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-                         const at::Tensor& scale_in, const c10::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK(xbits.dim() == 4 && wbits.dim() == 4 && xbits.size(3) == wbits.size(2),
-              "binary_conv2d: packed activations and weights disagree on the words per pixel");
-  TORCH_CHECK(words_for(c_in) == xbits.size(3), "binary_conv2d: ", c_in, " channels need ", words_for(c_in),
-              " words, got ", xbits.size(3));
-  const int64_t n = xbits.size(0), h = xbits.size(1), w = xbits.size(2), wc = xbits.size(3);
-  const int64_t kh = wbits.size(0), kw = wbits.size(1), co_pad = wbits.size(3);
-  const int64_t oh = (h + 2 * pad_h - dil_h * (kh - 1) - 1) / stride_h + 1;
-  const int64_t ow = (w + 2 * pad_w - dil_w * (kw - 1) - 1) / stride_w + 1;
-  TORCH_CHECK(oh > 0 && ow > 0, "binary_conv2d: empty output for input ", h, "x", w);
-  const at::Tensor scale = scale_in.contiguous().to(at::kDouble);
-  const int64_t co = scale.numel();
-  TORCH_CHECK(co_pad % BLOCK == 0 && co <= co_pad && co > co_pad - BLOCK, "binary_conv2d: ", co,
-              " scales for packed weights of ", co_pad, " output channels (padded to a multiple of ", BLOCK, ")");
-  at::Tensor bias;
-  const double* bp = nullptr;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->contiguous().to(at::kDouble);  // float32 -> float64 exactly, as bias.double()
-    TORCH_CHECK(bias.numel() == co, "binary_conv2d: ", bias.numel(), " biases for ", co, " output channels");
-    bp = bias.data_ptr<double>();
-  }
-  at::Tensor y = at::empty({n, co, oh, ow}, xbits.options().dtype(at::kFloat));
+// The popcounts of every output row of a W1A1 convolution, handed to `epi(b, oy, cnt, valid)` one row at a
+// time inside the parallel loop: cnt[o * ow + ox] = popcount(x ^ w) over output channel o's window at
+// column ox, valid[ox] = the real channels times the kernel taps inside the image there (so the window's
+// integer sum is valid[ox] - 2 cnt[o * ow + ox]).
+// xbits: N x H x W x WC, wbits: kh x kw x WC x roundup(C_out, 32).
+struct Geometry {
+  int64_t n, h, w, wc, kh, kw, co_pad, co, oh, ow, c_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+};
+
+Geometry geometry(const at::Tensor& xbits, const at::Tensor& wbits, int64_t c_in, int64_t co, int64_t stride_h,
+                  int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, const char* name) {
+  TORCH_CHECK(xbits.dim() == 4 && wbits.dim() == 4 && xbits.size(3) == wbits.size(2), name,
+              ": packed activations and weights disagree on the words per pixel");
+  TORCH_CHECK(words_for(c_in) == xbits.size(3), name, ": ", c_in, " channels need ", words_for(c_in), " words, got ",
+              xbits.size(3));
+  Geometry g{xbits.size(0), xbits.size(1), xbits.size(2), xbits.size(3), wbits.size(0), wbits.size(1),
+             wbits.size(3), co, 0, 0, c_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w};
+  g.oh = (g.h + 2 * pad_h - dil_h * (g.kh - 1) - 1) / stride_h + 1;
+  g.ow = (g.w + 2 * pad_w - dil_w * (g.kw - 1) - 1) / stride_w + 1;
+  TORCH_CHECK(g.oh > 0 && g.ow > 0, name, ": empty output for input ", g.h, "x", g.w);
+  TORCH_CHECK(g.co_pad % BLOCK == 0 && co <= g.co_pad && co > g.co_pad - BLOCK, name, ": ", co,
+              " output channels for packed weights of ", g.co_pad, " (padded to a multiple of ", BLOCK, ")");
+  return g;
+}
+
+template <typename Epi>
+void conv_rows(const at::Tensor& xbits, const at::Tensor& wbits, const Geometry& g, Epi&& epi) {
+  const int64_t h = g.h, w = g.w, wc = g.wc, kh = g.kh, kw = g.kw, co_pad = g.co_pad, co = g.co, oh = g.oh,
+                ow = g.ow, c_in = g.c_in, stride_h = g.stride_h, stride_w = g.stride_w, pad_h = g.pad_h,
+                pad_w = g.pad_w, dil_h = g.dil_h, dil_w = g.dil_w;
   const at::Tensor xc = xbits.contiguous(), wcont = wbits.contiguous();
   const uint64_t* xp = reinterpret_cast<const uint64_t*>(xc.data_ptr<int64_t>());
   const uint64_t* wp = reinterpret_cast<const uint64_t*>(wcont.data_ptr<int64_t>());
-  const double* sc = scale.data_ptr<double>();
-  float* yp = y.data_ptr<float>();
   // tap groups for few input channels (see row_counts_grouped)
   const int64_t tpw = wc == 1 ? 64 / c_in : 1;  // taps per word
   const bool grouped = tpw >= 2 && kw >= 2;
@@ -250,7 +256,7 @@ at::Tensor binary_conv2d(const at::Tensor& xbits, const at::Tensor& wbits, int64
     }
   // the input columns a row of taps reaches: -pad_w .. span - 1 - pad_w (a zero-padded copy of each row)
   const int64_t span = (ow - 1) * stride_w + (kw - 1) * dil_w + 1;
-  at::parallel_for(0, n * oh, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.n * oh, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> cnt(ow * co);  // one output row: popcounts per (output channel, column)
     std::vector<int64_t> valid(ow);
     std::vector<uint64_t> xrow(grouped ? kh * ow * ng : 0), padded(grouped ? span : 0);
@@ -274,12 +280,12 @@ at::Tensor binary_conv2d(const at::Tensor& xbits, const at::Tensor& wbits, int64
           }
           uint64_t* dst = xrow.data() + i * ow * ng;
           for (int64_t ox = 0; ox < ow; ++ox)
-            for (int64_t g = 0; g < ng; ++g) {
-              const uint64_t* at = padded.data() + ox * stride_w + g * tpw * dil_w;
-              const int64_t taps = kw - g * tpw < tpw ? kw - g * tpw : tpw;
+            for (int64_t gi = 0; gi < ng; ++gi) {
+              const uint64_t* at = padded.data() + ox * stride_w + gi * tpw * dil_w;
+              const int64_t taps = kw - gi * tpw < tpw ? kw - gi * tpw : tpw;
               uint64_t word = 0;
               for (int64_t t = 0; t < taps; ++t) word |= at[t * dil_w] << (t * c_in);
-              dst[ox * ng + g] = word;
+              dst[ox * ng + gi] = word;
             }
         }
         for_blocks(co, [&](int64_t o0, int64_t bsz) {
@@ -300,22 +306,318 @@ at::Tensor binary_conv2d(const at::Tensor& xbits, const at::Tensor& wbits, int64
                           o0, co, cnt.data());
         });
       }
-      // the epilogue, one contiguous output row per channel (vectorised: int64 -> double, multiply, add,
-      // round to float, in the order of the reference's float64 operations)
-      for (int64_t o = 0; o < co; ++o) {
-        float* out = yp + ((b * co + o) * oh + oy) * ow;
-        const int64_t* c = cnt.data() + o * ow;
-        const double s = sc[o];
-        if (bp) {
-          const double bo = bp[o];
-          for (int64_t ox = 0; ox < ow; ++ox) out[ox] = float(double(valid[ox] - 2 * c[ox]) * s + bo);
-        } else {
-          for (int64_t ox = 0; ox < ow; ++ox) out[ox] = float(double(valid[ox] - 2 * c[ox]) * s);
-        }
+      epi(b, oy, cnt.data(), valid.data());
+    }
+  });
+}
+
+// xbits: N x H x W x WC, wbits: kh x kw x WC x roundup(C_out, 32), C_out = scale.numel()
+//   -> y: N x C_out x OH x OW float32
+at::Tensor binary_conv2d(const at::Tensor& xbits, const at::Tensor& wbits, int64_t c_in, int64_t stride_h,
+                         int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+                         const at::Tensor& scale_in, const c10::optional<at::Tensor>& bias_in) {
+  const at::Tensor scale = scale_in.contiguous().to(at::kDouble);
+  const int64_t co = scale.numel();
+  const Geometry g = geometry(xbits, wbits, c_in, co, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, "binary_conv2d");
+  at::Tensor bias;
+  const double* bp = nullptr;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->contiguous().to(at::kDouble);  // float32 -> float64 exactly, as bias.double()
+    TORCH_CHECK(bias.numel() == co, "binary_conv2d: ", bias.numel(), " biases for ", co, " output channels");
+    bp = bias.data_ptr<double>();
+  }
+  at::Tensor y = at::empty({g.n, co, g.oh, g.ow}, xbits.options().dtype(at::kFloat));
+  const double* sc = scale.data_ptr<double>();
+  float* yp = y.data_ptr<float>();
+  const int64_t oh = g.oh, ow = g.ow;
+  // the epilogue, one contiguous output row per channel (vectorised: int64 -> double, multiply, add,
+  // round to float, in the order of the reference's float64 operations)
+  conv_rows(xbits, wbits, g, [&](int64_t b, int64_t oy, const int64_t* cnt, const int64_t* valid) {
+    for (int64_t o = 0; o < co; ++o) {
+      float* out = yp + ((b * co + o) * oh + oy) * ow;
+      const int64_t* c = cnt + o * ow;
+      const double s = sc[o];
+      if (bp) {
+        const double bo = bp[o];
+        for (int64_t ox = 0; ox < ow; ++ox) out[ox] = float(double(valid[ox] - 2 * c[ox]) * s + bo);
+      } else {
+        for (int64_t ox = 0; ox < ow; ++ox) out[ox] = float(double(valid[ox] - 2 * c[ox]) * s);
       }
     }
   });
   return y;
+}
+
+// The input words of one tap group at every output column of a row: xt[ox] = OR over the group's taps t
+// of padded[ox * stride + t * dil] << (t * c_in) (restrict pointers and a unit-stride case, so the
+// compiler vectorises it).
+void group_words(uint64_t* __restrict xt, const uint64_t* __restrict first, int64_t ow, int64_t stride,
+                 int64_t dil, int64_t taps, int64_t c_in) {
+  if (stride == 1) {
+    for (int64_t ox = 0; ox < ow; ++ox) xt[ox] = first[ox];
+    for (int64_t t = 1; t < taps; ++t) {
+      const uint64_t* __restrict at = first + t * dil;
+      const uint64_t sh = uint64_t(t * c_in);
+      for (int64_t ox = 0; ox < ow; ++ox) xt[ox] |= at[ox] << sh;
+    }
+    return;
+  }
+  for (int64_t ox = 0; ox < ow; ++ox) xt[ox] = first[ox * stride];
+  for (int64_t t = 1; t < taps; ++t) {
+    const uint64_t* __restrict at = first + t * dil;
+    const uint64_t sh = uint64_t(t * c_in);
+    for (int64_t ox = 0; ox < ow; ++ox) xt[ox] |= at[ox * stride] << sh;
+  }
+}
+
+// float32 fma(float32(float64(s) * scale + bias), alpha, beta): the reference's epilogue, then an eval
+// BatchNorm as torch computes it (one fused multiply-add per element) -- when linear_matches says so.
+inline float linear_value(int64_t s, const double* lp, int64_t co, int64_t o) {
+  return std::fma(float(double(s) * lp[o] + lp[co + o]), float(lp[2 * co + o]), float(lp[3 * co + o]));
+}
+
+// linear (4 x C_out float64: scale, bias, alpha, beta) -> C_out bools: whether linear_value gives every
+// entry of table row o (C_out x (2K + 1) float32, sums -K .. K) bit for bit.
+at::Tensor linear_matches(const at::Tensor& table_in, const at::Tensor& linear_in) {
+  TORCH_CHECK(table_in.dim() == 2 && table_in.scalar_type() == at::kFloat && table_in.size(1) % 2 == 1,
+              "linear_matches: table must be C_out x (2K + 1) float32");
+  const at::Tensor table = table_in.contiguous(), linear = linear_in.contiguous().to(at::kDouble);
+  const int64_t co = table.size(0), kk = table.size(1) / 2;
+  TORCH_CHECK(linear.dim() == 2 && linear.size(0) == 4 && linear.size(1) == co, "linear_matches: linear must be 4 x ",
+              co, ", got ", linear.sizes());
+  at::Tensor ok = at::empty({co}, table.options().dtype(at::kBool));
+  const float* tp = table.data_ptr<float>();
+  const double* lp = linear.data_ptr<double>();
+  bool* okp = ok.data_ptr<bool>();
+  for (int64_t o = 0; o < co; ++o) {
+    bool same = true;
+    for (int64_t s = -kk; s <= kk && same; ++s) {
+      const float v = linear_value(s, lp, co, o), t = tp[o * (2 * kk + 1) + s + kk];
+      same = std::memcmp(&v, &t, sizeof(float)) == 0;
+    }
+    okp[o] = same;
+  }
+  return ok;
+}
+
+// A W1A1 convolution and what follows it in a residual block, in one pass over its output:
+//   y = clamp(table[o][sum + K] (+ residual), lo, hi),    K = C_in * kh * kw, sum = the window's integer sum
+// where table[o] holds, for every sum in [-K, K], the value the layers between the convolution and the
+// residual add give that sum (the caller builds it by running those layers' own torch operations on
+// the convolution's float32 outputs, so no arithmetic of theirs is reproduced here); the residual add
+// and the clamp (hardtanh, ReLU or none: lo/hi = -inf/inf) are single float32 operations, as torch's.
+// With `pack_next`, also the signs of y (bit o where y - shift[o] >= 0, shift optional) packed as
+// pack_signs would pack y, for a binary convolution that reads y next.
+// `linear` (4 x C_out float64: scale, bias, alpha, beta; alpha and beta float32 values): table[o][s] is
+// linear_value(s, ...) -- the caller checked that on every entry with linear_matches -- and is computed
+// so instead of looked up.
+//   -> (y: N x C_out x OH x OW float32, bits: N x OH x OW x ceil(C_out/64) int64 or empty)
+std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
+    const at::Tensor& xbits, const at::Tensor& wbits, int64_t c_in, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, const at::Tensor& table_in,
+    const c10::optional<at::Tensor>& residual_in, double lo_d, double hi_d, bool pack_next,
+    const c10::optional<at::Tensor>& shift_in, const c10::optional<at::Tensor>& linear_in) {
+  TORCH_CHECK(table_in.dim() == 2 && table_in.scalar_type() == at::kFloat, "binary_conv2d_table: table must be "
+              "C_out x (2K + 1) float32");
+  const at::Tensor table = table_in.contiguous();
+  const int64_t co = table.size(0), kk = wbits.size(0) * wbits.size(1) * c_in;
+  TORCH_CHECK(table.size(1) == 2 * kk + 1, "binary_conv2d_table: a table row holds ", table.size(1),
+              " values; sums of ", kk, " terms need ", 2 * kk + 1);
+  const Geometry g =
+      geometry(xbits, wbits, c_in, co, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, "binary_conv2d_table");
+  const int64_t oh = g.oh, ow = g.ow, wo = words_for(co);
+  at::Tensor res;
+  const float* rp = nullptr;
+  if (residual_in.has_value() && residual_in->defined()) {
+    TORCH_CHECK(residual_in->scalar_type() == at::kFloat && residual_in->dim() == 4 &&
+                    residual_in->size(0) == g.n && residual_in->size(1) == co && residual_in->size(2) == oh &&
+                    residual_in->size(3) == ow,
+                "binary_conv2d_table: the residual must be float32 of the output's shape ",
+                at::IntArrayRef({g.n, co, oh, ow}), ", got ", residual_in->sizes());
+    res = residual_in->contiguous();
+    rp = res.data_ptr<float>();
+  }
+  at::Tensor shift;
+  const float* sp = nullptr;
+  if (shift_in.has_value() && shift_in->defined()) {
+    shift = shift_in->contiguous().to(at::kFloat);
+    TORCH_CHECK(shift.numel() == co, "binary_conv2d_table: shift has ", shift.numel(), " values for ", co,
+                " channels");
+    sp = shift.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({g.n, co, oh, ow}, xbits.options().dtype(at::kFloat));
+  at::Tensor bits = pack_next ? at::empty({g.n, oh, ow, wo}, xbits.options().dtype(at::kLong))
+                              : at::empty({0}, xbits.options().dtype(at::kLong));
+  const float* tp = table.data_ptr<float>();
+  at::Tensor linear;
+  const double* lp = nullptr;
+  if (linear_in.has_value() && linear_in->defined()) {
+    linear = linear_in->contiguous().to(at::kDouble);
+    TORCH_CHECK(linear.dim() == 2 && linear.size(0) == 4 && linear.size(1) == co, "binary_conv2d_table: linear "
+                "must be 4 x ", co, " (scale, bias, alpha, beta), got ", linear.sizes());
+    lp = linear.data_ptr<double>();
+  }
+  // float32 suffices for linear_value's float32(float64(s) * scale + bias) where every scale is a float32
+  // value and every bias -0.0: |s| <= K < 2^24 and scale's 24 significant bits make the float64 product
+  // exact, + -0.0 changes nothing, so its rounding to float32 is float32's s * scale, rounded once
+  bool f32 = lp != nullptr && kk < (int64_t(1) << 24);
+  for (int64_t o = 0; f32 && o < co; ++o)
+    f32 = double(float(lp[o])) == lp[o] && lp[co + o] == 0.0 && std::signbit(lp[co + o]);
+  float* yp = y.data_ptr<float>();
+  uint64_t* bp = pack_next ? reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>()) : nullptr;
+  const float lo = float(lo_d), hi = float(hi_d);
+  const int64_t h = g.h, w = g.w, wc = g.wc, kh = g.kh, kw = g.kw, co_pad = g.co_pad;
+  const at::Tensor xc = xbits.contiguous(), wcont = wbits.contiguous();
+  const uint64_t* xp = reinterpret_cast<const uint64_t*>(xc.data_ptr<int64_t>());
+  const uint64_t* wp = reinterpret_cast<const uint64_t*>(wcont.data_ptr<int64_t>());
+  // tap groups for few input channels, as in conv_rows
+  const int64_t tpw = wc == 1 ? 64 / c_in : 1;
+  const bool grouped = tpw >= 2 && kw >= 2;
+  const int64_t ng = grouped ? (kw + tpw - 1) / tpw : 0;
+  std::vector<uint64_t> wg;
+  if (grouped) {
+    wg.assign(kh * ng * co_pad, 0);
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j)
+        for (int64_t o = 0; o < co_pad; ++o)
+          wg[(i * ng + j / tpw) * co_pad + o] |= wp[(i * kw + j) * co_pad + o] << ((j % tpw) * c_in);
+  }
+  const uint64_t ones = c_in >= 64 ? ~uint64_t(0) : (uint64_t(1) << c_in) - 1;
+  const int64_t owp = (ow + 7) / 8 * 8;             // output columns padded to whole vectors of 8
+  const int64_t tmax = grouped ? kh * ng : kh * kw * wc;  // tap words of one output row, at most
+  const int64_t span = (ow - 1) * g.stride_w + (kw - 1) * g.dil_w + 1;
+  // which bits of a tap word are real taps at each output column (0 outside the image; the same for
+  // every row): per tap group (grouped) or per kernel column, and the columns' taps inside the image
+  const int64_t nm = grouped ? ng : kw;
+  std::vector<uint64_t> masks(nm * owp, 0);
+  std::vector<int64_t> colsok(owp, 0);
+  for (int64_t ox = 0; ox < ow; ++ox)
+    for (int64_t j = 0; j < kw; ++j) {
+      const int64_t ix = ox * g.stride_w - g.pad_w + j * g.dil_w;
+      if (ix < 0 || ix >= w) continue;
+      colsok[ox] += 1;
+      if (grouped) masks[(j / tpw) * owp + ox] |= ones << ((j % tpw) * c_in);
+      else masks[j * owp + ox] = ~uint64_t(0);
+    }
+  // One output row at a time, vectorised over 8 output columns: X[t][ox] the input word of tap word t
+  // at column ox (0 outside the image), mt[t] which of its bits are real taps, wt[t] the packed weights
+  // of tap word t (one word per output channel), so column ox's popcount for channel o is
+  // sum_t popcount((X[t][ox] ^ wt[t][o]) & mt[t][ox]) and its integer sum valid[ox] - 2 * popcount.
+  at::parallel_for(0, g.n * oh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> xw(tmax * owp, 0), words(pack_next ? wo * owp : 0), padded(span);
+    std::vector<const uint64_t*> wt(tmax), mt(tmax);
+    std::vector<int64_t> valid(owp);
+    for (int64_t no = begin; no < end; ++no) {
+      const int64_t b = no / oh, oy = no % oh;
+      int64_t nt = 0, rows = 0;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t iy = oy * g.stride_h - g.pad_h + i * g.dil_h;
+        if (iy < 0 || iy >= h) continue;  // a kernel row outside the image: its taps are padding
+        ++rows;
+        const uint64_t* src = xp + (b * h + iy) * w * wc;
+        if (grouped) {
+          for (int64_t k = 0; k < span; ++k) {
+            const int64_t ix = k - g.pad_w;
+            padded[k] = ix >= 0 && ix < w ? src[ix] : 0;
+          }
+          for (int64_t gi = 0; gi < ng; ++gi, ++nt) {
+            const int64_t taps = kw - gi * tpw < tpw ? kw - gi * tpw : tpw;
+            uint64_t* xt = xw.data() + nt * owp;
+            const uint64_t* first = padded.data() + gi * tpw * g.dil_w;
+            group_words(xt, first, ow, g.stride_w, g.dil_w, taps, c_in);
+            wt[nt] = wg.data() + (i * ng + gi) * co_pad;
+            mt[nt] = masks.data() + gi * owp;
+          }
+        } else {
+          for (int64_t j = 0; j < kw; ++j)
+            for (int64_t k = 0; k < wc; ++k, ++nt) {
+              uint64_t* xt = xw.data() + nt * owp;
+              for (int64_t ox = 0; ox < ow; ++ox) {
+                const int64_t ix = ox * g.stride_w - g.pad_w + j * g.dil_w;
+                xt[ox] = ix >= 0 && ix < w ? src[ix * wc + k] : 0;
+              }
+              wt[nt] = wp + ((i * kw + j) * wc + k) * co_pad;
+              mt[nt] = masks.data() + j * owp;
+            }
+        }
+      }
+      for (int64_t ox = 0; ox < owp; ++ox) valid[ox] = c_in * rows * colsok[ox];
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__)
+      // 8 columns at a time through every output channel: the columns' sign words (64 channels each)
+      // stay in a register
+      const __m256 lov = _mm256_set1_ps(lo), hiv = _mm256_set1_ps(hi), zero = _mm256_setzero_ps();
+      for (int64_t p = 0; p < owp; p += 8) {
+        const __mmask8 lane = ow - p >= 8 ? __mmask8(0xff) : __mmask8((1u << (ow - p)) - 1);
+        const __m512i validv = _mm512_loadu_si512(valid.data() + p);
+        for (int64_t k = 0; k < (pack_next ? wo : 1); ++k) {
+          const int64_t o_end = pack_next && 64 * (k + 1) < co ? 64 * (k + 1) : co;
+          __m512i word = _mm512_setzero_si512();
+          for (int64_t o = 64 * k; o < o_end; ++o) {
+            __m512i acc = _mm512_setzero_si512();
+            for (int64_t t = 0; t < nt; ++t) {
+              const __m512i wv = _mm512_set1_epi64(static_cast<long long>(wt[t][o]));
+              const __m512i xv = _mm512_loadu_si512(xw.data() + t * owp + p);
+              const __m512i mv = _mm512_loadu_si512(mt[t] + p);
+              acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_and_si512(_mm512_xor_si512(xv, wv), mv)));
+            }
+            const __m512i sum = _mm512_sub_epi64(validv, _mm512_slli_epi64(acc, 1));
+            const int64_t at = ((b * co + o) * oh + oy) * ow + p;
+            __m256 v;
+            if (lp && f32) {  // linear_value, 8 lanes, in float32 (see f32)
+              v = _mm256_fmadd_ps(_mm256_mul_ps(_mm512_cvtepi64_ps(sum), _mm256_set1_ps(float(lp[o]))),
+                                  _mm256_set1_ps(float(lp[2 * co + o])), _mm256_set1_ps(float(lp[3 * co + o])));
+            } else if (lp) {  // linear_value, 8 lanes
+              const __m512d d = _mm512_add_pd(_mm512_mul_pd(_mm512_cvtepi64_pd(sum), _mm512_set1_pd(lp[o])),
+                                              _mm512_set1_pd(lp[co + o]));
+              v = _mm256_fmadd_ps(_mm512_cvtpd_ps(d), _mm256_set1_ps(float(lp[2 * co + o])),
+                                  _mm256_set1_ps(float(lp[3 * co + o])));
+            } else {
+              v = _mm512_mask_i64gather_ps(zero, lane, sum, tp + o * (2 * kk + 1) + kk, 4);
+            }
+            if (rp) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(lane, rp + at));
+            v = _mm256_max_ps(lov, v);  // lo > v ? lo : v (a NaN v stays), as v < lo ? lo : v
+            v = _mm256_min_ps(hiv, v);  // hi < v ? hi : v (likewise)
+            _mm256_mask_storeu_ps(yp + at, lane, v);
+            if (pack_next) {
+              const __m256 d = sp ? _mm256_sub_ps(v, _mm256_set1_ps(sp[o])) : v;
+              const __mmask8 ge = _mm256_cmp_ps_mask(d, zero, _CMP_GE_OQ) & lane;
+              word = _mm512_mask_or_epi64(word, ge, word, _mm512_set1_epi64(static_cast<long long>(uint64_t(1) << (o % 64))));
+            }
+          }
+          if (pack_next) _mm512_storeu_si512(words.data() + k * owp + p, word);
+        }
+      }
+#else
+      if (pack_next) std::fill(words.begin(), words.end(), uint64_t(0));
+      for (int64_t o = 0; o < co; ++o) {
+        const int64_t at = ((b * co + o) * oh + oy) * ow;
+        float* out = yp + at;
+        const float* r = rp ? rp + at : nullptr;
+        const float* tb = tp + o * (2 * kk + 1) + kk;
+        const float s = sp ? sp[o] : 0.0f;
+        uint64_t* wrow = pack_next ? words.data() + (o / 64) * owp : nullptr;
+        const uint64_t bit = uint64_t(1) << (o % 64);
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          int64_t c = 0;
+          for (int64_t t = 0; t < nt; ++t)
+            c += __builtin_popcountll((xw[t * owp + ox] ^ wt[t][o]) & mt[t][ox]);
+          float v = lp ? linear_value(valid[ox] - 2 * c, lp, co, o) : tb[valid[ox] - 2 * c];
+          if (r) v = v + r[ox];
+          v = v < lo ? lo : v;  // NaN stays NaN, as torch's clamp
+          v = hi < v ? hi : v;
+          out[ox] = v;
+          if (wrow && (sp ? v - s : v) >= 0.0f) wrow[ox] |= bit;
+        }
+      }
+#endif
+      if (pack_next) {
+        uint64_t* dst = bp + (b * oh + oy) * ow * wo;
+        for (int64_t ox = 0; ox < ow; ++ox)
+          for (int64_t k = 0; k < wo; ++k) dst[ox * wo + k] = words[k * owp + ox];
+      }
+    }
+  });
+  return {y, bits};
 }
 
 }  // namespace
@@ -325,10 +627,16 @@ TORCH_LIBRARY(zoo_cpu, m) {
   m.def("pack_weight_signs(Tensor q) -> Tensor");
   m.def("binary_conv2d(Tensor xbits, Tensor wbits, int c_in, int stride_h, int stride_w, int pad_h, int pad_w, "
         "int dil_h, int dil_w, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("binary_conv2d_table(Tensor xbits, Tensor wbits, int c_in, int stride_h, int stride_w, int pad_h, "
+        "int pad_w, int dil_h, int dil_w, Tensor table, Tensor? residual, float lo, float hi, bool pack_next, "
+        "Tensor? shift, Tensor? linear=None) -> (Tensor, Tensor)");
+  m.def("linear_matches(Tensor table, Tensor linear) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_cpu, CPU, m) {
   m.impl("pack_signs", pack_signs);
   m.impl("pack_weight_signs", pack_weight_signs);
   m.impl("binary_conv2d", binary_conv2d);
+  m.impl("binary_conv2d_table", binary_conv2d_table);
+  m.impl("linear_matches", linear_matches);
 }
