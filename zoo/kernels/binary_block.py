@@ -45,7 +45,7 @@ def _hooked(*mods) -> bool:
             or _module._global_backward_hooks or _module._global_backward_pre_hooks):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in mods)
+               for m in mods if isinstance(m, nn.Module))  # (a block's shortcut may be a method)
 
 
 def _binary_plan(conv, x: torch.Tensor):
