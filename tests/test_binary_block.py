@@ -273,3 +273,19 @@ def test_table_entries_are_the_blocks_own_values():
     with torch.no_grad():
         ref = bn(conv(x))[0, :, 1, 1]
     assert torch.equal(t[torch.arange(16), s + 144], ref)
+
+
+@pytest.mark.parametrize("c,shift", [(16, False), (130, True), (64, True)])
+def test_sign_packing_of_wide_rows_equals_the_written_out_words(c, shift):
+    """pack_signs over rows of 8-pixel vectors and a tail (19 pixels), one to three words a pixel, with
+    -0.0, +-0.0 after the shift, NaN and infinities."""
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(2, c, 3, 19, generator=g)
+    s = torch.randn(c, generator=g) if shift else None
+    x[0, :, 0, :8] = float("nan")
+    x[0, 1, 1, :] = -0.0
+    x[1, 2, :, 3] = float("inf")
+    x[1, 3, :, 9] = -float("inf")
+    if s is not None:
+        x[1, 4, 2, :] = s[4]  # x - shift == 0 exactly: the bit is set
+    assert torch.equal(cpu_ops.pack_signs(x, s), _packed(x, s))

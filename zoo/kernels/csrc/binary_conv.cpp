@@ -18,6 +18,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -51,6 +55,24 @@ at::Tensor pack_signs(const at::Tensor& x_in, const c10::optional<at::Tensor>& s
       for (int64_t k = 0; k < wc; ++k) {
         const int64_t c_end = c < 64 * (k + 1) ? c : 64 * (k + 1);
         int64_t i0 = 0;
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+        for (; i0 + 8 <= w; i0 += 8) {  // 8 pixels at a time: one compare mask per channel ORs its bit in
+          __m512i acc = _mm512_setzero_si512();
+          for (int64_t ch = 64 * k; ch < c_end; ++ch) {
+            __m256 v = _mm256_loadu_ps(xp + ((b * c + ch) * h + y) * w + i0);
+            if (sp) v = _mm256_sub_ps(v, _mm256_set1_ps(sp[ch]));  // float32 x - shift, as torch
+            const __mmask8 ge = _mm256_cmp_ps_mask(v, _mm256_setzero_ps(), _CMP_GE_OQ);  // NaN: false
+            acc = _mm512_mask_or_epi64(acc, ge, acc, _mm512_set1_epi64(static_cast<long long>(uint64_t(1) << (ch % 64))));
+          }
+          if (wc == 1) {
+            _mm512_storeu_si512(row + i0, acc);
+          } else {
+            alignas(64) uint64_t words[8];
+            _mm512_store_si512(words, acc);
+            for (int p = 0; p < 8; ++p) row[(i0 + p) * wc + k] = words[p];
+          }
+        }
+#endif
         for (; i0 + 8 <= w; i0 += 8) {  // 8 pixels at a time, their words kept in registers over the channels
           uint64_t acc[8] = {};
           for (int64_t ch = 64 * k; ch < c_end; ++ch) {
@@ -311,6 +333,19 @@ void conv_rows(const at::Tensor& xbits, const at::Tensor& wbits, const Geometry&
   });
 }
 
+std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
+    const at::Tensor& xbits, const at::Tensor& wbits, int64_t c_in, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, const at::Tensor& table_in,
+    const c10::optional<at::Tensor>& residual_in, double lo_d, double hi_d, bool pack_next,
+    const c10::optional<at::Tensor>& shift_in, const c10::optional<at::Tensor>& linear_in);
+
+// The tap words of one output row at most (binary_conv2d_table's rows): kh * ceil(kw / taps per word)
+// where a pixel's signs fill at most half a word, else kh * kw * words per pixel.
+int64_t row_tap_words(int64_t c_in, int64_t wc, int64_t kh, int64_t kw) {
+  const int64_t tpw = wc == 1 ? 64 / c_in : 1;
+  return tpw >= 2 && kw >= 2 ? kh * ((kw + tpw - 1) / tpw) : kh * kw * wc;
+}
+
 // xbits: N x H x W x WC, wbits: kh x kw x WC x roundup(C_out, 32), C_out = scale.numel()
 //   -> y: N x C_out x OH x OW float32
 at::Tensor binary_conv2d(const at::Tensor& xbits, const at::Tensor& wbits, int64_t c_in, int64_t stride_h,
@@ -326,6 +361,22 @@ at::Tensor binary_conv2d(const at::Tensor& xbits, const at::Tensor& wbits, int64
     TORCH_CHECK(bias.numel() == co, "binary_conv2d: ", bias.numel(), " biases for ", co, " output channels");
     bp = bias.data_ptr<double>();
   }
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__)
+  // Few tap words a row (ResNet-20's convs): the column-vectorised kernel of binary_conv2d_table, whose
+  // computed value fma(float32(float64(s) * scale + bias), 1, -0.0) is this epilogue's float32(float64(s)
+  // * scale + bias) exactly (x * 1 + -0.0 == x, a zero's sign included; no bias: + -0.0 changes nothing).
+  if (row_tap_words(c_in, g.wc, g.kh, g.kw) <= 9) {
+    at::Tensor linear = at::empty({4, co}, scale.options());
+    linear[0].copy_(scale.reshape(-1));
+    if (bp) linear[1].copy_(bias.reshape(-1));
+    else linear[1].fill_(-0.0);
+    linear[2].fill_(1.0);
+    linear[3].fill_(-0.0);
+    return std::get<0>(binary_conv2d_table(xbits, wbits, c_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                           at::empty({co, 0}, xbits.options().dtype(at::kFloat)), c10::nullopt,
+                                           -INFINITY, INFINITY, false, c10::nullopt, linear));
+  }
+#endif
   at::Tensor y = at::empty({g.n, co, g.oh, g.ow}, xbits.options().dtype(at::kFloat));
   const double* sc = scale.data_ptr<double>();
   float* yp = y.data_ptr<float>();
@@ -369,6 +420,46 @@ void group_words(uint64_t* __restrict xt, const uint64_t* __restrict first, int6
     for (int64_t ox = 0; ox < ow; ++ox) xt[ox] |= at[ox * stride] << sh;
   }
 }
+
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__)
+// The popcounts of 8 output columns for one output channel o: sum over the row's tap words t of
+// popcount((X[t] ^ w[t][o]) & M[t]). Taps8: NT tap words, their columns' words and masks loaded once
+// into registers and reused for every output channel; TapsN: any number, loaded per channel.
+template <int NT>
+struct Taps8 {
+  __m512i x[NT], m[NT];
+  const uint64_t* const* wt;
+  Taps8(const uint64_t* xw, const uint64_t* const* mt, const uint64_t* const* w, int64_t owp, int64_t p) : wt(w) {
+    for (int t = 0; t < NT; ++t) {
+      x[t] = _mm512_loadu_si512(xw + t * owp + p);
+      m[t] = _mm512_loadu_si512(mt[t] + p);
+    }
+  }
+  inline __m512i count(int64_t o) const {
+    __m512i acc = _mm512_setzero_si512();
+    for (int t = 0; t < NT; ++t)
+      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_and_si512(
+                                      _mm512_xor_si512(x[t], _mm512_set1_epi64(static_cast<long long>(wt[t][o]))), m[t])));
+    return acc;
+  }
+};
+
+struct TapsN {
+  const uint64_t* xw;
+  const uint64_t* const* mt;
+  const uint64_t* const* wt;
+  int64_t owp, p, nt;
+  inline __m512i count(int64_t o) const {
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t t = 0; t < nt; ++t)
+      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_and_si512(
+                                      _mm512_xor_si512(_mm512_loadu_si512(xw + t * owp + p),
+                                                       _mm512_set1_epi64(static_cast<long long>(wt[t][o]))),
+                                      _mm512_loadu_si512(mt[t] + p))));
+    return acc;
+  }
+};
+#endif
 
 // float32 fma(float32(float64(s) * scale + bias), alpha, beta): the reference's epilogue, then an eval
 // BatchNorm as torch computes it (one fused multiply-add per element) -- when linear_matches says so.
@@ -421,8 +512,9 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
               "C_out x (2K + 1) float32");
   const at::Tensor table = table_in.contiguous();
   const int64_t co = table.size(0), kk = wbits.size(0) * wbits.size(1) * c_in;
-  TORCH_CHECK(table.size(1) == 2 * kk + 1, "binary_conv2d_table: a table row holds ", table.size(1),
-              " values; sums of ", kk, " terms need ", 2 * kk + 1);
+  const bool computed = linear_in.has_value() && linear_in->defined();
+  TORCH_CHECK(table.size(1) == 2 * kk + 1 || (computed && table.size(1) == 0), "binary_conv2d_table: a table row "
+              "holds ", table.size(1), " values; sums of ", kk, " terms need ", 2 * kk + 1);
   const Geometry g =
       geometry(xbits, wbits, c_in, co, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, "binary_conv2d_table");
   const int64_t oh = g.oh, ow = g.ow, wo = words_for(co);
@@ -484,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
   }
   const uint64_t ones = c_in >= 64 ? ~uint64_t(0) : (uint64_t(1) << c_in) - 1;
   const int64_t owp = (ow + 7) / 8 * 8;             // output columns padded to whole vectors of 8
-  const int64_t tmax = grouped ? kh * ng : kh * kw * wc;  // tap words of one output row, at most
+  const int64_t tmax = row_tap_words(c_in, wc, kh, kw);  // tap words of one output row, at most
   const int64_t span = (ow - 1) * g.stride_w + (kw - 1) * g.dil_w + 1;
   // which bits of a tap word are real taps at each output column (0 outside the image; the same for
   // every row): per tap group (grouped) or per kernel column, and the columns' taps inside the image
@@ -546,21 +638,14 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
       // 8 columns at a time through every output channel: the columns' sign words (64 channels each)
       // stay in a register
       const __m256 lov = _mm256_set1_ps(lo), hiv = _mm256_set1_ps(hi), zero = _mm256_setzero_ps();
-      for (int64_t p = 0; p < owp; p += 8) {
+      const auto columns = [&](const auto& taps, int64_t p) {
         const __mmask8 lane = ow - p >= 8 ? __mmask8(0xff) : __mmask8((1u << (ow - p)) - 1);
         const __m512i validv = _mm512_loadu_si512(valid.data() + p);
         for (int64_t k = 0; k < (pack_next ? wo : 1); ++k) {
           const int64_t o_end = pack_next && 64 * (k + 1) < co ? 64 * (k + 1) : co;
           __m512i word = _mm512_setzero_si512();
           for (int64_t o = 64 * k; o < o_end; ++o) {
-            __m512i acc = _mm512_setzero_si512();
-            for (int64_t t = 0; t < nt; ++t) {
-              const __m512i wv = _mm512_set1_epi64(static_cast<long long>(wt[t][o]));
-              const __m512i xv = _mm512_loadu_si512(xw.data() + t * owp + p);
-              const __m512i mv = _mm512_loadu_si512(mt[t] + p);
-              acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_and_si512(_mm512_xor_si512(xv, wv), mv)));
-            }
-            const __m512i sum = _mm512_sub_epi64(validv, _mm512_slli_epi64(acc, 1));
+            const __m512i sum = _mm512_sub_epi64(validv, _mm512_slli_epi64(taps.count(o), 1));
             const int64_t at = ((b * co + o) * oh + oy) * ow + p;
             __m256 v;
             if (lp && f32) {  // linear_value, 8 lanes, in float32 (see f32)
@@ -585,6 +670,20 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
             }
           }
           if (pack_next) _mm512_storeu_si512(words.data() + k * owp + p, word);
+        }
+      };
+      for (int64_t p = 0; p < owp; p += 8) {
+        switch (nt) {  // few tap words (every ResNet-20 conv: 2 to 9): in registers across the channels
+          case 1: columns(Taps8<1>(xw.data(), mt.data(), wt.data(), owp, p), p); break;
+          case 2: columns(Taps8<2>(xw.data(), mt.data(), wt.data(), owp, p), p); break;
+          case 3: columns(Taps8<3>(xw.data(), mt.data(), wt.data(), owp, p), p); break;
+          case 4: columns(Taps8<4>(xw.data(), mt.data(), wt.data(), owp, p), p); break;
+          case 5: columns(Taps8<5>(xw.data(), mt.data(), wt.data(), owp, p), p); break;
+          case 6: columns(Taps8<6>(xw.data(), mt.data(), wt.data(), owp, p), p); break;
+          case 7: columns(Taps8<7>(xw.data(), mt.data(), wt.data(), owp, p), p); break;
+          case 8: columns(Taps8<8>(xw.data(), mt.data(), wt.data(), owp, p), p); break;
+          case 9: columns(Taps8<9>(xw.data(), mt.data(), wt.data(), owp, p), p); break;
+          default: columns(TapsN{xw.data(), mt.data(), wt.data(), owp, p, nt}, p);
         }
       }
 #else
