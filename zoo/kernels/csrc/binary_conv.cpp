@@ -243,6 +243,17 @@ Geometry geometry(const at::Tensor& xbits, const at::Tensor& wbits, int64_t c_in
   return g;
 }
 
+// The weight words of tap groups: kh x ceil(kw / tpw) x co_pad, tap j of a group shifted by (j % tpw) * c_in.
+std::vector<uint64_t> group_weights(const uint64_t* wp, int64_t kh, int64_t kw, int64_t ng, int64_t tpw,
+                                    int64_t co_pad, int64_t c_in) {
+  std::vector<uint64_t> wg(kh * ng * co_pad, 0);
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j)
+      for (int64_t o = 0; o < co_pad; ++o)
+        wg[(i * ng + j / tpw) * co_pad + o] |= wp[(i * kw + j) * co_pad + o] << ((j % tpw) * c_in);
+  return wg;
+}
+
 template <typename Epi>
 void conv_rows(const at::Tensor& xbits, const at::Tensor& wbits, const Geometry& g, Epi&& epi) {
   const int64_t h = g.h, w = g.w, wc = g.wc, kh = g.kh, kw = g.kw, co_pad = g.co_pad, co = g.co, oh = g.oh,
@@ -255,13 +266,8 @@ void conv_rows(const at::Tensor& xbits, const at::Tensor& wbits, const Geometry&
   const int64_t tpw = wc == 1 ? 64 / c_in : 1;  // taps per word
   const bool grouped = tpw >= 2 && kw >= 2;
   const int64_t ng = grouped ? (kw + tpw - 1) / tpw : 0;
-  std::vector<uint64_t> wg, mg;
+  std::vector<uint64_t> wg = grouped ? group_weights(wp, kh, kw, ng, tpw, co_pad, c_in) : std::vector<uint64_t>(), mg;
   if (grouped) {
-    wg.assign(kh * ng * co_pad, 0);
-    for (int64_t i = 0; i < kh; ++i)
-      for (int64_t j = 0; j < kw; ++j)
-        for (int64_t o = 0; o < co_pad; ++o)
-          wg[(i * ng + j / tpw) * co_pad + o] |= wp[(i * kw + j) * co_pad + o] << ((j % tpw) * c_in);
     const uint64_t ones = (uint64_t(1) << c_in) - 1;  // c_in <= 32 here
     mg.assign(ow * ng, 0);
     for (int64_t ox = 0; ox < ow; ++ox)
@@ -566,14 +572,7 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
   const int64_t tpw = wc == 1 ? 64 / c_in : 1;
   const bool grouped = tpw >= 2 && kw >= 2;
   const int64_t ng = grouped ? (kw + tpw - 1) / tpw : 0;
-  std::vector<uint64_t> wg;
-  if (grouped) {
-    wg.assign(kh * ng * co_pad, 0);
-    for (int64_t i = 0; i < kh; ++i)
-      for (int64_t j = 0; j < kw; ++j)
-        for (int64_t o = 0; o < co_pad; ++o)
-          wg[(i * ng + j / tpw) * co_pad + o] |= wp[(i * kw + j) * co_pad + o] << ((j % tpw) * c_in);
-  }
+  const std::vector<uint64_t> wg = grouped ? group_weights(wp, kh, kw, ng, tpw, co_pad, c_in) : std::vector<uint64_t>();
   const uint64_t ones = c_in >= 64 ? ~uint64_t(0) : (uint64_t(1) << c_in) - 1;
   const int64_t owp = (ow + 7) / 8 * 8;             // output columns padded to whole vectors of 8
   const int64_t tmax = row_tap_words(c_in, wc, kh, kw);  // tap words of one output row, at most
