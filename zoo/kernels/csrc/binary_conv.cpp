@@ -367,7 +367,7 @@ at::Tensor binary_conv2d(const at::Tensor& xbits, const at::Tensor& wbits, int64
     TORCH_CHECK(bias.numel() == co, "binary_conv2d: ", bias.numel(), " biases for ", co, " output channels");
     bp = bias.data_ptr<double>();
   }
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
   // Few tap words a row (ResNet-20's convs): the column-vectorised kernel of binary_conv2d_table, whose
   // computed value fma(float32(float64(s) * scale + bias), 1, -0.0) is this epilogue's float32(float64(s)
   // * scale + bias) exactly (x * 1 + -0.0 == x, a zero's sign included; no bias: + -0.0 changes nothing).
@@ -427,7 +427,7 @@ void group_words(uint64_t* __restrict xt, const uint64_t* __restrict first, int6
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 // The popcounts of 8 output columns for one output channel o: sum over the row's tap words t of
 // popcount((X[t] ^ w[t][o]) & M[t]). Taps8: NT tap words, their columns' words and masks loaded once
 // into registers and reused for every output channel; TapsN: any number, loaded per channel.
@@ -633,7 +633,7 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
         }
       }
       for (int64_t ox = 0; ox < owp; ++ox) valid[ox] = c_in * rows * colsok[ox];
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
       // 8 columns at a time through every output channel: the columns' sign words (64 channels each)
       // stay in a register
       const __m256 lov = _mm256_set1_ps(lo), hiv = _mm256_set1_ps(hi), zero = _mm256_setzero_ps();
