@@ -88,6 +88,34 @@ def test_table_kernel_equals_the_written_out_block_step(geom, residual, shift, p
         assert bits.numel() == 0
 
 
+@pytest.mark.parametrize("geom", [GEOMETRIES[0], GEOMETRIES[3], GEOMETRIES[4]])
+def test_table_kernel_with_rprelu_equals_the_written_out_block_step(geom):
+    """RPReLU instead of the clamp: (d >= 0 ? d : slope * d) + zeta, d = y - gamma, as RPReLU.forward's torch
+    operations (negative and zero slopes, a NaN table row)."""
+    ci, co, k, stride, padding, dilation, h, w = geom
+    g = torch.Generator().manual_seed(co)
+    x = torch.randn(2, ci, h, w, generator=g)
+    q = torch.randint(0, 2, (co, ci, k, k), generator=g, dtype=torch.uint8)
+    kk = ci * k * k
+    table = torch.randn(co, 2 * kk + 1, generator=g)
+    table[1] = float("nan")
+    s_in = torch.randn(ci, generator=g) * 0.3
+    sums = _sums(x, s_in, q, stride, padding, dilation)
+    res = torch.randn(sums.shape, generator=g)
+    rp = torch.randn(3, co, generator=g)
+    rp[1, :3] = torch.tensor([-0.5, 0.0, 1.0])  # slopes
+    nxt = torch.randn(co, generator=g) * 0.3
+    y, bits = cpu_ops.binary_conv2d_table(cpu_ops.pack_signs(x, s_in), cpu_ops.pack_weight_signs(q), ci,
+                                          (stride, stride), (padding, padding), (dilation, dilation), table, res,
+                                          float("-inf"), float("inf"), True, nxt, None, rp)
+    v = table[torch.arange(co).view(1, -1, 1, 1), sums + kk] + res
+    d = v - rp[0].view(1, -1, 1, 1)
+    expected = torch.where(d >= 0, d, rp[1].view(1, -1, 1, 1) * d) + rp[2].view(1, -1, 1, 1)
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(expected)) and torch.equal(y.isnan(), expected.isnan())
+    assert y[:, 1].isnan().all()
+    assert torch.equal(bits, _packed(expected, nxt))
+
+
 def test_table_kernel_keeps_nan_and_unclamped_values():
     x = torch.randn(1, 16, 5, 9)
     q = torch.randint(0, 2, (8, 16, 3, 3), dtype=torch.uint8)
@@ -111,6 +139,8 @@ def test_bad_table_inputs_are_refused():
         cpu_ops.binary_conv2d_table(*args, torch.zeros(8, 289), torch.zeros(1, 8, 4, 5), -1.0, 1.0)
     with pytest.raises(RuntimeError, match="shift has 3 values for 8 channels"):
         cpu_ops.binary_conv2d_table(*args, torch.zeros(8, 289), None, -1.0, 1.0, True, torch.zeros(3))
+    with pytest.raises(RuntimeError, match=r"rprelu must be 3 x 8 \(gamma, slope, zeta\)"):
+        cpu_ops.binary_conv2d_table(*args, torch.zeros(8, 289), None, -1.0, 1.0, False, None, None, torch.zeros(3, 7))
     with pytest.raises(RuntimeError, match=r"linear must be 4 x 8 \(scale, bias, alpha, beta\)"):
         cpu_ops.binary_conv2d_table(*args, torch.zeros(8, 289), None, -1.0, 1.0, False, None,
                                     torch.zeros(3, 8, dtype=torch.float64))
@@ -195,9 +225,20 @@ def _reference(net, x):
     return y
 
 
-@pytest.mark.parametrize("per_conv_shortcut,spec", [(True, zoo.IRNet(1)), (False, zoo.XNOR(1))])
-def test_binary_resnet_takes_the_fused_blocks_and_equals_the_reference(per_conv_shortcut, spec, monkeypatch):
-    net = _binary_resnet(per_conv_shortcut, spec=spec)
+@pytest.mark.parametrize("per_conv_shortcut,spec,act", [(True, zoo.IRNet(1), "hardtanh"),
+                                                        (False, zoo.XNOR(1), "hardtanh"),
+                                                        (True, zoo.ReAct(1), "rprelu")])
+def test_binary_resnet_takes_the_fused_blocks_and_equals_the_reference(per_conv_shortcut, spec, act, monkeypatch):
+    net = _binary_resnet(per_conv_shortcut, act=act, spec=spec)
+    if act == "rprelu":  # ReActNet: RSign thresholds and RPReLU parameters away from their initial values
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for m in net.modules():
+                if hasattr(m, "a_shift"):
+                    m.a_shift.copy_(torch.randn(m.a_shift.shape, generator=g) * 0.2)
+                for name in ("gamma", "zeta", "slope"):
+                    if isinstance(getattr(m, name, None), nn.Parameter):
+                        getattr(m, name).copy_(torch.randn(getattr(m, name).shape, generator=g) * 0.3)
     x = torch.randn(3, 1, 12, 13)
     y_ref = _reference(net, x)
     calls = _counting(monkeypatch)

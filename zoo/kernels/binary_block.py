@@ -1,21 +1,23 @@
 """A binary residual block at inference in two C++ passes (``csrc/binary_conv.cpp: binary_conv2d_table``).
 
-A W1A1 block (IR-Net's, XNOR-Net's ResNet-20: ``BasicBlock`` with 1-bit convolutions) computes, per
-convolution, ``act(bn(conv(x)) + residual)``: on the cached CPU path that was five passes over the
-output (the popcount convolution's float64 epilogue, BatchNorm, the add, hardtanh, and the next
-convolution's sign packing). Here each convolution is one pass: its integer window sums s lie in
-[-K, K] (K = C_in * kh * kw), so everything between the convolution and the residual add -- the
+A W1A1 block (IR-Net's, XNOR-Net's, ReActNet's ResNet-20: ``BasicBlock`` with 1-bit convolutions)
+computes, per convolution, ``act(bn(conv(x)) + residual)``: on the cached CPU path that was five passes
+over the output (the popcount convolution's float64 epilogue, BatchNorm, the add, the activation, and
+the next convolution's sign packing). Here each convolution is one pass: its integer window sums s lie
+in [-K, K] (K = C_in * kh * kw), so everything between the convolution and the residual add -- the
 reference's epilogue float32(float64(s) * scale + bias), then the eval BatchNorm -- is a function of
 (channel, s) alone, tabulated once per weight and statistics version by running *torch's own*
 operations on the 2K + 1 possible convolution outputs (nothing of BatchNorm's arithmetic is
-reproduced). The kernel then does table lookup, the float32 residual add, the clamp, and packs the
-signs the next binary convolution reads. Outputs are identical to the module-by-module forward
-(tests/test_cpu_ops.py).
+reproduced; where one fused multiply-add per value reproduces every entry, checked entry by entry, the
+kernel computes it instead of looking it up). The kernel then does the float32 residual add, the
+activation (hardtanh's clamp or RPReLU, with their float32 operations), and packs the signs the next
+binary convolution reads. Outputs are identical to the module-by-module forward
+(tests/test_binary_block.py).
 
 Taken only where all of it holds, else the block's own forward runs: eager float32 NCHW-contiguous CPU
 inference (no gradients needed), the C++ kernels built and enabled, both convolutions packed W1A1 on a
 cached-path backend with one activation site, BatchNorm2d in eval with running statistics, hardtanh
-(or no) activations, and no forward hooks on the parts.
+(bounds other than 0), RPReLU or no activations, and no hooks on the parts.
 """
 from __future__ import annotations
 
@@ -30,13 +32,18 @@ from . import cached, cpu_ops, dispatch
 _pair = nn.modules.utils._pair
 
 
-def _clamp(act) -> tuple[float, float] | None:
-    """(lo, hi) of the activation as a clamp, or None where the kernel does not reproduce it. Hardtanh
-    bounds of 0 are left out: clamping -0.0 at 0 may keep either zero's sign."""
+def _act(act) -> tuple | None:
+    """(lo, hi, rprelu) of the activation -- a clamp, or ReActNet's RPReLU as its 3 x C (gamma, slope, zeta)
+    -- or None where the kernel does not reproduce it. Hardtanh bounds of 0 are left out: clamping -0.0
+    at 0 may keep either zero's sign."""
+    from ..quantizers.binary import RPReLU
+
     if type(act) is nn.Identity:
-        return -math.inf, math.inf
+        return -math.inf, math.inf, None
     if type(act) is nn.Hardtanh and act.min_val != 0 and act.max_val != 0 and act.min_val <= act.max_val:
-        return float(act.min_val), float(act.max_val)
+        return float(act.min_val), float(act.max_val), None
+    if type(act) is RPReLU:
+        return -math.inf, math.inf, torch.stack([act.gamma, act.slope, act.zeta]).detach().float()
     return None
 
 
@@ -102,17 +109,17 @@ def table(conv, pl, bn) -> tuple[torch.Tensor, torch.Tensor | None]:
     return built
 
 
-def _conv(conv, pl, bn, bits, c_in, residual, clamp, next_plan=None):
+def _conv(conv, pl, bn, bits, c_in, residual, act, next_plan=None):
     """(act(bn(conv) + residual), the signs the next binary conv (``next_plan``'s) reads, packed)."""
     shift = next_plan.p.get("shift") if next_plan is not None else None
     t, linear = table(conv, pl, bn)
     return cpu_ops.binary_conv2d_table(bits, pl.bits, c_in, _pair(conv.stride), _pair(conv.padding),
-                                       _pair(conv.dilation), t, residual, clamp[0], clamp[1],
-                                       next_plan is not None, shift, linear)
+                                       _pair(conv.dilation), t, residual, act[0], act[1],
+                                       next_plan is not None, shift, linear, act[2])
 
 
 def _plans(block, x: torch.Tensor):
-    """(plan of conv1, plan of conv2, clamp of act1, clamp of act2) where the fused kernel runs the block
+    """(plan of conv1, plan of conv2, act1 and act2 as the kernel takes them) where the fused kernel runs the block
     (a ``models.resnet.BasicBlock``) on x, else None (then the block's own forward)."""
     if (x.dtype != torch.float32 or x.dim() != 4 or x.is_cuda or not x.is_contiguous()
             or getattr(block.conv1, "act_mode", None) != "sign"):
@@ -122,7 +129,7 @@ def _plans(block, x: torch.Tensor):
         return None
     if block.training or not cpu_ops.ready() or _hooked(block, block.shortcut, *parts):
         return None
-    c1, c2 = _clamp(block.act1), _clamp(block.act2)
+    c1, c2 = _act(block.act1), _act(block.act2)
     if c1 is None or c2 is None or not (_bn_ok(block.bn1) and _bn_ok(block.bn2)):
         return None
     p1, p2 = _binary_plan(block.conv1, x), _binary_plan(block.conv2, x)

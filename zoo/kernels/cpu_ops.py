@@ -217,7 +217,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("zoo_cpu::binary_conv2d_table")
     def _conv_table(xbits, wbits, c_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, table, residual, lo, hi,
-                    pack_next, shift, linear=None):
+                    pack_next, shift, linear=None, rprelu=None):
         n, h, w, _ = xbits.shape
         kh, kw = wbits.shape[:2]
         co = table.shape[0]
@@ -294,16 +294,17 @@ def binary_conv2d(xbits, wbits, c_in, stride, padding, dilation, scale, bias) ->
 
 
 def binary_conv2d_table(xbits, wbits, c_in, stride, padding, dilation, table, residual, lo: float, hi: float,
-                        pack_next: bool = False, shift=None, linear=None):
+                        pack_next: bool = False, shift=None, linear=None, rprelu=None):
     """A W1A1 convolution with what follows it in a residual block, in one pass: clamp(table[o][sum + K]
     (+ residual), lo, hi) with K = C_in kh kw (``table[o]``: the values the layers after the convolution give
     each of its integer sums) -> (y, the signs of y - shift packed as :func:`pack_signs` packs them, or an
     empty tensor without ``pack_next``). ``linear`` (4 x C_out float64: scale, bias, alpha, beta): every
     table entry is fma(float32(float64(s) * scale + bias), alpha, beta) in float32 (the caller checked,
-    :func:`linear_matches`), computed so instead of looked up."""
+    :func:`linear_matches`), computed so instead of looked up. ``rprelu`` (3 x C_out float32: gamma, slope,
+    zeta): ReActNet's RPReLU after the add instead of the clamp."""
     return torch.ops.zoo_cpu.binary_conv2d_table(xbits, wbits, c_in, stride[0], stride[1], padding[0], padding[1],
                                                  dilation[0], dilation[1], table, residual, lo, hi, pack_next,
-                                                 shift, linear)
+                                                 shift, linear, rprelu)
 
 
 def linear_matches(table: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:

@@ -343,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
     const at::Tensor& xbits, const at::Tensor& wbits, int64_t c_in, int64_t stride_h, int64_t stride_w,
     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, const at::Tensor& table_in,
     const c10::optional<at::Tensor>& residual_in, double lo_d, double hi_d, bool pack_next,
-    const c10::optional<at::Tensor>& shift_in, const c10::optional<at::Tensor>& linear_in);
+    const c10::optional<at::Tensor>& shift_in, const c10::optional<at::Tensor>& linear_in,
+    const c10::optional<at::Tensor>& rprelu_in);
 
 // The tap words of one output row at most (binary_conv2d_table's rows): kh * ceil(kw / taps per word)
 // where a pixel's signs fill at most half a word, else kh * kw * words per pixel.
@@ -380,7 +381,7 @@ at::Tensor binary_conv2d(const at::Tensor& xbits, const at::Tensor& wbits, int64
     linear[3].fill_(-0.0);
     return std::get<0>(binary_conv2d_table(xbits, wbits, c_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                            at::empty({co, 0}, xbits.options().dtype(at::kFloat)), c10::nullopt,
-                                           -INFINITY, INFINITY, false, c10::nullopt, linear));
+                                           -INFINITY, INFINITY, false, c10::nullopt, linear, c10::nullopt));
   }
 #endif
   at::Tensor y = at::empty({g.n, co, g.oh, g.ow}, xbits.options().dtype(at::kFloat));
@@ -504,7 +505,9 @@ at::Tensor linear_matches(const at::Tensor& table_in, const at::Tensor& linear_i
 // the convolution's float32 outputs, so no arithmetic of theirs is reproduced here); the residual add
 // and the clamp (hardtanh, ReLU or none: lo/hi = -inf/inf) are single float32 operations, as torch's.
 // With `pack_next`, also the signs of y (bit o where y - shift[o] >= 0, shift optional) packed as
-// pack_signs would pack y, for a binary convolution that reads y next.
+// pack_signs would pack y, for a binary convolution that reads y next. `rprelu` (3 x C_out float32: gamma,
+// slope, zeta): ReActNet's RPReLU instead of the clamp, (d >= 0 ? d : slope * d) + zeta with d = y - gamma,
+// the float32 operations of elementwise.cpp's rprelu (RPReLU.forward's) in the same order.
 // `linear` (4 x C_out float64: scale, bias, alpha, beta; alpha and beta float32 values): table[o][s] is
 // linear_value(s, ...) -- the caller checked that on every entry with linear_matches -- and is computed
 // so instead of looked up.
@@ -513,7 +516,8 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
     const at::Tensor& xbits, const at::Tensor& wbits, int64_t c_in, int64_t stride_h, int64_t stride_w,
     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, const at::Tensor& table_in,
     const c10::optional<at::Tensor>& residual_in, double lo_d, double hi_d, bool pack_next,
-    const c10::optional<at::Tensor>& shift_in, const c10::optional<at::Tensor>& linear_in) {
+    const c10::optional<at::Tensor>& shift_in, const c10::optional<at::Tensor>& linear_in,
+    const c10::optional<at::Tensor>& rprelu_in) {
   TORCH_CHECK(table_in.dim() == 2 && table_in.scalar_type() == at::kFloat, "binary_conv2d_table: table must be "
               "C_out x (2K + 1) float32");
   const at::Tensor table = table_in.contiguous();
@@ -561,6 +565,14 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
   bool f32 = lp != nullptr && kk < (int64_t(1) << 24);
   for (int64_t o = 0; f32 && o < co; ++o)
     f32 = double(float(lp[o])) == lp[o] && lp[co + o] == 0.0 && std::signbit(lp[co + o]);
+  at::Tensor rpre;
+  const float* gp = nullptr;  // RPReLU's gamma, slope, zeta (3 x C_out) instead of the clamp
+  if (rprelu_in.has_value() && rprelu_in->defined()) {
+    rpre = rprelu_in->contiguous().to(at::kFloat);
+    TORCH_CHECK(rpre.dim() == 2 && rpre.size(0) == 3 && rpre.size(1) == co, "binary_conv2d_table: rprelu must be "
+                "3 x ", co, " (gamma, slope, zeta), got ", rpre.sizes());
+    gp = rpre.data_ptr<float>();
+  }
   float* yp = y.data_ptr<float>();
   uint64_t* bp = pack_next ? reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>()) : nullptr;
   const float lo = float(lo_d), hi = float(hi_d);
@@ -659,8 +671,15 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
               v = _mm512_mask_i64gather_ps(zero, lane, sum, tp + o * (2 * kk + 1) + kk, 4);
             }
             if (rp) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(lane, rp + at));
-            v = _mm256_max_ps(lov, v);  // lo > v ? lo : v (a NaN v stays), as v < lo ? lo : v
-            v = _mm256_min_ps(hiv, v);  // hi < v ? hi : v (likewise)
+            if (gp) {  // RPReLU: y = v - gamma, (y >= 0 ? y : slope * y) + zeta (NaN: slope * NaN)
+              const __m256 d = _mm256_sub_ps(v, _mm256_set1_ps(gp[o]));
+              const __mmask8 pos = _mm256_cmp_ps_mask(d, zero, _CMP_GE_OQ);
+              v = _mm256_add_ps(_mm256_mask_blend_ps(pos, _mm256_mul_ps(_mm256_set1_ps(gp[co + o]), d), d),
+                                _mm256_set1_ps(gp[2 * co + o]));
+            } else {
+              v = _mm256_max_ps(lov, v);  // lo > v ? lo : v (a NaN v stays), as v < lo ? lo : v
+              v = _mm256_min_ps(hiv, v);  // hi < v ? hi : v (likewise)
+            }
             _mm256_mask_storeu_ps(yp + at, lane, v);
             if (pack_next) {
               const __m256 d = sp ? _mm256_sub_ps(v, _mm256_set1_ps(sp[o])) : v;
@@ -701,8 +720,13 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
             c += __builtin_popcountll((xw[t * owp + ox] ^ wt[t][o]) & mt[t][ox]);
           float v = lp ? linear_value(valid[ox] - 2 * c, lp, co, o) : tb[valid[ox] - 2 * c];
           if (r) v = v + r[ox];
-          v = v < lo ? lo : v;  // NaN stays NaN, as torch's clamp
-          v = hi < v ? hi : v;
+          if (gp) {  // RPReLU
+            const float d = v - gp[o];
+            v = (d >= 0.0f ? d : gp[co + o] * d) + gp[2 * co + o];
+          } else {
+            v = v < lo ? lo : v;  // NaN stays NaN, as torch's clamp
+            v = hi < v ? hi : v;
+          }
           out[ox] = v;
           if (wrow && (sp ? v - s : v) >= 0.0f) wrow[ox] |= bit;
         }
@@ -727,7 +751,7 @@ TORCH_LIBRARY(zoo_cpu, m) {
         "int dil_h, int dil_w, Tensor scale, Tensor? bias) -> Tensor");
   m.def("binary_conv2d_table(Tensor xbits, Tensor wbits, int c_in, int stride_h, int stride_w, int pad_h, "
         "int pad_w, int dil_h, int dil_w, Tensor table, Tensor? residual, float lo, float hi, bool pack_next, "
-        "Tensor? shift, Tensor? linear=None) -> (Tensor, Tensor)");
+        "Tensor? shift, Tensor? linear=None, Tensor? rprelu=None) -> (Tensor, Tensor)");
   m.def("linear_matches(Tensor table, Tensor linear) -> Tensor");
 }
 
