@@ -133,8 +133,8 @@ def available() -> bool:
                     log.info("the C++ CPU kernels did not build with %s; trying without", extra)
             _state["ok"] = all(hasattr(torch.ops.zoo_cpu, op)
                                for op in ("binary_conv2d", "binary_conv2d_table", "linear_matches", "affine_input",
-                                          "threshold_input", "epilogue", "epilogue_sum", "epilogue_split", "expanded_epilogue", "logact_levels",
-                                          "rprelu", "dyadic_exponent",
+                                          "threshold_input", "epilogue", "epilogue_sum", "epilogue_split",
+                                          "expanded_epilogue", "logact_levels", "rprelu", "dyadic_exponent",
                                           "ivit_softmax", "ivit_gelu", "ivit_layernorm"))
             if _state["ok"]:
                 _register_fakes()
