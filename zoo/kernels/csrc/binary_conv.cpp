@@ -125,7 +125,6 @@ at::Tensor pack_weight_signs(const at::Tensor& q_in) {
 // and words of one output pixel: AVX-512 VPOPCNTDQ where the compiler targets it (-march=native on a
 // CPU that has it), a plain loop (the compiler's popcount) elsewhere.
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-#include <immintrin.h>
 template <int B>
 struct Acc {
   __m512i v[B / 8];
