@@ -21,8 +21,10 @@ Timings on a shared machine are noisy: compare ratios, not absolute times across
 
 ``--layers`` adds a table of single W1A1 convolutions at ResNet-20 and ResNet-18 shapes (3x3, stride 1,
 padding 1): torch's float32 conv of the same shape against the packed binary layer through the C++
-XOR-popcount kernel (``zoo/kernels/cpu_ops.py``) and through the cached float32 path it replaces
-(``ZOO_CPU_KERNELS=0``), interleaved, medians, ratios to FP32 (> 1: slower).
+XOR-popcount kernel (``zoo/kernels/cpu_ops.py``; float input: its signs packed first), the same kernel on
+signs already packed (as in the fused binary blocks, whose epilogues pack the next conv's input) and
+the cached float32 path it replaces (``ZOO_CPU_KERNELS=0``), interleaved, medians, ratios to FP32
+(> 1: slower).
 """
 from __future__ import annotations
 
@@ -157,7 +159,7 @@ def binary_layers(reps: int, warmup: int, smoke: bool = False) -> tuple[list, li
 
     from torch import nn
 
-    from zoo.kernels import cpu_ops
+    from zoo.kernels import cached, cpu_ops
 
     if not cpu_ops.available():
         print("the C++ binary kernel is not available: no layer table")
@@ -180,11 +182,24 @@ def binary_layers(reps: int, warmup: int, smoke: bool = False) -> tuple[list, li
             finally:
                 os.environ.pop("ZOO_CPU_KERNELS")
 
+        # the same conv on signs already packed, as a binary network runs it: its fused blocks
+        # (zoo/kernels/binary_block.py) pack each conv's output signs in the epilogue that writes it
+        layer = packed[0]
+        with torch.no_grad():
+            packed(x)  # builds the layer's plan and packed weights
+        pl = cached.plan(layer, c * 9, binary_ok=True)
+        xbits = cpu_ops.pack_signs(x, pl.p.get("shift"))
+        with torch.no_grad():
+            assert torch.equal(cpu_ops.binary_conv2d(xbits, pl.bits, c, (1, 1), (1, 1), (1, 1), pl.scale, layer.bias),
+                               packed(x))
         ms = interleaved({"fp32": lambda: torch.nn.functional.conv2d(x, w, None, 1, 1),
-                          "kernel": lambda: packed(x), "float32 path": off}, reps, warmup)
+                          "kernel": lambda: packed(x), "float32 path": off,
+                          "packed signs": lambda: cpu_ops.binary_conv2d(xbits, pl.bits, c, (1, 1), (1, 1), (1, 1),
+                                                                        pl.scale, layer.bias)}, reps, warmup)
         records.append(dict(layer=name, channels=c, size=hw, batch=batch, **{f"{k}_ms": v for k, v in ms.items()}))
         rows.append([name, f"{c}x{hw}x{hw}", batch, f"{ms['fp32']:.3f}",
                      f"{ms['kernel']:.3f} ({ms['kernel'] / ms['fp32']:.2f}x)",
+                     f"{ms['packed signs']:.3f} ({ms['packed signs'] / ms['fp32']:.2f}x)",
                      f"{ms['float32 path']:.3f} ({ms['float32 path'] / ms['fp32']:.2f}x)"])
         print(" | ".join(str(v) for v in rows[-1]), flush=True)
     return rows, records
@@ -266,11 +281,13 @@ def main(argv=None):
         records += lrecords
         if lrows:
             text += "\n".join(["", "", "## W1A1 convolutions (3x3, stride 1, padding 1)", "",
-                               "The packed IR-Net layer through the C++ XOR-popcount kernel and through the "
+                               "The packed IR-Net layer through the C++ XOR-popcount kernel (its float input's "
+                               "signs packed, then the conv), the same kernel on signs already packed (as inside "
+                               "the fused binary blocks, where the previous conv's epilogue packs them), and the "
                                "cached float32 path (`ZOO_CPU_KERNELS=0`), against torch's float32 conv of the "
                                "same shape; medians, ratios to FP32 (< 1: faster)", "",
                                markdown(["layer", "C x H x W", "batch", "torch FP32 ms", "kernel ms (/FP32)",
-                                         "float32 path ms (/FP32)"], lrows)])
+                                         "on packed signs ms (/FP32)", "float32 path ms (/FP32)"], lrows)])
     print("\n" + text)
     stem = "_".join(["cpu", *(args.task or [])])  # one file per task selection: runs do not overwrite each other
     path = save(stem, desc, text, records, None if args.smoke or args.models else args.out)

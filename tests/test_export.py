@@ -35,13 +35,15 @@ def _packed(cfg, layers, shape=(4, 6, 8, 8)):
     return zoo.to_packed(net.eval())
 
 
-def _export(net, x, path, int8_kernels=True):
+def _export(net, x, path, int8_kernels=True, float_convs=True):
     ef = export.export_form(_Wrapped(net, x.shape[1]))
     torch.onnx.export(ef, (x,), str(path), opset_version=export.OPSET, dynamo=False, input_names=["images"])
     m = onnx.load(str(path))
     export.int8_weights(m)
     export.fold_batchnorm(m)
     export.integer_clips(m)
+    if float_convs:
+        export.float_weights_for_float_convs(m)
     if int8_kernels:
         export.int32_biases(m)
     onnx.checker.check_model(m)
@@ -89,7 +91,7 @@ def test_int8_initializers_hold_the_packed_codes_and_batchnorm_is_folded(tmp_pat
                             nn.Conv2d(8, 4, 3, padding=1)])
         net[1].running_mean.uniform_(-1, 1), net[1].running_var.uniform_(0.5, 2)
         x = torch.randn(2, 6, 8, 8)
-        ef, m = _export(net, x, tmp_path / f"{name}.onnx", int8_kernels=False)
+        ef, m = _export(net, x, tmp_path / f"{name}.onnx", int8_kernels=False, float_convs=False)
         g = m.graph
         consts = export._consts(g)
         ops = [n.op_type for n in g.node]
@@ -147,6 +149,59 @@ def test_int32_biases_are_the_float_biases_rounded_to_the_accumulator_grid(tmp_p
         assert np.all(np.abs(consts[name] * scale - layer.bias.double().numpy()) <= scale / 2 * 1.0001)
 
 
+def test_a_conv_that_feeds_no_quantizer_gets_its_dequantized_weight_as_a_float_initializer(tmp_path):
+    """The last conv (its output is the graph's) cannot be an integer kernel: it gets the float32 values
+    DequantizeLinear would compute from its codes, float32(code) * float32(scale), and keeps its float
+    bias; the first (feeding the ReLU and the next quantizer) keeps its int8 codes and int32 bias. The
+    graph computes the same as with the DequantizeLinear at run time."""
+    for cfg in (ACT_CFGS["lsq4"], zoo.QuantConfig(weight=zoo.XNOR(1), act=zoo.LSQ(4))):
+        net = _packed(cfg, [nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 4, 3, padding=1)])
+        x = torch.randn(2, 6, 8, 8)
+        _, plain = _export(net, x, tmp_path / "plain.onnx", int8_kernels=False, float_convs=False)
+        _, m = _export(net, x, tmp_path / "float.onnx", int8_kernels=True)
+        consts, pconsts = export._consts(m.graph), export._consts(plain.graph)
+        producer = {o: n for n in m.graph.node for o in n.output}
+        pproducer = {o: n for n in plain.graph.node for o in n.output}
+        convs, pconvs = ([n for n in g.node if n.op_type == "Conv"] for g in (m.graph, plain.graph))
+        assert len(convs) == 2
+        first, last = convs
+        assert producer[first.input[1]].op_type == "DequantizeLinear" and first.input[2].endswith("_bias_int32_dq")
+        assert last.input[1] in consts and last.input[1] not in producer
+        dq = pproducer[pconvs[1].input[1]]
+        codes, scale = pconsts[dq.input[0]], pconsts[dq.input[1]]
+        assert codes.dtype == np.int8 and scale.dtype == np.float32
+        want = codes.astype(np.float32) * scale.reshape(-1, 1, 1, 1)  # float32 products
+        np.testing.assert_array_equal(consts[last.input[1]], want)
+        np.testing.assert_array_equal(consts[last.input[2]], net[3].bias.detach().numpy())
+        # computed directly from the packed layer: s_w (q - z) as the codes' float32 values
+        layer = net[3]
+        base = (layer.codes().double() - layer.w_zero.double().reshape(-1, 1, 1, 1)) * layer.w_scale.double().reshape(
+            -1, 1, 1, 1)
+        np.testing.assert_allclose(consts[last.input[1]], base.numpy(), rtol=1e-6, atol=0)
+        onnx.save(m, str(tmp_path / "float.onnx"))
+        _, m2 = _export(net, x, tmp_path / "plain_bias.onnx", int8_kernels=False, float_convs=True)
+        onnx.save(m2, str(tmp_path / "float_bias.onnx"))
+        np.testing.assert_array_equal(_run(tmp_path / "float_bias.onnx", x), _run(tmp_path / "plain.onnx", x))
+
+
+def test_sign_activation_exports_as_plus_minus_one_with_the_references_edge_cases(tmp_path):
+    """x - shift >= 0 -> +1 (zero and -0.0 included), else -1 (NaN too), through onnxruntime."""
+    net = _packed(ACT_CFGS["react1"], [nn.Conv2d(6, 8, 1)])
+    layer = net[0]
+    act = export.ExportLayer(layer).acts[0]
+    shift = layer.act_params()["shift"].reshape(1, -1, 1, 1)
+    special = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 0.5, -0.5])
+    x = shift + torch.zeros(1, 6, 1, 7) + special.reshape(1, 1, 1, 7)
+    want = torch.where(x - shift >= 0, 1.0, -1.0)
+    torch.onnx.export(act, (x,), str(tmp_path / "s.onnx"), opset_version=export.OPSET, dynamo=False,
+                      input_names=["images"])
+    got = _run(tmp_path / "s.onnx", x, level="ORT_ENABLE_ALL")
+    np.testing.assert_array_equal(got, want.numpy())
+    assert set(np.unique(got).tolist()) == {-1.0, 1.0}
+    assert np.all(got[..., 2] == -1) and np.all(got[..., :2] == 1)
+
+
 def test_any_size_model_gets_one_graph_per_input_size(tmp_path, monkeypatch):
     """Super-resolution takes any size: onnxruntime runs a graph exported for each input size (SwinIR's
     windows bake the size into reshapes); the outputs match the reference backend closely."""
@@ -169,8 +224,15 @@ def test_onnxruntime_runs_lsq_w4a4_in_qlinearconv(tmp_path, monkeypatch):
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(model.onnx_path), so, providers=["CPUExecutionProvider"],
                          disabled_optimizers=["WeightBiasQuantization"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+    ops = [n.op_type for n in nodes]
     assert ops.count("QLinearConv") >= 9  # the convs whose output feeds the next quantized conv
+    # the others (before the float residual add) convolve with a constant float weight onnxruntime can
+    # prepack, not one a DequantizeLinear makes on every run
+    producer = {o: n.op_type for n in nodes for o in n.output}
+    floats = [n for n in nodes if n.op_type in ("Conv", "FusedConv")]
+    assert len(floats) == 19 - ops.count("QLinearConv")
+    assert all(n.input[1] not in producer for n in floats), [producer.get(n.input[1]) for n in floats]
 
 
 def test_onnxruntime_backend_is_cached_and_checks_inputs(tmp_path, monkeypatch):

@@ -11,10 +11,13 @@ The graph is built from the packed checkpoint: every packed layer becomes
   makes an integer (muL2Q) or codes outside int8 keep a float initializer of the dequantized weight;
 * **activations**: ``QuantizeLinear`` -> (for fewer than 8 bits, ``Clip`` of the integer codes to
   their range) -> ``DequantizeLinear`` where the codes fit (u)int8 with an integer zero point; sign activations as
-  ``Where(x >= 0, 1, -1)``; other forms (muL2Q's real-valued offsets, N2UQ's thresholds) written out
+  ``2 * Cast(x >= 0) - 1``; other forms (muL2Q's real-valued offsets, N2UQ's thresholds) written out
   in float ops (Round, Clip, comparisons), which compute the same codes;
 * a ``BatchNormalization`` right after a dequantized-weight ``Conv`` is folded into that conv's
-  per-channel weight scale and bias, so onnxruntime fuses ``DQ -> Conv -> Q`` into ``QLinearConv``.
+  per-channel weight scale and bias, so onnxruntime fuses ``DQ -> Conv -> Q`` into ``QLinearConv``;
+* a ``Conv`` whose output feeds no quantizer (before a float residual add, a resize or concat, the
+  output) cannot be fused: it gets the float32 values its ``DequantizeLinear`` would compute as a
+  constant weight, which onnxruntime prepacks (``float_weights_for_float_convs``).
 
 Where the results differ from the reference backend, and why:
 
@@ -56,7 +59,7 @@ from .quantizers.logq import LogAct, MPQAct
 from .quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
 
 OPSET = 17
-EXPORT_VERSION = 8  # part of the onnxruntime cache key: bump when the exported graph changes
+EXPORT_VERSION = 9  # part of the onnxruntime cache key: bump when the exported graph changes
 INT8 = (-128, 127)
 UINT8 = (0, 255)
 
@@ -167,8 +170,8 @@ class ExportAct(nn.Module):
             shape = [1] * x.ndim
             shape[self.ch_axis] = -1
             x = x - self.shift.to(x.dtype).reshape(shape)
-        if self.mode == "sign":
-            return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+        if self.mode == "sign":  # +-1 (NaN: -1); onnxruntime's Where would be ~10x slower than Cast, Mul, Sub
+            return (x >= 0).to(x.dtype) * 2 - 1
         s, z = self.scale, self.zero
         if self.mode == "threshold":
             v = (x.unsqueeze(-1) > self.thresholds.to(x.dtype)).to(x.dtype).sum(-1)
@@ -476,6 +479,65 @@ def int32_biases(model) -> int:
     return done
 
 
+def _feeds_quantizer_only(name: str, users: dict) -> bool:
+    """Whether every consumer of ``name`` is a QuantizeLinear, directly or through one Relu whose own
+    consumers all are (what onnxruntime's QDQ selector needs to fuse ``DQ -> Conv -> Q``: its
+    ``QLinearConv`` ends in the next layer's codes, and a Relu before a zero-point-0 Q is dropped)."""
+    us = users.get(name, [])
+    if not us:
+        return False
+    for u in us:
+        if u.op_type == "Relu" and len(users.get(u.output[0], [])) >= 1:
+            if not all(v.op_type == "QuantizeLinear" for v in users[u.output[0]]):
+                return False
+        elif u.op_type != "QuantizeLinear":
+            return False
+    return True
+
+
+def float_weights_for_float_convs(model) -> int:
+    """A Conv whose output does not feed a quantizer (a residual block's second conv, before the float
+    add; a decoder conv before a Resize or Concat; an output head) cannot become an integer kernel:
+    onnxruntime runs it as a float conv, and since it never constant-folds a ``DequantizeLinear``, it
+    would dequantize the int8 weight on every run and convolve with a weight it cannot prepack. Such a
+    conv gets the dequantized weight as a float32 initializer instead — the same values
+    ``DequantizeLinear`` computes, ``float32(q - zp) * float32(s)`` per channel — so onnxruntime prepacks
+    it like any float model's weight (its fast blocked float conv). Run before :func:`int32_biases`,
+    which then leaves these convs' float biases unrounded. Returns how many weights were replaced."""
+    import numpy as np
+    import onnx.numpy_helper as nh
+
+    g = model.graph
+    consts = _consts(g)
+    producer = {o: n for n in g.node for o in n.output}
+    users = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    done = 0
+    for n in g.node:
+        if n.op_type not in ("Conv", "ConvTranspose") or _feeds_quantizer_only(n.output[0], users):
+            continue
+        dq = producer.get(n.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(users.get(dq.output[0], [])) != 1 \
+                or not all(i in consts for i in dq.input if i):
+            continue
+        q, s = consts[dq.input[0]], consts[dq.input[1]].astype(np.float32)
+        zp = consts[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else np.zeros((), q.dtype)
+        if s.ndim:  # per channel along the node's axis
+            shape = [1] * q.ndim
+            shape[_axis(dq) % q.ndim] = -1
+            s, zp = s.reshape(shape), zp.reshape(shape)
+        w = (q.astype(np.int32) - zp.astype(np.int32)).astype(np.float32) * s  # float32 product, rounded once
+        name = dq.output[0] + "_float"
+        g.initializer.append(nh.from_array(w.astype(np.float32), name))
+        n.input[1] = name
+        done += 1
+    used = {i for m in g.node for i in m.input} | {o.name for o in g.output}
+    _set_nodes(g, [n for n in g.node if n.op_type != "DequantizeLinear" or n.output[0] in used])
+    return done
+
+
 def fold_batchnorm(model) -> int:
     """Conv(x, DQ(codes, s), b) -> BatchNormalization  ==>  Conv(x, DQ(codes, s * g), b'), with
     g = gamma / sqrt(var + eps), b' = (b - mean) g + beta. Returns how many were folded."""
@@ -585,6 +647,7 @@ def onnx(model_or_name, path, int8_kernels: bool = True, size: tuple[int, int] |
         int8_weights(graph)
         fold_batchnorm(graph)
         integer_clips(graph)
+        float_weights_for_float_convs(graph)
         if int8_kernels:
             int32_biases(graph)
         onnx_lib.checker.check_model(graph)
