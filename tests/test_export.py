@@ -202,6 +202,32 @@ def test_sign_activation_exports_as_plus_minus_one_with_the_references_edge_case
     assert np.all(got[..., 2] == -1) and np.all(got[..., :2] == 1)
 
 
+def test_rprelu_exports_as_prelu_with_the_training_forms_values(tmp_path):
+    """ReActNet's RPReLU through onnxruntime as Sub -> PRelu -> Add: the values of RPReLU.forward
+    (where(y >= 0, y, slope * y) + zeta, y = x - gamma) on every element, y == 0 and NaN included."""
+    from zoo.quantizers.binary import RPReLU
+
+    torch.manual_seed(0)
+    m = RPReLU(8)
+    for p in (m.gamma, m.zeta, m.slope):
+        p.data.normal_()
+    x = torch.randn(3, 8, 5, 5)
+    x[0, :, 0, 0] = m.gamma.detach()  # y == 0
+    x[1, 2, 1, 1] = float("nan")
+    form = export.ExportRPReLU(m)
+    torch.onnx.export(form, (x,), str(tmp_path / "r.onnx"), opset_version=export.OPSET, dynamo=False,
+                      input_names=["images"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "r.onnx")).graph.node]
+    assert "PRelu" in ops and "Where" not in ops
+    y = m.gamma.detach().reshape(1, -1, 1, 1)
+    d = x - y
+    want = torch.where(d >= 0, d, m.slope.detach().reshape(1, -1, 1, 1) * d) + m.zeta.detach().reshape(1, -1, 1, 1)
+    got = _run(tmp_path / "r.onnx", x, level="ORT_ENABLE_ALL")
+    np.testing.assert_array_equal(got, want.numpy())
+    with torch.no_grad():
+        np.testing.assert_array_equal(m(x).numpy(), want.numpy())
+
+
 def test_any_size_model_gets_one_graph_per_input_size(tmp_path, monkeypatch):
     """Super-resolution takes any size: onnxruntime runs a graph exported for each input size (SwinIR's
     windows bake the size into reshapes); the outputs match the reference backend closely."""

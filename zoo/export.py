@@ -55,11 +55,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantizers.attention import QuantMatMul, QuantSoftmax
+from .quantizers.binary import RPReLU
 from .quantizers.logq import LogAct, MPQAct
 from .quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
 
 OPSET = 17
-EXPORT_VERSION = 9  # part of the onnxruntime cache key: bump when the exported graph changes
+EXPORT_VERSION = 10  # part of the onnxruntime cache key: bump when the exported graph changes
 INT8 = (-128, 127)
 UINT8 = (0, 255)
 
@@ -281,6 +282,20 @@ class ExportSoftmax(nn.Module):
         return torch.where(code == self.top, torch.zeros_like(v), v * self.scale)
 
 
+class ExportRPReLU(nn.Module):
+    """ReActNet's RPReLU as ONNX ``Sub -> PRelu -> Add``: ``PRelu(y, slope)`` is ``y >= 0 ? y : slope * y``,
+    the training form's ``where`` (onnxruntime's ``Where`` on full tensors is several times slower)."""
+
+    def __init__(self, m: RPReLU):
+        super().__init__()
+        for k in ("gamma", "slope", "zeta"):
+            self.register_buffer(k, getattr(m, k).detach().float().clone())
+
+    def forward(self, x):
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        return F.prelu(x - self.gamma.reshape(shape), self.slope) + self.zeta.reshape(shape)
+
+
 class _Images(nn.Module):
     """The network on images in [0, 1]: the zoo model's normalisation, then its net."""
 
@@ -300,7 +315,7 @@ def export_copy(model) -> nn.Module:
     from .quantizers.quantize import _set_child
 
     m = copy.deepcopy(model).cpu().eval()
-    forms = {PackedLayer: ExportLayer, QuantMatMul: ExportMatMul, QuantSoftmax: ExportSoftmax}
+    forms = {PackedLayer: ExportLayer, QuantMatMul: ExportMatMul, QuantSoftmax: ExportSoftmax, RPReLU: ExportRPReLU}
     for name, mod in list(m.named_modules()):
         for kind, form in forms.items():
             if isinstance(mod, kind):

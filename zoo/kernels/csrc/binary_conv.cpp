@@ -450,18 +450,17 @@ struct Taps8 {
   }
 };
 
-struct TapsN {
-  const uint64_t* const* xt;
-  const uint64_t* const* mt;
+struct TapsN {  // xm: the 8 columns' words of every tap word, then their masks (2 x nt x 8, contiguous)
+  const uint64_t* xm;
   const uint64_t* const* wt;
-  int64_t p, nt;
+  int64_t nt;
   inline __m512i count(int64_t o) const {
     __m512i acc = _mm512_setzero_si512();
     for (int64_t t = 0; t < nt; ++t)
       acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_and_si512(
-                                      _mm512_xor_si512(_mm512_loadu_si512(xt[t] + p),
+                                      _mm512_xor_si512(_mm512_loadu_si512(xm + 8 * t),
                                                        _mm512_set1_epi64(static_cast<long long>(wt[t][o]))),
-                                      _mm512_loadu_si512(mt[t] + p))));
+                                      _mm512_loadu_si512(xm + 8 * (nt + t)))));
     return acc;
   }
 };
@@ -672,6 +671,7 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
     std::vector<uint64_t> built(ring * per_row * owp, 0), words(pack_next ? wo * owp : 0), padded(span);
     std::vector<int64_t> tag(ring, -1);  // b * h + iy of the row each ring slot holds
     std::vector<const uint64_t*> xt_of(tmax), wt(tmax), mt(tmax);
+    std::vector<uint64_t> xm(16 * tmax);  // TapsN's gathered words and masks
     std::vector<int64_t> valid(owp);
     for (int64_t no = begin; no < end; ++no) {
       const int64_t b = no / oh, oy = no % oh;
@@ -754,8 +754,9 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
       };
       const Columns8 fast{ow, co, oh * ow, wo, owp, valid.data(), flp, rp, gp, sp, yp, words.data(), lo, hi};
       const bool quick = lp && f32;
-      // the float32 values with the options fixed at compile time (each tested per channel ran ~1.5x
-      // slower at ResNet-20's 16-channel shapes) for the usual tap counts; any other case as above
+      // the float32 values with the options fixed at compile time (each tested per channel ran ~1.2-1.5x
+      // slower at ResNet-20's 16-channel shapes) for up to 4 tap words a row (with 6 or 9, whose words
+      // and masks take 12-18 vector registers, this was slower than the loop above); the rest as above
       const auto run = [&](const auto& taps, int64_t p) {
         const int64_t base = (b * co * oh + oy) * ow + p;
         if (!quick) columns(taps, p);
@@ -775,11 +776,16 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
           case 3: run(Taps8<3>(xt_of.data(), mt.data(), wt.data(), p), p); break;
           case 4: run(Taps8<4>(xt_of.data(), mt.data(), wt.data(), p), p); break;
           case 5: columns(Taps8<5>(xt_of.data(), mt.data(), wt.data(), p), p); break;
-          case 6: run(Taps8<6>(xt_of.data(), mt.data(), wt.data(), p), p); break;
+          case 6: columns(Taps8<6>(xt_of.data(), mt.data(), wt.data(), p), p); break;
           case 7: columns(Taps8<7>(xt_of.data(), mt.data(), wt.data(), p), p); break;
           case 8: columns(Taps8<8>(xt_of.data(), mt.data(), wt.data(), p), p); break;
-          case 9: run(Taps8<9>(xt_of.data(), mt.data(), wt.data(), p), p); break;
-          default: columns(TapsN{xt_of.data(), mt.data(), wt.data(), p, nt}, p);
+          case 9: columns(Taps8<9>(xt_of.data(), mt.data(), wt.data(), p), p); break;
+          default:  // the columns' words and masks gathered once, then read contiguously for every channel
+            for (int64_t t = 0; t < nt; ++t) {
+              std::memcpy(xm.data() + 8 * t, xt_of[t] + p, 8 * sizeof(uint64_t));
+              std::memcpy(xm.data() + 8 * (nt + t), mt[t] + p, 8 * sizeof(uint64_t));
+            }
+            columns(TapsN{xm.data(), wt.data(), nt}, p);
         }
       }
 #else
