@@ -4,10 +4,11 @@ QLinearConv really fused, the shipped classifiers' predictions, the cache, and e
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import zoo
-from zoo import export
+from zoo import export, onnx_graph
 from zoo.kernels import reference
 from zoo.quantizers.packed import PackedLayer
 
@@ -35,17 +36,20 @@ def _packed(cfg, layers, shape=(4, 6, 8, 8)):
     return zoo.to_packed(net.eval())
 
 
-def _export(net, x, path, int8_kernels=True, float_convs=True):
+def _export(net, x, path, int8_kernels=True, float_convs=True, concat=True, dynamic=False):
     ef = export.export_form(_Wrapped(net, x.shape[1]))
-    torch.onnx.export(ef, (x,), str(path), opset_version=export.OPSET, dynamo=False, input_names=["images"])
+    torch.onnx.export(ef, (x,), str(path), opset_version=export.OPSET, dynamo=False, input_names=["images"],
+                      dynamic_axes={"images": {0: "batch"}} if dynamic else None)
     m = onnx.load(str(path))
-    export.int8_weights(m)
-    export.fold_batchnorm(m)
-    export.integer_clips(m)
+    onnx_graph.int8_weights(m)
+    onnx_graph.fold_batchnorm(m)
+    onnx_graph.integer_clips(m)
+    if concat:
+        onnx_graph.quantize_before_concat(m)
     if float_convs:
-        export.float_weights_for_float_convs(m)
+        onnx_graph.float_weights_for_float_convs(m)
     if int8_kernels:
-        export.int32_biases(m)
+        onnx_graph.int32_biases(m)
     onnx.checker.check_model(m)
     onnx.save(m, str(path))
     return ef, m
@@ -93,7 +97,7 @@ def test_int8_initializers_hold_the_packed_codes_and_batchnorm_is_folded(tmp_pat
         x = torch.randn(2, 6, 8, 8)
         ef, m = _export(net, x, tmp_path / f"{name}.onnx", int8_kernels=False, float_convs=False)
         g = m.graph
-        consts = export._consts(g)
+        consts = onnx_graph._consts(g)
         ops = [n.op_type for n in g.node]
         assert "BatchNormalization" not in ops
         dq_weights = [consts[n.input[0]] for n in g.node
@@ -135,7 +139,7 @@ def test_int32_biases_are_the_float_biases_rounded_to_the_accumulator_grid(tmp_p
     net = _packed(ACT_CFGS["lsq4"], [nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)])
     x = torch.randn(2, 6, 8, 8)
     _, m = _export(net, x, tmp_path / "b.onnx", float_convs=False)  # both convs keep int8 weights here
-    consts = export._consts(m.graph)
+    consts = onnx_graph._consts(m.graph)
     biases = [n for n in consts if n.endswith("_bias_int32")]
     assert len(biases) == 2
     for name, layer in zip(sorted(biases), [mod for mod in net.modules() if isinstance(mod, PackedLayer)]):
@@ -160,7 +164,7 @@ def test_a_conv_that_feeds_no_quantizer_gets_its_dequantized_weight_as_a_float_i
         x = torch.randn(2, 6, 8, 8)
         _, plain = _export(net, x, tmp_path / "plain.onnx", int8_kernels=False, float_convs=False)
         _, m = _export(net, x, tmp_path / "float.onnx", int8_kernels=True)
-        consts, pconsts = export._consts(m.graph), export._consts(plain.graph)
+        consts, pconsts = onnx_graph._consts(m.graph), onnx_graph._consts(plain.graph)
         producer = {o: n for n in m.graph.node for o in n.output}
         pproducer = {o: n for n in plain.graph.node for o in n.output}
         convs, pconvs = ([n for n in g.node if n.op_type == "Conv"] for g in (m.graph, plain.graph))
@@ -183,6 +187,59 @@ def test_a_conv_that_feeds_no_quantizer_gets_its_dequantized_weight_as_a_float_i
         _, m2 = _export(net, x, tmp_path / "plain_bias.onnx", int8_kernels=False, float_convs=True)
         onnx.save(m2, str(tmp_path / "float_bias.onnx"))
         np.testing.assert_array_equal(_run(tmp_path / "float_bias.onnx", x), _run(tmp_path / "plain.onnx", x))
+
+
+class _Decoder(nn.Module):
+    """A U-Net decoder step: a low-resolution branch upsampled (nearest) and concatenated with a skip,
+    then a quantized conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.skip, self.low, self.out = nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(6, 4, 3, 2, 1), nn.Conv2d(12, 4, 3, padding=1)
+
+    def forward(self, x):
+        low = torch.relu(self.low(x))  # the output size read from the input's shape, as smp's decoder does it
+        up = F.interpolate(low, size=(low.shape[2] * 2, low.shape[3] * 2), mode="nearest")
+        return self.out(torch.cat([up, torch.relu(self.skip(x))], 1))
+
+
+def test_quantizer_after_concat_moves_onto_its_inputs_with_the_same_codes(tmp_path):
+    """Q(Concat(Resize_nearest(a), b)) -> Concat(Resize(Q(a)), Q(b)): the concat and resize move uint8 codes,
+    the low branch's conv now ends in a QuantizeLinear (onnxruntime fuses it into QLinearConv), and the
+    graph computes exactly what it computed before."""
+    torch.manual_seed(0)
+    net = _Decoder()
+    zoo.quantize(net, ACT_CFGS["lsq4"])
+    net.train()
+    for _ in range(3):
+        net(torch.randn(4, 6, 8, 8))
+    net = zoo.to_packed(net.eval())
+    x = torch.randn(2, 6, 8, 8)
+    # a dynamic batch: the resize's output size comes from a Shape of its input, as in zoo.export.onnx
+    _, before = _export(net, x, tmp_path / "before.onnx", int8_kernels=False, concat=False, dynamic=True)
+    _, after = _export(net, x, tmp_path / "after.onnx", int8_kernels=False, dynamic=True)
+    assert any(n.op_type == "Shape" for n in before.graph.node)
+    # the low branch's ReLU feeds only the QuantizeLinear now (its Shape reads the codes)
+    relu = next(n for n in after.graph.node if n.op_type == "Relu" and "low" in "".join(n.input) + n.name)
+    assert [n.op_type for n in after.graph.node if relu.output[0] in n.input] == ["QuantizeLinear"]
+    producer = {o: n for n in after.graph.node for o in n.output}
+    cat = next(n for n in after.graph.node if n.op_type == "Concat"
+               and any(i in producer and producer[i].op_type == "Resize" for i in n.input))
+    made = [producer[i] for i in cat.input]
+    assert [n.op_type for n in made] == ["Resize", "QuantizeLinear"]
+    assert producer[made[0].input[0]].op_type == "QuantizeLinear"
+    assert not any(n.op_type == "QuantizeLinear" and producer.get(n.input[0]) is cat for n in after.graph.node)
+    assert sum(n.op_type == "QuantizeLinear" for n in after.graph.node) == \
+        sum(n.op_type == "QuantizeLinear" for n in before.graph.node) + 1
+    # the low branch's conv feeds a quantizer now: it keeps its int8 weight (an integer kernel's input)
+    low = next(n for n in after.graph.node if n.op_type == "Conv" and "low" in n.name)
+    assert producer[low.input[1]].op_type == "DequantizeLinear"
+    for path, m in (("before.onnx", before), ("after.onnx", after)):
+        onnx.save(m, str(tmp_path / path))
+    np.testing.assert_array_equal(_run(tmp_path / "after.onnx", x), _run(tmp_path / "before.onnx", x))
+    with torch.no_grad():
+        zoo.set_backend(net, "reference")
+        np.testing.assert_allclose(_run(tmp_path / "after.onnx", x), net(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_sign_activation_exports_as_plus_minus_one_with_the_references_edge_cases(tmp_path):
