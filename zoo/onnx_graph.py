@@ -35,6 +35,16 @@ def _consts(graph) -> dict:
     return out
 
 
+def _links(g) -> tuple[dict, dict]:
+    """(tensor name -> the node producing it, tensor name -> the nodes reading it)."""
+    producer = {o: n for n in g.node for o in n.output}
+    users = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return producer, users
+
+
 def _axis(node) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 1)
 
@@ -83,10 +93,7 @@ def integer_clips(model) -> int:
 
     g = model.graph
     consts = _consts(g)
-    users = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    _, users = _links(g)
     out, done = [], 0
     pending = {}
     for n in g.node:
@@ -178,11 +185,7 @@ def float_weights_for_float_convs(model) -> int:
 
     g = model.graph
     consts = _consts(g)
-    producer = {o: n for n in g.node for o in n.output}
-    users = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    producer, users = _links(g)
     done = 0
     for n in g.node:
         if n.op_type not in ("Conv", "ConvTranspose") or _feeds_quantizer_only(n.output[0], users):
@@ -218,11 +221,7 @@ def quantize_before_concat(model) -> int:
 
     g = model.graph
     consts = _consts(g)
-    producer = {o: n for n in g.node for o in n.output}
-    users = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    producer, users = _links(g)
 
     def nearest(n) -> bool:
         return n.op_type == "Resize" and any(a.name == "mode" and a.s == b"nearest" for a in n.attribute)
@@ -288,11 +287,7 @@ def fold_batchnorm(model) -> int:
 
     g = model.graph
     consts = _consts(g)
-    producer = {o: n for n in g.node for o in n.output}
-    users = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    producer, users = _links(g)
     drop, folded = set(), 0
     for bn in g.node:
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
