@@ -45,7 +45,7 @@ def _export(net, x, path, int8_kernels=True, float_convs=True, concat=True, dyna
     onnx_graph.fold_batchnorm(m)
     onnx_graph.integer_clips(m)
     if concat:
-        onnx_graph.quantize_before_concat(m)
+        onnx_graph.quantize_before_resize_and_concat(m)
     if float_convs:
         onnx_graph.float_weights_for_float_convs(m)
     if int8_kernels:
@@ -190,17 +190,43 @@ def test_a_conv_that_feeds_no_quantizer_gets_its_dequantized_weight_as_a_float_i
 
 
 class _Decoder(nn.Module):
-    """A U-Net decoder step: a low-resolution branch upsampled (nearest) and concatenated with a skip,
-    then a quantized conv."""
+    """A U-Net decoder step: a low-resolution branch upsampled (nearest), concatenated with a skip (or
+    not: the last step), then a quantized conv."""
 
-    def __init__(self):
+    def __init__(self, skip: bool):
         super().__init__()
-        self.skip, self.low, self.out = nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(6, 4, 3, 2, 1), nn.Conv2d(12, 4, 3, padding=1)
+        self.skip = nn.Conv2d(6, 8, 3, padding=1) if skip else None
+        self.low, self.out = nn.Conv2d(6, 4, 3, 2, 1), nn.Conv2d(12 if skip else 4, 4, 3, padding=1)
 
     def forward(self, x):
         low = torch.relu(self.low(x))  # the output size read from the input's shape, as smp's decoder does it
         up = F.interpolate(low, size=(low.shape[2] * 2, low.shape[3] * 2), mode="nearest")
-        return self.out(torch.cat([up, torch.relu(self.skip(x))], 1))
+        return self.out(torch.cat([up, torch.relu(self.skip(x))], 1) if self.skip is not None else up)
+
+
+def test_quantizer_after_a_resize_moves_before_it_with_the_same_codes(tmp_path):
+    """Q(Resize_nearest(a)) -> Resize(Q(a)): the resize copies codes, the conv before it ends in a
+    QuantizeLinear, and the graph computes exactly what it computed before."""
+    torch.manual_seed(0)
+    net = _Decoder(skip=False)
+    zoo.quantize(net, ACT_CFGS["lsq4"])
+    net.train()
+    for _ in range(3):
+        net(torch.randn(4, 6, 8, 8))
+    net = zoo.to_packed(net.eval())
+    x = torch.randn(2, 6, 8, 8)
+    _, before = _export(net, x, tmp_path / "before.onnx", int8_kernels=False, concat=False, dynamic=True)
+    _, after = _export(net, x, tmp_path / "after.onnx", int8_kernels=False, dynamic=True)
+    producer = {o: n for n in after.graph.node for o in n.output}
+    resize = next(n for n in after.graph.node if n.op_type == "Resize")
+    assert producer[resize.input[0]].op_type == "QuantizeLinear"
+    assert not any(n.op_type == "QuantizeLinear" and producer.get(n.input[0]) is resize for n in after.graph.node)
+    relu = producer[producer[resize.input[0]].input[0]]
+    assert relu.op_type == "Relu"
+    assert [n.op_type for n in after.graph.node if relu.output[0] in n.input] == ["QuantizeLinear"]
+    for path, m in (("before.onnx", before), ("after.onnx", after)):
+        onnx.save(m, str(tmp_path / path))
+    np.testing.assert_array_equal(_run(tmp_path / "after.onnx", x), _run(tmp_path / "before.onnx", x))
 
 
 def test_quantizer_after_concat_moves_onto_its_inputs_with_the_same_codes(tmp_path):
@@ -208,7 +234,7 @@ def test_quantizer_after_concat_moves_onto_its_inputs_with_the_same_codes(tmp_pa
     the low branch's conv now ends in a QuantizeLinear (onnxruntime fuses it into QLinearConv), and the
     graph computes exactly what it computed before."""
     torch.manual_seed(0)
-    net = _Decoder()
+    net = _Decoder(skip=True)
     zoo.quantize(net, ACT_CFGS["lsq4"])
     net.train()
     for _ in range(3):

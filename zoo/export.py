@@ -18,8 +18,8 @@ The graph is built from the packed checkpoint: every packed layer becomes
 * a ``Conv`` whose output feeds no quantizer (before a float residual add, a resize or concat, the
   output) cannot be fused: it gets the float32 values its ``DequantizeLinear`` would compute as a
   constant weight, which onnxruntime prepacks;
-* a quantizer after a ``Concat`` of nearest-``Resize``d tensors (a U-Net decoder) moves onto the concat's
-  inputs (the same codes), so the conv before the resize can fuse too.
+* a quantizer after a nearest ``Resize`` or a ``Concat`` of such (a U-Net decoder) moves before them (the
+  same codes), so the conv before the resize can fuse too.
 
 The graph passes are in :mod:`zoo.onnx_graph`.
 
@@ -65,7 +65,7 @@ from .quantizers.logq import LogAct, MPQAct
 from .quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
 
 OPSET = 17
-EXPORT_VERSION = 12  # part of the onnxruntime cache key: bump when the exported graph changes
+EXPORT_VERSION = 13  # part of the onnxruntime cache key: bump when the exported graph changes
 INT8 = (-128, 127)
 UINT8 = (0, 255)
 

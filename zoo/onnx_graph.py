@@ -12,7 +12,7 @@ def run_passes(model, int8_kernels: bool = True) -> None:
     int8_weights(model)
     fold_batchnorm(model)
     integer_clips(model)
-    quantize_before_concat(model)
+    quantize_before_resize_and_concat(model)
     float_weights_for_float_convs(model)
     if int8_kernels:
         int32_biases(model)
@@ -210,13 +210,14 @@ def float_weights_for_float_convs(model) -> int:
     return done
 
 
-def quantize_before_concat(model) -> int:
-    """Concat(Resize_nearest(a), b, ...) -> QuantizeLinear  ==>  Concat(Resize_nearest(Q(a)), Q(b), ...) on the
-    codes: a per-tensor QuantizeLinear is elementwise, and a nearest-neighbour resize and a concat only
-    copy elements, so the codes are the same. It lets the op before the resize (a U-Net decoder's last
-    conv and its ReLU) end in a QuantizeLinear, which onnxruntime fuses into ``QLinearConv``, and the
-    resize and concat move uint8 codes instead of float32; a ``Shape`` of the resized tensor (the resize's
-    output size) reads the codes' shape, the same. Returns how many were rewritten."""
+def quantize_before_resize_and_concat(model) -> int:
+    """Concat(Resize_nearest(a), b, ...) -> QuantizeLinear  ==>  Concat(Resize_nearest(Q(a)), Q(b), ...), and
+    Resize_nearest(a) -> QuantizeLinear  ==>  Resize_nearest(Q(a)), on the codes: a per-tensor
+    QuantizeLinear is elementwise, and a nearest-neighbour resize and a concat only copy elements, so the
+    codes are the same. It lets the op before the resize (a U-Net decoder's last conv and its ReLU) end in
+    a QuantizeLinear, which onnxruntime fuses into ``QLinearConv``, and the resize and concat move uint8
+    codes instead of float32; a ``Shape`` of the resized tensor (the resize's output size) reads the
+    codes' shape, the same. Returns how many quantizers were moved."""
     import onnx.helper as oh
 
     g = model.graph
@@ -226,38 +227,40 @@ def quantize_before_concat(model) -> int:
     def nearest(n) -> bool:
         return n.op_type == "Resize" and any(a.name == "mode" and a.s == b"nearest" for a in n.attribute)
 
-    out, done, moved = [], 0, {}
+    added, dropped, done = {}, set(), 0
+
+    def quantize(t: str, q, name: str, before) -> str:
+        """A QuantizeLinear of tensor t with q's scale and zero point, placed before node `before`; a
+        Shape of t reads the codes instead (the same shape)."""
+        added.setdefault(id(before), []).append(oh.make_node("QuantizeLinear", [t, *q.input[1:]], [name], name=name))
+        for u in users.get(t, []):
+            if u.op_type == "Shape":
+                u.input[0] = name
+        return name
+
     for q in g.node:
-        cat = producer.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
-        if (cat is None or cat.op_type != "Concat" or len(users.get(cat.output[0], [])) != 1
+        c = producer.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+        if (c is None or not (c.op_type == "Concat" or nearest(c)) or len(users.get(c.output[0], [])) != 1
                 or not all(i in consts for i in q.input[1:]) or consts[q.input[1]].ndim != 0):
             continue
-        new_inputs = []
-        for k, t in enumerate(cat.input):
-            r = producer.get(t)
-            src = r.input[0] if r is not None and nearest(r) and len(users.get(t, [])) == 1 else t
-            codes = f"{q.output[0]}_part{k}"
-            moved.setdefault(id(cat), []).append(oh.make_node("QuantizeLinear", [src, *q.input[1:]], [codes],
-                                                             name=codes))
-            if src is t:
-                new_inputs.append(codes)
-            else:  # the resize now copies codes
-                r.input[0] = codes
-                new_inputs.append(t)
-                for u in users.get(src, []):  # the size a resize computes from its input's shape: the codes'
-                    if u.op_type == "Shape":
-                        u.input[0] = codes
-        del cat.input[:]
-        cat.input.extend(new_inputs)
-        cat.output[0] = q.output[0]
-        moved[id(q)] = None  # dropped
+        if c.op_type == "Concat":
+            for k, t in enumerate(list(c.input)):
+                r = producer.get(t)
+                if r is not None and nearest(r) and len(users.get(t, [])) == 1:  # the resize copies codes
+                    r.input[0] = quantize(r.input[0], q, f"{q.output[0]}_part{k}", c)
+                else:
+                    c.input[k] = quantize(t, q, f"{q.output[0]}_part{k}", c)
+        else:
+            c.input[0] = quantize(c.input[0], q, q.output[0] + "_input", c)
+        c.output[0] = q.output[0]
+        dropped.add(id(q))
         done += 1
+    out = []
     for n in g.node:
-        if id(n) in moved and moved[id(n)] is None:
-            continue
-        out.extend(moved.get(id(n), []) if n.op_type == "Concat" else [])
-        out.append(n)
-    # topological order: each new QuantizeLinear must come before the Resize that reads it
+        if id(n) not in dropped:
+            out.extend(added.get(id(n), []))
+            out.append(n)
+    # topological order: a new QuantizeLinear must come before the Resize that reads it
     _set_nodes(g, _toposort(out, {i.name for i in g.input} | {i.name for i in g.initializer}))
     return done
 
