@@ -204,11 +204,11 @@ class _Decoder(nn.Module):
         return self.out(torch.cat([up, torch.relu(self.skip(x))], 1) if self.skip is not None else up)
 
 
-def test_quantizer_after_a_resize_moves_before_it_with_the_same_codes(tmp_path):
-    """Q(Resize_nearest(a)) -> Resize(Q(a)): the resize copies codes, the conv before it ends in a
-    QuantizeLinear, and the graph computes exactly what it computed before."""
+def _decoder_exports(tmp_path, skip: bool):
+    """A packed LSQ W4A4 _Decoder, an input, and its graph without and with the resize/concat pass (a
+    dynamic batch: the resize's output size comes from a Shape of its input, as in zoo.export.onnx)."""
     torch.manual_seed(0)
-    net = _Decoder(skip=False)
+    net = _Decoder(skip)
     zoo.quantize(net, ACT_CFGS["lsq4"])
     net.train()
     for _ in range(3):
@@ -217,6 +217,13 @@ def test_quantizer_after_a_resize_moves_before_it_with_the_same_codes(tmp_path):
     x = torch.randn(2, 6, 8, 8)
     _, before = _export(net, x, tmp_path / "before.onnx", int8_kernels=False, concat=False, dynamic=True)
     _, after = _export(net, x, tmp_path / "after.onnx", int8_kernels=False, dynamic=True)
+    return net, x, before, after
+
+
+def test_quantizer_after_a_resize_moves_before_it_with_the_same_codes(tmp_path):
+    """Q(Resize_nearest(a)) -> Resize(Q(a)): the resize copies codes, the conv before it ends in a
+    QuantizeLinear, and the graph computes exactly what it computed before."""
+    net, x, before, after = _decoder_exports(tmp_path, skip=False)
     producer = {o: n for n in after.graph.node for o in n.output}
     resize = next(n for n in after.graph.node if n.op_type == "Resize")
     assert producer[resize.input[0]].op_type == "QuantizeLinear"
@@ -233,17 +240,7 @@ def test_quantizer_after_concat_moves_onto_its_inputs_with_the_same_codes(tmp_pa
     """Q(Concat(Resize_nearest(a), b)) -> Concat(Resize(Q(a)), Q(b)): the concat and resize move uint8 codes,
     the low branch's conv now ends in a QuantizeLinear (onnxruntime fuses it into QLinearConv), and the
     graph computes exactly what it computed before."""
-    torch.manual_seed(0)
-    net = _Decoder(skip=True)
-    zoo.quantize(net, ACT_CFGS["lsq4"])
-    net.train()
-    for _ in range(3):
-        net(torch.randn(4, 6, 8, 8))
-    net = zoo.to_packed(net.eval())
-    x = torch.randn(2, 6, 8, 8)
-    # a dynamic batch: the resize's output size comes from a Shape of its input, as in zoo.export.onnx
-    _, before = _export(net, x, tmp_path / "before.onnx", int8_kernels=False, concat=False, dynamic=True)
-    _, after = _export(net, x, tmp_path / "after.onnx", int8_kernels=False, dynamic=True)
+    net, x, before, after = _decoder_exports(tmp_path, skip=True)
     assert any(n.op_type == "Shape" for n in before.graph.node)
     # the low branch's ReLU feeds only the QuantizeLinear now (its Shape reads the codes)
     relu = next(n for n in after.graph.node if n.op_type == "Relu" and "low" in "".join(n.input) + n.name)
