@@ -65,7 +65,7 @@ from .quantizers.logq import LogAct, MPQAct
 from .quantizers.packed import PackedConv2d, PackedConvTranspose2d, PackedLayer, PackedLinear
 
 OPSET = 17
-EXPORT_VERSION = 13  # part of the onnxruntime cache key: bump when the exported graph changes
+EXPORT_VERSION = 14  # part of the onnxruntime cache key: bump when the exported graph changes
 INT8 = (-128, 127)
 UINT8 = (0, 255)
 

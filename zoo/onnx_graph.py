@@ -229,11 +229,12 @@ def quantize_before_resize_and_concat(model) -> int:
 
     added, dropped, done = {}, set(), 0
 
-    def quantize(t: str, q, name: str, before) -> str:
-        """A QuantizeLinear of tensor t with q's scale and zero point, placed before node `before`; a
-        Shape of t reads the codes instead (the same shape)."""
+    def quantize(t: str, q, name: str, before, resized: bool) -> str:
+        """A QuantizeLinear of tensor t with q's scale and zero point, placed before node `before`. For a
+        resize's input (``resized``), a Shape of t reads the codes instead (the same shape), so the op
+        making t feeds only the quantizer."""
         added.setdefault(id(before), []).append(oh.make_node("QuantizeLinear", [t, *q.input[1:]], [name], name=name))
-        for u in users.get(t, []):
+        for u in users.get(t, []) if resized else []:
             if u.op_type == "Shape":
                 u.input[0] = name
         return name
@@ -247,14 +248,16 @@ def quantize_before_resize_and_concat(model) -> int:
             for k, t in enumerate(list(c.input)):
                 r = producer.get(t)
                 if r is not None and nearest(r) and len(users.get(t, [])) == 1:  # the resize copies codes
-                    r.input[0] = quantize(r.input[0], q, f"{q.output[0]}_part{k}", c)
+                    r.input[0] = quantize(r.input[0], q, f"{q.output[0]}_part{k}", c, True)
                 else:
-                    c.input[k] = quantize(t, q, f"{q.output[0]}_part{k}", c)
+                    c.input[k] = quantize(t, q, f"{q.output[0]}_part{k}", c, False)
         else:
-            c.input[0] = quantize(c.input[0], q, q.output[0] + "_input", c)
+            c.input[0] = quantize(c.input[0], q, q.output[0] + "_input", c, True)
         c.output[0] = q.output[0]
         dropped.add(id(q))
         done += 1
+    if not done:
+        return 0
     out = []
     for n in g.node:
         if id(n) not in dropped:
