@@ -316,12 +316,12 @@ def test_table_entries_are_the_blocks_own_values():
     assert torch.equal(t[torch.arange(16), s + 144], ref)
 
 
-@pytest.mark.parametrize("c,shift", [(16, False), (130, True), (64, True)])
-def test_sign_packing_of_wide_rows_equals_the_written_out_words(c, shift):
-    """pack_signs over rows of 8-pixel vectors and a tail (19 pixels), one to three words a pixel, with
-    -0.0, +-0.0 after the shift, NaN and infinities."""
+@pytest.mark.parametrize("c,shift,w", [(16, False, 19), (130, True, 19), (64, True, 19), (16, True, 28), (70, False, 28)])
+def test_sign_packing_of_wide_rows_equals_the_written_out_words(c, shift, w):
+    """pack_signs over rows of 16-pixel vectors and a masked tail (3 or 12 pixels), one to three words a
+    pixel, with -0.0, +-0.0 after the shift, NaN and infinities."""
     g = torch.Generator().manual_seed(c)
-    x = torch.randn(2, c, 3, 19, generator=g)
+    x = torch.randn(2, c, 3, w, generator=g)
     s = torch.randn(c, generator=g) if shift else None
     x[0, :, 0, :8] = float("nan")
     x[0, 1, 1, :] = -0.0

@@ -56,20 +56,28 @@ at::Tensor pack_signs(const at::Tensor& x_in, const c10::optional<at::Tensor>& s
         const int64_t c_end = c < 64 * (k + 1) ? c : 64 * (k + 1);
         int64_t i0 = 0;
 #if defined(__AVX512F__) && defined(__AVX512VL__)
-        for (; i0 + 8 <= w; i0 += 8) {  // 8 pixels at a time: one compare mask per channel ORs its bit in
-          __m512i acc = _mm512_setzero_si512();
-          for (int64_t ch = 64 * k; ch < c_end; ++ch) {
-            __m256 v = _mm256_loadu_ps(xp + ((b * c + ch) * h + y) * w + i0);
-            if (sp) v = _mm256_sub_ps(v, _mm256_set1_ps(sp[ch]));  // float32 x - shift, as torch
-            const __mmask8 ge = _mm256_cmp_ps_mask(v, _mm256_setzero_ps(), _CMP_GE_OQ);  // NaN: false
-            acc = _mm512_mask_or_epi64(acc, ge, acc, _mm512_set1_epi64(static_cast<long long>(uint64_t(1) << (ch % 64))));
+        for (; i0 < w; i0 += 16) {  // 16 pixels at a time (the row's last ones masked): one compare mask
+          // per channel ORs the channel's bit into their words (two vectors of 8)
+          const int64_t np = w - i0 < 16 ? w - i0 : 16;
+          const __mmask16 lanes = __mmask16((1u << np) - 1);
+          __m512i lo8 = _mm512_setzero_si512(), hi8 = lo8, bit = _mm512_set1_epi64(1);
+          const float* src = xp + ((b * c + 64 * k) * h + y) * w + i0;
+          for (int64_t ch = 64 * k; ch < c_end; ++ch, src += h * w) {
+            __m512 v = _mm512_maskz_loadu_ps(lanes, src);
+            if (sp) v = _mm512_sub_ps(v, _mm512_set1_ps(sp[ch]));  // float32 x - shift, as torch
+            const __mmask16 ge = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ);  // NaN: false
+            lo8 = _mm512_mask_or_epi64(lo8, __mmask8(ge), lo8, bit);
+            hi8 = _mm512_mask_or_epi64(hi8, __mmask8(ge >> 8), hi8, bit);
+            bit = _mm512_add_epi64(bit, bit);
           }
           if (wc == 1) {
-            _mm512_storeu_si512(row + i0, acc);
+            _mm512_mask_storeu_epi64(row + i0, __mmask8(lanes), lo8);
+            if (np > 8) _mm512_mask_storeu_epi64(row + i0 + 8, __mmask8(lanes >> 8), hi8);
           } else {
-            alignas(64) uint64_t words[8];
-            _mm512_store_si512(words, acc);
-            for (int p = 0; p < 8; ++p) row[(i0 + p) * wc + k] = words[p];
+            alignas(64) uint64_t words[16];
+            _mm512_store_si512(words, lo8);
+            _mm512_store_si512(words + 8, hi8);
+            for (int64_t p = 0; p < np; ++p) row[(i0 + p) * wc + k] = words[p];
           }
         }
 #endif
@@ -406,24 +414,57 @@ at::Tensor binary_conv2d(const at::Tensor& xbits, const at::Tensor& wbits, int64
 }
 
 // The input words of one tap group at every output column of a row: xt[ox] = OR over the group's taps t
-// of padded[ox * stride + t * dil] << (t * c_in) (restrict pointers and a unit-stride case, so the
-// compiler vectorises it).
-void group_words(uint64_t* __restrict xt, const uint64_t* __restrict first, int64_t ow, int64_t stride,
-                 int64_t dil, int64_t taps, int64_t c_in) {
-  if (stride == 1) {
-    for (int64_t ox = 0; ox < ow; ++ox) xt[ox] = first[ox];
-    for (int64_t t = 1; t < taps; ++t) {
-      const uint64_t* __restrict at = first + t * dil;
-      const uint64_t sh = uint64_t(t * c_in);
-      for (int64_t ox = 0; ox < ow; ++ox) xt[ox] |= at[ox] << sh;
+// of src[ix] << (t * c_in), ix = ox * stride + off + t * dil (off: the group's first tap's column offset,
+// its first tap index times dil minus the padding), 0 for an ix outside 0 .. w - 1. The border columns
+// (some tap outside) one at a time; the rest with restrict pointers and a unit-stride case, so the
+// compiler vectorises it (read straight from the packed row: a zero-padded copy written word by word and
+// read back as vectors stalled on store forwarding).
+void group_words(uint64_t* __restrict xt, const uint64_t* __restrict src, int64_t w, int64_t ow, int64_t stride,
+                 int64_t off, int64_t dil, int64_t taps, int64_t c_in) {
+  int64_t lo = 0, hi = ow;  // columns lo .. hi - 1 have every tap inside the row (lo <= hi)
+  while (lo < ow && lo * stride + off < 0) ++lo;
+  while (hi > lo && (hi - 1) * stride + off + (taps - 1) * dil > w - 1) --hi;
+  const auto border = [&](int64_t ox) {
+    uint64_t word = 0;
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t ix = ox * stride + off + t * dil;
+      if (ix >= 0 && ix < w) word |= src[ix] << (t * c_in);
+    }
+    xt[ox] = word;
+  };
+  for (int64_t ox = 0; ox < lo; ++ox) border(ox);
+  for (int64_t ox = hi; ox < ow; ++ox) border(ox);
+  if (lo == hi) return;
+  const uint64_t* __restrict first = src + lo * stride + off;
+  uint64_t* __restrict out = xt + lo;
+  const int64_t n = hi - lo;
+  if (stride == 1 && taps <= 4) {  // one pass, each word written once (ResNet-20's 16- and 32-channel convs)
+    const uint64_t* __restrict a1 = first + dil;
+    const uint64_t* __restrict a2 = first + 2 * dil;
+    const uint64_t* __restrict a3 = first + 3 * dil;
+    const uint64_t s1 = uint64_t(c_in), s2 = uint64_t(2 * c_in), s3 = uint64_t(3 * c_in);
+    switch (taps) {
+      case 1: for (int64_t i = 0; i < n; ++i) out[i] = first[i]; break;
+      case 2: for (int64_t i = 0; i < n; ++i) out[i] = first[i] | a1[i] << s1; break;
+      case 3: for (int64_t i = 0; i < n; ++i) out[i] = first[i] | a1[i] << s1 | a2[i] << s2; break;
+      default: for (int64_t i = 0; i < n; ++i) out[i] = first[i] | a1[i] << s1 | a2[i] << s2 | a3[i] << s3;
     }
     return;
   }
-  for (int64_t ox = 0; ox < ow; ++ox) xt[ox] = first[ox * stride];
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) out[i] = first[i];
+    for (int64_t t = 1; t < taps; ++t) {
+      const uint64_t* __restrict at = first + t * dil;
+      const uint64_t sh = uint64_t(t * c_in);
+      for (int64_t i = 0; i < n; ++i) out[i] |= at[i] << sh;
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = first[i * stride];
   for (int64_t t = 1; t < taps; ++t) {
     const uint64_t* __restrict at = first + t * dil;
     const uint64_t sh = uint64_t(t * c_in);
-    for (int64_t ox = 0; ox < ow; ++ox) xt[ox] |= at[ox * stride] << sh;
+    for (int64_t i = 0; i < n; ++i) out[i] |= at[i * stride] << sh;
   }
 }
 
@@ -476,7 +517,9 @@ inline __m256 rprelu8(__m256 v, const float* gp, int64_t co, int64_t o) {
 
 // binary_conv2d_table's epilogue for 8 output columns through every output channel, with the computed
 // float32 value (linear, f32) and the options fixed at compile time: + residual (RES), RPReLU or the
-// clamp (RPR), the next conv's packed signs (PACK). The same operations as the generic loop there.
+// clamp (RPR), the next conv's packed signs (PACK); PLAIN: none of them, alpha 1 and beta -0.0 and the
+// clamp to +-inf (binary_conv2d's call), where fma(v, 1, -0.0) == v and the clamp leave v as it is, so
+// only the multiply runs. The same operations as the generic loop there.
 struct Columns8 {
   int64_t ow, co, ostep, wo, owp;
   const int64_t* valid;
@@ -484,7 +527,7 @@ struct Columns8 {
   float* yp;
   uint64_t* words;
   float lo, hi;
-  template <bool RES, bool RPR, bool PACK, typename Taps>
+  template <bool RES, bool RPR, bool PACK, bool PLAIN, typename Taps>
   inline void run(const Taps& taps, int64_t p, int64_t base) const {
     const __mmask8 lane = ow - p >= 8 ? __mmask8(0xff) : __mmask8((1u << (ow - p)) - 1);
     const __m512i validv = _mm512_loadu_si512(valid + p);
@@ -501,12 +544,13 @@ struct Columns8 {
       for (int64_t o = 64 * k; o < o_end; ++o) {
         const __m512i sum = _mm512_sub_epi64(validv, _mm512_slli_epi64(taps.count(o), 1));
         const int64_t at = base + o * step;
-        __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(_mm512_cvtepi64_ps(sum), _mm256_set1_ps(f[o])),
-                                   _mm256_set1_ps(f[c + o]), _mm256_set1_ps(f[2 * c + o]));
+        __m256 v = _mm256_mul_ps(_mm512_cvtepi64_ps(sum), _mm256_set1_ps(f[o]));
+        if (!PLAIN) v = _mm256_fmadd_ps(v, _mm256_set1_ps(f[c + o]), _mm256_set1_ps(f[2 * c + o]));
         if (RES) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(lane, r + at));
         if (RPR) v = rprelu8(v, g, c, o);
-        else v = _mm256_min_ps(hiv, _mm256_max_ps(lov, v));  // lo > v ? lo : v, then hi < v ? hi : v: NaN stays
-        _mm256_mask_storeu_ps(y + at, lane, v);
+        else if (!PLAIN) v = _mm256_min_ps(hiv, _mm256_max_ps(lov, v));  // lo > v ? lo : v, then hi < v ? hi : v
+        if (lane == 0xff) _mm256_storeu_ps(y + at, v);  // (a masked store is slower on some CPUs)
+        else _mm256_mask_storeu_ps(y + at, lane, v);
         if (PACK) {
           const __m256 d = s ? _mm256_sub_ps(v, _mm256_set1_ps(s[o])) : v;
           word = _mm512_mask_or_epi64(word, _mm256_cmp_ps_mask(d, zero, _CMP_GE_OQ) & lane, word, bit);
@@ -616,6 +660,8 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
   bool f32 = lp != nullptr && kk < (int64_t(1) << 24);
   for (int64_t o = 0; f32 && o < co; ++o)
     f32 = double(float(lp[o])) == lp[o] && lp[co + o] == 0.0 && std::signbit(lp[co + o]);
+  bool unit = lp != nullptr;  // every alpha 1 and beta -0.0: fma(v, alpha, beta) == v (Columns8's PLAIN)
+  for (int64_t o = 0; unit && o < co; ++o) unit = lp[2 * co + o] == 1.0 && lp[3 * co + o] == 0.0 && std::signbit(lp[3 * co + o]);
   at::Tensor rpre;
   const float* gp = nullptr;  // RPReLU's gamma, slope, zeta (3 x C_out) instead of the clamp
   if (rprelu_in.has_value() && rprelu_in->defined()) {
@@ -645,7 +691,6 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
   const uint64_t ones = c_in >= 64 ? ~uint64_t(0) : (uint64_t(1) << c_in) - 1;
   const int64_t owp = (ow + 7) / 8 * 8;             // output columns padded to whole vectors of 8
   const int64_t tmax = row_tap_words(c_in, wc, kh, kw);  // tap words of one output row, at most
-  const int64_t span = (ow - 1) * g.stride_w + (kw - 1) * g.dil_w + 1;
   // which bits of a tap word are real taps at each output column (0 outside the image; the same for
   // every row): per tap group (grouped) or per kernel column, and the columns' taps inside the image
   const int64_t nm = grouped ? ng : kw;
@@ -667,12 +712,15 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
   // at column ox (0 outside the image), mt[t] which of its bits are real taps, wt[t] the packed weights
   // of tap word t (one word per output channel), so column ox's popcount for channel o is
   // sum_t popcount((X[t][ox] ^ wt[t][o]) & mt[t][ox]) and its integer sum valid[ox] - 2 * popcount.
+  // valid[ox] for each number r of kernel rows inside the image: c_in * r * colsok[ox] (row r of valids)
+  std::vector<int64_t> valids((kh + 1) * owp);
+  for (int64_t r = 0; r <= kh; ++r)
+    for (int64_t ox = 0; ox < owp; ++ox) valids[r * owp + ox] = c_in * r * colsok[ox];
   at::parallel_for(0, g.n * oh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint64_t> built(ring * per_row * owp, 0), words(pack_next ? wo * owp : 0), padded(span);
+    std::vector<uint64_t> built(ring * per_row * owp, 0), words(pack_next ? wo * owp : 0);
     std::vector<int64_t> tag(ring, -1);  // b * h + iy of the row each ring slot holds
     std::vector<const uint64_t*> xt_of(tmax), wt(tmax), mt(tmax);
     std::vector<uint64_t> xm(16 * tmax);  // TapsN's gathered words and masks
-    std::vector<int64_t> valid(owp);
     for (int64_t no = begin; no < end; ++no) {
       const int64_t b = no / oh, oy = no % oh;
       int64_t nt = 0, rows = 0;
@@ -686,13 +734,9 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
           tag[slot] = b * h + iy;
           const uint64_t* src = xp + (b * h + iy) * w * wc;
           if (grouped) {
-            for (int64_t k = 0; k < span; ++k) {
-              const int64_t ix = k - g.pad_w;
-              padded[k] = ix >= 0 && ix < w ? src[ix] : 0;
-            }
             for (int64_t gi = 0; gi < ng; ++gi) {
               const int64_t taps = kw - gi * tpw < tpw ? kw - gi * tpw : tpw;
-              group_words(row + gi * owp, padded.data() + gi * tpw * g.dil_w, ow, g.stride_w, g.dil_w, taps, c_in);
+              group_words(row + gi * owp, src, w, ow, g.stride_w, gi * tpw * g.dil_w - g.pad_w, g.dil_w, taps, c_in);
             }
           } else {
             for (int64_t j = 0; j < kw; ++j)
@@ -711,7 +755,7 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
           mt[nt] = masks.data() + (grouped ? t : t / wc) * owp;
         }
       }
-      for (int64_t ox = 0; ox < owp; ++ox) valid[ox] = c_in * rows * colsok[ox];
+      const int64_t* const valid = valids.data() + rows * owp;
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
       // 8 columns at a time through every output channel: the columns' sign words (64 channels each)
       // stay in a register
@@ -720,7 +764,7 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
       // any options, tested per channel (the table, float64 values, rare tap counts)
       const auto columns = [&](const auto& taps, int64_t p) {
         const __mmask8 lane = ow - p >= 8 ? __mmask8(0xff) : __mmask8((1u << (ow - p)) - 1);
-        const __m512i validv = _mm512_loadu_si512(valid.data() + p);
+        const __m512i validv = _mm512_loadu_si512(valid + p);
         const int64_t base = (b * co * oh + oy) * ow + p, ostep = oh * ow;
         for (int64_t k = 0; k < (pack_next ? wo : 1); ++k) {
           const int64_t o_end = pack_next && 64 * (k + 1) < co ? 64 * (k + 1) : co;
@@ -752,22 +796,24 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
           if (pack_next) _mm512_storeu_si512(words.data() + k * owp + p, word);
         }
       };
-      const Columns8 fast{ow, co, oh * ow, wo, owp, valid.data(), flp, rp, gp, sp, yp, words.data(), lo, hi};
+      const Columns8 fast{ow, co, oh * ow, wo, owp, valid, flp, rp, gp, sp, yp, words.data(), lo, hi};
       const bool quick = lp && f32;
+      const bool plain = quick && unit && lo == -INFINITY && hi == INFINITY;
       // the float32 values with the options fixed at compile time (each tested per channel ran ~1.2-1.5x
       // slower at ResNet-20's 16-channel shapes) for up to 4 tap words a row (with 6 or 9, whose words
       // and masks take 12-18 vector registers, this was slower than the loop above); the rest as above
       const auto run = [&](const auto& taps, int64_t p) {
         const int64_t base = (b * co * oh + oy) * ow + p;
         if (!quick) columns(taps, p);
-        else if (rp && gp && pack_next) fast.run<true, true, true>(taps, p, base);
-        else if (rp && gp) fast.run<true, true, false>(taps, p, base);
-        else if (rp && pack_next) fast.run<true, false, true>(taps, p, base);
-        else if (rp) fast.run<true, false, false>(taps, p, base);
-        else if (gp && pack_next) fast.run<false, true, true>(taps, p, base);
-        else if (gp) fast.run<false, true, false>(taps, p, base);
-        else if (pack_next) fast.run<false, false, true>(taps, p, base);
-        else fast.run<false, false, false>(taps, p, base);
+        else if (rp && gp && pack_next) fast.run<true, true, true, false>(taps, p, base);
+        else if (rp && gp) fast.run<true, true, false, false>(taps, p, base);
+        else if (rp && pack_next) fast.run<true, false, true, false>(taps, p, base);
+        else if (rp) fast.run<true, false, false, false>(taps, p, base);
+        else if (gp && pack_next) fast.run<false, true, true, false>(taps, p, base);
+        else if (gp) fast.run<false, true, false, false>(taps, p, base);
+        else if (pack_next) fast.run<false, false, true, false>(taps, p, base);
+        else if (plain) fast.run<false, false, false, true>(taps, p, base);
+        else fast.run<false, false, false, false>(taps, p, base);
       };
       for (int64_t p = 0; p < owp; p += 8) {
         switch (nt) {  // few tap words (every ResNet-20 conv: 2 to 9): in registers across the channels
