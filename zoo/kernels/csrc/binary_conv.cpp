@@ -549,7 +549,7 @@ struct Columns8 {
         if (RES) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(lane, r + at));
         if (RPR) v = rprelu8(v, g, c, o);
         else if (!PLAIN) v = _mm256_min_ps(hiv, _mm256_max_ps(lov, v));  // lo > v ? lo : v, then hi < v ? hi : v
-        if (lane == 0xff) _mm256_storeu_ps(y + at, v);  // (a masked store is slower on some CPUs)
+        if (lane == 0xff) _mm256_storeu_ps(y + at, v);  // whole vectors unmasked, a row's last one masked
         else _mm256_mask_storeu_ps(y + at, lane, v);
         if (PACK) {
           const __m256 d = s ? _mm256_sub_ps(v, _mm256_set1_ps(s[o])) : v;
