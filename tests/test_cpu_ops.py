@@ -70,7 +70,7 @@ def test_binary_conv_equals_the_written_out_sums(geom, with_shift):
     assert torch.equal(y, _expected(x, shift, q, stride, padding, dilation, scale, bias))
     y0 = cpu_ops.binary_conv2d(xbits, wbits, ci, stride, padding, dilation, scale, None)
     assert torch.equal(y0, _expected(x, shift, q, stride, padding, dilation, scale, None))
-    # float32 scales and no bias (a packed layer's): the vector kernel's float32 multiply alone
+    # float32 scales and no bias (a packed layer's): the vector kernel's float32 form
     s32 = scale.float().double()
     y1 = cpu_ops.binary_conv2d(xbits, wbits, ci, stride, padding, dilation, s32, None)
     assert torch.equal(y1, _expected(x, shift, q, stride, padding, dilation, s32, None))

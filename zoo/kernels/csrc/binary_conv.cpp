@@ -517,9 +517,7 @@ inline __m256 rprelu8(__m256 v, const float* gp, int64_t co, int64_t o) {
 
 // binary_conv2d_table's epilogue for 8 output columns through every output channel, with the computed
 // float32 value (linear, f32) and the options fixed at compile time: + residual (RES), RPReLU or the
-// clamp (RPR), the next conv's packed signs (PACK); PLAIN: none of them, alpha 1 and beta -0.0 and the
-// clamp to +-inf (binary_conv2d's call), where fma(v, 1, -0.0) == v and the clamp leave v as it is, so
-// only the multiply runs. The same operations as the generic loop there.
+// clamp (RPR), the next conv's packed signs (PACK). The same operations as the generic loop there.
 struct Columns8 {
   int64_t ow, co, ostep, wo, owp;
   const int64_t* valid;
@@ -527,7 +525,7 @@ struct Columns8 {
   float* yp;
   uint64_t* words;
   float lo, hi;
-  template <bool RES, bool RPR, bool PACK, bool PLAIN, typename Taps>
+  template <bool RES, bool RPR, bool PACK, typename Taps>
   inline void run(const Taps& taps, int64_t p, int64_t base) const {
     const __mmask8 lane = ow - p >= 8 ? __mmask8(0xff) : __mmask8((1u << (ow - p)) - 1);
     const __m512i validv = _mm512_loadu_si512(valid + p);
@@ -544,13 +542,12 @@ struct Columns8 {
       for (int64_t o = 64 * k; o < o_end; ++o) {
         const __m512i sum = _mm512_sub_epi64(validv, _mm512_slli_epi64(taps.count(o), 1));
         const int64_t at = base + o * step;
-        __m256 v = _mm256_mul_ps(_mm512_cvtepi64_ps(sum), _mm256_set1_ps(f[o]));
-        if (!PLAIN) v = _mm256_fmadd_ps(v, _mm256_set1_ps(f[c + o]), _mm256_set1_ps(f[2 * c + o]));
+        __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(_mm512_cvtepi64_ps(sum), _mm256_set1_ps(f[o])),
+                                   _mm256_set1_ps(f[c + o]), _mm256_set1_ps(f[2 * c + o]));
         if (RES) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(lane, r + at));
         if (RPR) v = rprelu8(v, g, c, o);
-        else if (!PLAIN) v = _mm256_min_ps(hiv, _mm256_max_ps(lov, v));  // lo > v ? lo : v, then hi < v ? hi : v
-        if (lane == 0xff) _mm256_storeu_ps(y + at, v);  // whole vectors unmasked, a row's last one masked
-        else _mm256_mask_storeu_ps(y + at, lane, v);
+        else v = _mm256_min_ps(hiv, _mm256_max_ps(lov, v));  // lo > v ? lo : v, then hi < v ? hi : v: NaN stays
+        _mm256_mask_storeu_ps(y + at, lane, v);
         if (PACK) {
           const __m256 d = s ? _mm256_sub_ps(v, _mm256_set1_ps(s[o])) : v;
           word = _mm512_mask_or_epi64(word, _mm256_cmp_ps_mask(d, zero, _CMP_GE_OQ) & lane, word, bit);
@@ -660,8 +657,6 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
   bool f32 = lp != nullptr && kk < (int64_t(1) << 24);
   for (int64_t o = 0; f32 && o < co; ++o)
     f32 = double(float(lp[o])) == lp[o] && lp[co + o] == 0.0 && std::signbit(lp[co + o]);
-  bool unit = lp != nullptr;  // every alpha 1 and beta -0.0: fma(v, alpha, beta) == v (Columns8's PLAIN)
-  for (int64_t o = 0; unit && o < co; ++o) unit = lp[2 * co + o] == 1.0 && lp[3 * co + o] == 0.0 && std::signbit(lp[3 * co + o]);
   at::Tensor rpre;
   const float* gp = nullptr;  // RPReLU's gamma, slope, zeta (3 x C_out) instead of the clamp
   if (rprelu_in.has_value() && rprelu_in->defined()) {
@@ -798,22 +793,20 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_table(
       };
       const Columns8 fast{ow, co, oh * ow, wo, owp, valid, flp, rp, gp, sp, yp, words.data(), lo, hi};
       const bool quick = lp && f32;
-      const bool plain = quick && unit && lo == -INFINITY && hi == INFINITY;
       // the float32 values with the options fixed at compile time (each tested per channel ran ~1.2-1.5x
       // slower at ResNet-20's 16-channel shapes) for up to 4 tap words a row (with 6 or 9, whose words
       // and masks take 12-18 vector registers, this was slower than the loop above); the rest as above
       const auto run = [&](const auto& taps, int64_t p) {
         const int64_t base = (b * co * oh + oy) * ow + p;
         if (!quick) columns(taps, p);
-        else if (rp && gp && pack_next) fast.run<true, true, true, false>(taps, p, base);
-        else if (rp && gp) fast.run<true, true, false, false>(taps, p, base);
-        else if (rp && pack_next) fast.run<true, false, true, false>(taps, p, base);
-        else if (rp) fast.run<true, false, false, false>(taps, p, base);
-        else if (gp && pack_next) fast.run<false, true, true, false>(taps, p, base);
-        else if (gp) fast.run<false, true, false, false>(taps, p, base);
-        else if (pack_next) fast.run<false, false, true, false>(taps, p, base);
-        else if (plain) fast.run<false, false, false, true>(taps, p, base);
-        else fast.run<false, false, false, false>(taps, p, base);
+        else if (rp && gp && pack_next) fast.run<true, true, true>(taps, p, base);
+        else if (rp && gp) fast.run<true, true, false>(taps, p, base);
+        else if (rp && pack_next) fast.run<true, false, true>(taps, p, base);
+        else if (rp) fast.run<true, false, false>(taps, p, base);
+        else if (gp && pack_next) fast.run<false, true, true>(taps, p, base);
+        else if (gp) fast.run<false, true, false>(taps, p, base);
+        else if (pack_next) fast.run<false, false, true>(taps, p, base);
+        else fast.run<false, false, false>(taps, p, base);
       };
       for (int64_t p = 0; p < owp; p += 8) {
         switch (nt) {  // few tap words (every ResNet-20 conv: 2 to 9): in registers across the channels
